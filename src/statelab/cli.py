@@ -1,0 +1,26 @@
+"""The ``statelab`` command line. Each area adds its commands to the root app here."""
+
+from __future__ import annotations
+
+import typer
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="statelab",
+    help="In-context learning with state-space language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def version() -> None:
+    """Print the statelab version."""
+    from statelab import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()

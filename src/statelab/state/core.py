@@ -1,0 +1,200 @@
+"""The ``State`` value: everything a stateful SSM language model carries from one call to the next.
+
+Layouts (letters from :mod:`statelab.glossary`), all layers stacked on the first axis:
+
+| arch     | ssm               | conv                 | sum_delta    |
+|----------|-------------------|----------------------|--------------|
+| mamba1   | [L, B, D, N]      | [L, B, D, K - 1]     | [L, B, D]    |
+| mamba2   | [L, B, H, P, N]   | [L, B, C, K - 1]     | [L, B, H]    |
+
+A state is "after token ``n_tokens``": it has consumed tokens ``[0, n_tokens)`` of its sequence. ``sum_delta``
+is kept in fp32 whatever the dtype of the other parts, because ordered composition exponentiates it.
+
+``State`` is immutable in the sense that matters: no statelab call writes into the tensors of a state it was
+given. Methods return new states; ``clone`` gives tensors that share no memory with the original.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from statelab.errors import StateMismatchError
+
+__all__ = ["State", "ARCH_SSM_RANK"]
+
+# Number of per-sequence SSM dims after [L, B]: mamba1 [D, N], mamba2 [H, P, N].
+ARCH_SSM_RANK: dict[str, int] = {"mamba1": 2, "mamba2": 3}
+
+
+@dataclass(frozen=True, eq=False)
+class State:
+    """Recurrent state of a whole model for a batch of sequences.
+
+    Attributes:
+        arch: ``"mamba1"`` or ``"mamba2"``.
+        ssm: SSM state, ``[L, B, D, N]`` (mamba1) or ``[L, B, H, P, N]`` (mamba2).
+        conv: last ``K - 1`` pre-conv inputs per layer, oldest first, ``[L, B, C, K - 1]``.
+        sum_delta: ΣΔ over the consumed tokens, ``[L, B, D]`` (mamba1) or ``[L, B, H]`` (mamba2), fp32.
+        n_tokens: how many tokens the state has consumed (the same for every row of the batch).
+        fingerprint: the fingerprint of the model that made the state (hash of its config and weights).
+    """
+
+    arch: str
+    ssm: torch.Tensor
+    conv: torch.Tensor
+    sum_delta: torch.Tensor
+    n_tokens: int
+    fingerprint: str
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCH_SSM_RANK:
+            raise StateMismatchError(f"unknown state architecture {self.arch!r}; known: {sorted(ARCH_SSM_RANK)}")
+        want = 2 + ARCH_SSM_RANK[self.arch]
+        if self.ssm.dim() != want:
+            raise StateMismatchError(f"{self.arch} ssm state must have {want} dims, got {tuple(self.ssm.shape)}")
+        if self.conv.dim() != 4:
+            raise StateMismatchError(f"conv state must be [L, B, C, K-1], got {tuple(self.conv.shape)}")
+        if self.sum_delta.dim() != 3:
+            raise StateMismatchError(f"sum_delta must be [L, B, D|H], got {tuple(self.sum_delta.shape)}")
+        L, B = self.ssm.shape[:2]
+        for name in ("conv", "sum_delta"):
+            t = getattr(self, name)
+            if tuple(t.shape[:2]) != (L, B):
+                raise StateMismatchError(
+                    f"{name} leads with {tuple(t.shape[:2])} but ssm with (L={L}, B={B})"
+                )
+        if self.sum_delta.dtype != torch.float32:
+            raise StateMismatchError(f"sum_delta must be float32, got {self.sum_delta.dtype}")
+        if not self.ssm.is_floating_point() or self.conv.dtype != self.ssm.dtype:
+            raise StateMismatchError(
+                f"ssm and conv must share one floating dtype, got {self.ssm.dtype} and {self.conv.dtype}"
+            )
+        if self.n_tokens < 0:
+            raise StateMismatchError(f"n_tokens must be >= 0, got {self.n_tokens}")
+
+    # ---- shape facts -------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.ssm.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.ssm.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.ssm.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.ssm.device
+
+    @property
+    def layout(self) -> dict[str, list[int]]:
+        """Per-sequence shapes of each part (without L and B), as stored in state files."""
+        return {
+            "ssm": list(self.ssm.shape[2:]),
+            "conv": list(self.conv.shape[2:]),
+            "sum_delta": list(self.sum_delta.shape[2:]),
+        }
+
+    # ---- value operations --------------------------------------------------------------------------------
+    def replace(self, **changes) -> State:
+        """A new state with some fields replaced (validated like any new state)."""
+        return dataclasses.replace(self, **changes)
+
+    def clone(self) -> State:
+        """Deep copy: the new tensors share no memory with this state."""
+        return self.replace(ssm=self.ssm.clone(), conv=self.conv.clone(), sum_delta=self.sum_delta.clone())
+
+    def detach(self) -> State:
+        """Cut the autograd history (for truncated backpropagation); shares memory like ``Tensor.detach``."""
+        return self.replace(ssm=self.ssm.detach(), conv=self.conv.detach(), sum_delta=self.sum_delta.detach())
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> State:
+        """Move to a device and/or cast ``ssm`` and ``conv`` to ``dtype``; ``sum_delta`` stays fp32."""
+        return self.replace(
+            ssm=self.ssm.to(device=device, dtype=dtype),
+            conv=self.conv.to(device=device, dtype=dtype),
+            sum_delta=self.sum_delta.to(device=device),
+        )
+
+    def select(self, index: int | slice | Sequence[int] | torch.Tensor) -> State:
+        """Rows ``index`` of the batch, as a new state (an int keeps the batch axis, with size 1)."""
+        if isinstance(index, int):
+            if not -self.batch_size <= index < self.batch_size:
+                raise StateMismatchError(f"batch index {index} out of range for batch size {self.batch_size}")
+            index = [index]
+        if isinstance(index, slice):
+            pick = lambda t: t[:, index].clone()  # noqa: E731
+        else:
+            idx = torch.as_tensor(index, dtype=torch.long, device=self.device)
+            if idx.numel() and (idx.max() >= self.batch_size or idx.min() < -self.batch_size):
+                raise StateMismatchError(f"batch indices {idx.tolist()} out of range for {self.batch_size}")
+            pick = lambda t: t.index_select(1, idx % self.batch_size)  # noqa: E731
+        return self.replace(ssm=pick(self.ssm), conv=pick(self.conv), sum_delta=pick(self.sum_delta))
+
+    def expand(self, n: int) -> State:
+        """Branch ``n`` continuations: repeat every row ``n`` times (row-major), as independent copies."""
+        if n < 1:
+            raise StateMismatchError(f"expand needs n >= 1, got {n}")
+        rep = lambda t: t.repeat_interleave(n, dim=1)  # noqa: E731  (always materialises: no aliasing)
+        return self.replace(ssm=rep(self.ssm), conv=rep(self.conv), sum_delta=rep(self.sum_delta))
+
+    @staticmethod
+    def cat(states: Sequence[State]) -> State:
+        """Concatenate states of the same model along the batch axis (``n_tokens`` must agree)."""
+        if not states:
+            raise StateMismatchError("cat needs at least one state")
+        first = states[0]
+        for s in states[1:]:
+            first.check_like(s)
+            if s.n_tokens != first.n_tokens:
+                raise StateMismatchError(
+                    f"cannot batch states that consumed different token counts ({first.n_tokens} vs {s.n_tokens})"
+                )
+        return first.replace(
+            ssm=torch.cat([s.ssm for s in states], 1),
+            conv=torch.cat([s.conv for s in states], 1),
+            sum_delta=torch.cat([s.sum_delta for s in states], 1),
+        )
+
+    def check_like(self, other: State) -> None:
+        """Raise ``StateMismatchError`` unless ``other`` comes from the same model with the same layout."""
+        if other.arch != self.arch:
+            raise StateMismatchError(f"architecture mismatch: {self.arch} vs {other.arch}")
+        if other.fingerprint != self.fingerprint:
+            raise StateMismatchError(
+                f"states come from different models: fingerprint {self.fingerprint[:16]} vs {other.fingerprint[:16]}"
+            )
+        if other.layout != self.layout or other.num_layers != self.num_layers:
+            raise StateMismatchError(
+                f"layout mismatch: L={self.num_layers} {self.layout} vs L={other.num_layers} {other.layout}"
+            )
+        if other.dtype != self.dtype:
+            raise StateMismatchError(f"dtype mismatch: {self.dtype} vs {other.dtype}")
+
+    def equal(self, other: State) -> bool:
+        """Bitwise equality of every part and field."""
+        return (
+            self.arch == other.arch
+            and self.fingerprint == other.fingerprint
+            and self.n_tokens == other.n_tokens
+            and self.ssm.shape == other.ssm.shape
+            and self.conv.shape == other.conv.shape
+            and self.ssm.dtype == other.ssm.dtype
+            and torch.equal(self.ssm, other.ssm)
+            and torch.equal(self.conv, other.conv)
+            and torch.equal(self.sum_delta, other.sum_delta)
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"State(arch={self.arch}, layers={self.num_layers}, batch={self.batch_size}, "
+            f"ssm={list(self.ssm.shape[2:])}, conv={list(self.conv.shape[2:])}, dtype={self.dtype}, "
+            f"n_tokens={self.n_tokens}, model={self.fingerprint[:12]})"
+        )
