@@ -178,6 +178,12 @@ class State:
         if other.dtype != self.dtype:
             raise StateMismatchError(f"dtype mismatch: {self.dtype} vs {other.dtype}")
 
+    def save(self, path, **meta):
+        """Write this state to a verified safetensors file; ``meta`` as in :func:`statelab.state.io.save_state`."""
+        from statelab.state.io import save_state
+
+        return save_state(self, path, **meta)
+
     def equal(self, other: State) -> bool:
         """Bitwise equality of every part and field."""
         return (
