@@ -1,0 +1,3 @@
+"""Evaluation: reference algorithms and metrics."""
+
+__all__: list[str] = []

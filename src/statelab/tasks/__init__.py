@@ -1,0 +1,3 @@
+"""Task generators: pure functions of (config, seed)."""
+
+__all__: list[str] = []
