@@ -1,0 +1,315 @@
+import io
+import json
+import multiprocessing
+import os
+import random
+import signal
+import sqlite3
+import tarfile
+import time
+
+import pytest
+import torch
+
+from statelab.errors import StoreError
+from statelab.state.core import State
+from statelab.state.store import StateStore
+
+FP = "ab" * 32
+OTHER_FP = "cd" * 32
+
+
+def make_state(seed=0, L=6, D=8, N=4, fp=FP, n=9, base=None, noise=1.0):
+    g = torch.Generator().manual_seed(seed)
+    ssm = torch.randn(L, 1, D, N, generator=g) * noise
+    if base is not None:
+        ssm = ssm + base
+    return State(
+        arch="mamba1",
+        ssm=ssm,
+        conv=torch.randn(L, 1, D, 3, generator=g),
+        sum_delta=torch.rand(L, 1, D, generator=g),
+        n_tokens=n,
+        fingerprint=fp,
+    )
+
+
+def blob_files(store):
+    return sorted(p.name for p in (store.path / "blobs").glob("*/*"))
+
+
+def snapshot(store):
+    """Everything a failed call must leave untouched: rows, tags and files."""
+    db = sqlite3.connect(store.path / "store.db")
+    rows = db.execute("SELECT id, name, blob FROM entries ORDER BY id").fetchall()
+    tags = db.execute("SELECT entry_id, tag FROM tags ORDER BY entry_id, tag").fetchall()
+    db.close()
+    return rows, tags, blob_files(store)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return StateStore(tmp_path / "store")
+
+
+def test_add_get_entry_roundtrip(store):
+    s = make_state(1)
+    e = store.add(s, name="a", task="sst2", tags=["x", "y", "x"], description="d", prompt="p", shots=4)
+    assert (e.name, e.task, e.tags, e.description, e.prompt, e.shots) == ("a", "sst2", ("x", "y"), "d", "p", 4)
+    assert (e.fingerprint, e.arch, e.n_tokens, e.num_layers, e.dtype) == (FP, "mamba1", 9, 6, "float32")
+    assert e.layout == s.layout and len(e.blob) == 64 and e.nbytes > 0
+    assert store.get("a").equal(s)
+    assert store.get(e.id).equal(s) and store.get(str(e.id)).equal(s)
+    assert store.entry("a") == e and "a" in store and "zz" not in store and len(store) == 1
+    assert e.to_dict()["tags"] == ["x", "y"]
+
+
+def test_list_filters(store):
+    store.add(make_state(1), name="a", task="t1", tags=["x"])
+    store.add(make_state(2), name="b", task="t2", tags=["x", "y"])
+    store.add(make_state(3, fp=OTHER_FP), name="c", task="t1", tags=["y"])
+    names = lambda es: [e.name for e in es]  # noqa: E731
+    assert names(store.list()) == ["a", "b", "c"]
+    assert names(store.list(task="t1")) == ["a", "c"]
+    assert names(store.list(tags=["x"])) == ["a", "b"]
+    assert names(store.list(tags=["x", "y"])) == ["b"]
+    assert names(store.list(tags="y")) == ["b", "c"]
+    assert names(store.list(fingerprint=OTHER_FP[:8])) == ["c"]
+    assert names(store.list(task="t1", fingerprint=FP)) == ["a"]
+
+
+def test_bad_adds_change_nothing(store):
+    store.add(make_state(1), name="a")
+    before = snapshot(store)
+    with pytest.raises(StoreError, match="already has an entry named 'a'"):
+        store.add(make_state(2), name="a")
+    with pytest.raises(StoreError, match="batch size 2"):
+        store.add(State.cat([make_state(3), make_state(4)]), name="b")
+    nan = make_state(5)
+    nan = nan.replace(ssm=nan.ssm.clone().fill_(float("nan")))
+    with pytest.raises(StoreError, match="NaN/inf"):
+        store.add(nan, name="n")
+    with pytest.raises(StoreError, match="non-empty name"):
+        store.add(make_state(6), name="")
+    with pytest.raises(StoreError, match="list of strings"):
+        store.add(make_state(6), name="t", tags="oops")
+    with pytest.raises(StoreError, match="shots"):
+        store.add(make_state(6), name="t", shots=-1)
+    with pytest.raises(StoreError, match="needs a statelab.State"):
+        store.add(torch.zeros(3), name="t")
+    assert snapshot(store) == before
+
+
+def test_missing_entries_are_clear_errors(store):
+    with pytest.raises(StoreError, match="no entry named 'nope'"):
+        store.get("nope")
+    with pytest.raises(StoreError, match="no entry named 'nope'"):
+        store.remove("nope")
+
+
+def test_identical_states_share_a_blob_and_remove_collects_it(store):
+    store.add(make_state(1), name="a")
+    store.add(make_state(1), name="b")
+    assert len(blob_files(store)) == 1
+    store.remove("a")
+    assert len(blob_files(store)) == 1 and store.get("b").equal(make_state(1))
+    removed = store.remove("b")
+    assert removed.name == "b" and blob_files(store) == [] and len(store) == 0
+
+
+def test_reopen_keeps_config_and_refuses_conflicts(tmp_path):
+    StateStore(tmp_path / "s", sketch_dim=64, sketch_seed=7, layers=[1, 2])
+    again = StateStore(tmp_path / "s")
+    assert (again.sketch_dim, again.sketch_seed, again.layers) == (64, 7, [1, 2])
+    with pytest.raises(StoreError, match="sketch_dim=64, not 32"):
+        StateStore(tmp_path / "s", sketch_dim=32)
+    with pytest.raises(StoreError, match="unknown index"):
+        StateStore(tmp_path / "s", index="lancedb")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="not a directory"):
+        StateStore(tmp_path / "file")
+
+
+# ---- damage and repair ---------------------------------------------------------------------------------------
+def _blob_path(store, name):
+    e = store.entry(name)
+    return store.path / "blobs" / e.blob[:2] / f"{e.blob}.safetensors"
+
+
+def test_missing_blob_is_reported_and_repaired(store):
+    store.add(make_state(1), name="a")
+    store.add(make_state(2), name="b")
+    _blob_path(store, "a").unlink()
+    with pytest.raises(StoreError, match="entry 'a' has no state file.*check --repair"):
+        store.get("a")
+    before = snapshot(store)
+    report = store.check()
+    assert not report.ok and report.missing_blobs == ["a"] and snapshot(store) == before
+    report = store.check(repair=True)
+    assert report.dropped_entries == ["a"]
+    assert store.check().ok and [e.name for e in store.list()] == ["b"]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_blob_is_reported_and_repaired(store, damage):
+    store.add(make_state(1), name="a")
+    p = _blob_path(store, "a")
+    data = bytearray(p.read_bytes())
+    if damage == "flip":
+        data[-5] ^= 0x40
+    else:
+        data = data[: len(data) // 2]
+    p.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="check --repair"):
+        store.get("a")
+    report = store.check()
+    assert report.corrupt_blobs == ["a"] and not report.ok
+    assert store.check(repair=True).dropped_entries == ["a"]
+    assert store.check().ok and len(store) == 0 and blob_files(store) == []
+
+
+def test_orphans_and_dead_temp_files_are_repaired_live_ones_kept(store):
+    store.add(make_state(1), name="a")
+    orphan = store.path / "blobs" / "ff" / ("f" * 64 + ".safetensors")
+    orphan.parent.mkdir()
+    orphan.write_bytes(b"x")
+    proc = multiprocessing.get_context("fork").Process(target=time.sleep, args=(0,))
+    proc.start()
+    proc.join()  # a pid that no longer runs
+    dead = store.path / "blobs" / "ff" / f".tmp-{proc.pid}-0000-x.safetensors"
+    dead.write_bytes(b"partial")
+    live = store.path / "blobs" / "ff" / f".tmp-{os.getppid()}-0000-y.safetensors"
+    live.write_bytes(b"in flight")
+    report = store.check()
+    assert report.orphan_blobs == ["f" * 64] and len(report.temp_files) == 1 and len(report.live_temp_files) == 1
+    assert not report.ok and orphan.exists() and dead.exists()
+    store.check(repair=True)
+    assert not orphan.exists() and not dead.exists() and live.exists()
+    assert store.check().ok and store.get("a").equal(make_state(1))
+
+
+# ---- archives ------------------------------------------------------------------------------------------------
+def test_export_import_roundtrip_and_idempotence(tmp_path, store):
+    store.add(make_state(1), name="a", task="t", tags=["x"], prompt="p", shots=2, description="d")
+    store.add(make_state(2), name="b")
+    store.add(make_state(2), name="b2")
+    assert store.export(tmp_path / "arch.tar") == 3
+    other = StateStore(tmp_path / "other", sketch_dim=32)
+    added = other.import_(tmp_path / "arch.tar")
+    assert [e.name for e in added] == ["a", "b", "b2"]
+    a0, a1 = store.entry("a"), other.entry("a")
+    for field in ("task", "tags", "prompt", "shots", "description", "created", "blob", "fingerprint"):
+        assert getattr(a0, field) == getattr(a1, field), field
+    assert all(other.get(n).equal(store.get(n)) for n in ("a", "b", "b2"))
+    assert other.import_(tmp_path / "arch.tar") == [] and len(other) == 3
+    assert other.check().ok and len(blob_files(other)) == 2
+
+
+def test_import_conflict_or_damage_changes_nothing(tmp_path, store):
+    store.add(make_state(1), name="a")
+    store.add(make_state(2), name="b")
+    store.export(tmp_path / "arch.tar")
+    target = StateStore(tmp_path / "t")
+    target.add(make_state(3), name="b")
+    before = snapshot(target)
+    with pytest.raises(StoreError, match="already has a different state of that name"):
+        target.import_(tmp_path / "arch.tar")
+    assert snapshot(target) == before
+
+    data = bytearray((tmp_path / "arch.tar").read_bytes())
+    with tarfile.open(tmp_path / "arch.tar") as tar:
+        blob = [m for m in tar.getmembers() if m.name.startswith("blobs/")][-1]
+    data[blob.offset_data + blob.size - 5] ^= 0x01  # inside the last blob's tensor bytes
+    (tmp_path / "bad.tar").write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        target.import_(tmp_path / "bad.tar")
+    assert snapshot(target) == before
+
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w") as tar:
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    (tmp_path / "evil.tar").write_bytes(evil.getvalue())
+    with pytest.raises(StoreError, match="unexpected member '../escape.txt'"):
+        target.import_(tmp_path / "evil.tar")
+    (tmp_path / "junk.tar").write_bytes(b"not a tar")
+    with pytest.raises(StoreError, match="cannot read archive"):
+        target.import_(tmp_path / "junk.tar")
+    assert snapshot(target) == before
+
+
+def test_export_selected_names(tmp_path, store):
+    store.add(make_state(1), name="a")
+    store.add(make_state(2), name="b")
+    assert store.export(tmp_path / "one.tar", names=["b"]) == 1
+    with tarfile.open(tmp_path / "one.tar") as tar:
+        manifest = json.loads(tar.extractfile("manifest.json").read())
+    assert [e["name"] for e in manifest["entries"]] == ["b"]
+
+
+# ---- concurrency and crashes ---------------------------------------------------------------------------------
+def _expected(states, salt, i):
+    """The state a writer adds as its i-th entry: distinct n_tokens make every blob new (no dedup)."""
+    return states[i % len(states)].replace(n_tokens=salt * 100_000 + i)
+
+
+def _writer(path, prefix, count, states, fd, salt=0):
+    store = StateStore(path)
+    for i in range(count):
+        name = f"{prefix}{i}"
+        store.add(_expected(states, salt, i), name=name, task=prefix, tags=[name, "all"])
+        if fd is not None:
+            os.write(fd, (name + "\n").encode())
+    os._exit(0)
+
+
+def test_two_processes_add_200_each(tmp_path):
+    path = tmp_path / "s"
+    StateStore(path)
+    states = [make_state(i, L=2) for i in range(16)]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(path, p, 200, states, None)) for p in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    store = StateStore(path)
+    entries = store.list()
+    assert len(entries) == 400 and len(store.list(task="a")) == 200 and len(store.list(tags=["all"])) == 400
+    assert store.check().ok
+    assert store.get("a199").equal(_expected(states, 0, 199)) and store.get("b0").equal(_expected(states, 0, 0))
+
+
+def test_sigkilled_writer_never_leaves_a_partial_entry(tmp_path):
+    """100 times: start a writer, SIGKILL it at a random moment, then check what is visible."""
+    path = tmp_path / "s"
+    store = StateStore(path)
+    states = [make_state(i, L=2, D=4) for i in range(8)]
+    rng = random.Random(0)
+    ctx = multiprocessing.get_context("fork")
+    reported: set[str] = set()
+    for round_ in range(100):
+        read_fd, write_fd = os.pipe()
+        proc = ctx.Process(target=_writer, args=(path, f"r{round_}-", 10_000, states, write_fd, round_))
+        proc.start()
+        os.close(write_fd)
+        time.sleep(rng.uniform(0.0, 0.03))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        with os.fdopen(read_fd) as f:
+            reported |= set(f.read().split())
+        report = store.check(verify=False)
+        assert not report.missing_blobs and not report.corrupt_blobs, report
+        entries = {e.name: e for e in store.list()}
+        assert reported <= set(entries), "an add that returned was lost"
+        for name, e in entries.items():
+            assert set(e.tags) == {name, "all"}, f"entry {name} visible with partial tags {e.tags}"
+    report = store.check(repair=True)
+    assert not report.missing_blobs and not report.corrupt_blobs and report.dropped_entries == []
+    final = store.check()
+    assert final.ok and final.entries >= len(reported) > 0
+    for e in store.list():
+        round_, i = int(e.name[1:].split("-")[0]), int(e.name.split("-")[1])
+        assert store.get(e.name).equal(_expected(states, round_, i))
