@@ -1,0 +1,123 @@
+"""Causal depthwise 1-D convolution with an explicit conv state (the short convolution of Mamba blocks).
+
+For channel ``c`` and kernel width ``K``::
+
+    y[t, c] = act( bias[c] + Σ_{k=0}^{K-1} weight[c, k] · x̃[t + k, c] )
+
+where ``x̃`` is the input prefixed with the ``K - 1`` inputs seen before this call (the conv state, oldest first;
+zeros for a fresh sequence). The conv state after a call is the last ``K - 1`` entries of ``x̃``. This matches
+``nn.Conv1d(groups=C, padding=K-1)`` truncated to the first ``T`` outputs, which is how Mamba checkpoints were
+trained (weight ``[C, 1, K]`` there, ``[C, K]`` here).
+
+``causal_conv1d`` is the fast path (one ``F.conv1d`` over the state-prefixed input); ``causal_conv1d_naive``
+is the per-token reference loop with the same signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["causal_conv1d", "causal_conv1d_naive", "conv_states_at"]
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Tensor | None, activation: str | None) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"causal_conv1d: x must be [B, T, C], got {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[0] != x.shape[2]:
+        raise ValueError(f"causal_conv1d: weight must be [C={x.shape[2]}, K], got {tuple(weight.shape)}")
+    K = weight.shape[1]
+    if initial_state is not None and tuple(initial_state.shape) != (x.shape[0], x.shape[2], K - 1):
+        raise ValueError(
+            f"causal_conv1d: initial_state must be [B={x.shape[0]}, C={x.shape[2]}, K-1={K - 1}], "
+            f"got {tuple(initial_state.shape)}"
+        )
+    if activation not in (None, "silu"):
+        raise ValueError(f"causal_conv1d: activation must be 'silu' or None, got {activation!r}")
+
+
+def _padded(x: torch.Tensor, K: int, initial_state: torch.Tensor | None) -> torch.Tensor:
+    """``[B, C, K - 1 + T]``: the conv state followed by ``x`` transposed to channels-first."""
+    xt = x.transpose(1, 2)
+    if initial_state is None:
+        return F.pad(xt, (K - 1, 0))
+    return torch.cat([initial_state.to(x.dtype), xt], dim=2)
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    activation: str | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal depthwise conv of ``x [B, T, C]`` continuing from ``initial_state [B, C, K - 1]``.
+
+    Args:
+        x: ``[B, T, C]`` inputs.
+        weight: ``[C, K]`` taps; ``weight[:, -1]`` multiplies the current input.
+        bias: ``[C]`` or ``None``.
+        initial_state: ``[B, C, K - 1]``, the inputs before ``x`` (oldest first); ``None`` = zeros.
+        activation: ``"silu"`` or ``None``.
+        output_final_state: also return the state after the last token.
+
+    Returns:
+        ``(y [B, T, C], final_state [B, C, K - 1] | None)``. ``final_state`` is a new tensor, never a view of an
+        input.
+    """
+    _check(x, weight, initial_state, activation)
+    K = weight.shape[1]
+    xp = _padded(x, K, initial_state)
+    y = F.conv1d(xp, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype), groups=x.shape[2])
+    if activation == "silu":
+        y = F.silu(y)
+    final = xp[:, :, xp.shape[2] - (K - 1) :].clone() if output_final_state else None
+    return y.transpose(1, 2), final
+
+
+def causal_conv1d_naive(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    activation: str | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference: one token at a time with an explicit sliding window, in fp32. Same contract as ``causal_conv1d``."""
+    _check(x, weight, initial_state, activation)
+    B, T, C = x.shape
+    K = weight.shape[1]
+    w = weight.float()
+    window = torch.zeros(B, C, K - 1) if initial_state is None else initial_state.float()
+    ys = []
+    for t in range(T):
+        full = torch.cat([window, x[:, t, :, None].float()], dim=2)  # [B, C, K], oldest first
+        y = (full * w).sum(-1)
+        if bias is not None:
+            y = y + bias.float()
+        if activation == "silu":
+            y = F.silu(y)
+        ys.append(y)
+        window = full[:, :, 1:]
+    y = torch.stack(ys, dim=1) if ys else x.new_zeros(B, 0, C).float()
+    return y.to(x.dtype), (window.to(x.dtype).clone() if output_final_state else None)
+
+
+def conv_states_at(
+    x: torch.Tensor, K: int, positions: Sequence[int], initial_state: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Conv states after ``positions`` tokens of ``x [B, T, C]`` -> ``[B, P, C, K - 1]`` (new memory).
+
+    Position ``p`` (``0 <= p <= T``) is the state after ``x[:, :p]``: the ``K - 1`` inputs before token ``p``,
+    reaching back into ``initial_state`` when ``p < K - 1``.
+    """
+    T = x.shape[1]
+    if any(p < 0 or p > T for p in positions):
+        raise ValueError(f"conv_states_at: positions must lie in [0, {T}], got {list(positions)}")
+    xp = _padded(x, K, initial_state)
+    if not positions:
+        return xp.new_zeros(x.shape[0], 0, x.shape[2], K - 1)
+    return torch.stack([xp[:, :, p : p + K - 1] for p in positions], dim=1).clone()
