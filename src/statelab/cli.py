@@ -22,5 +22,11 @@ def version() -> None:
     typer.echo(__version__)
 
 
+from statelab.state.store_cli import search_command, store_app  # noqa: E402  (after the root app exists)
+
+app.add_typer(store_app, name="store")
+app.command("search")(search_command)
+
+
 def main() -> None:
     app()
