@@ -1,0 +1,167 @@
+"""The Mamba-1 mixer (arXiv 2312.00752, Fig. 3 and Algorithm 2) with explicit state in and out.
+
+One layer, for ``x [B, T, M]`` (after the block's RMSNorm)::
+
+    [u' ; z]   = in_proj(x)                              u', z: [B, T, D]
+    u          = silu(causal_conv1d(u'))                 conv state = last K - 1 values of u'
+    [δ ; B ; C] = x_proj(u)                              δ: [B, T, R], B, C: [B, T, N]
+    Δ          = softplus(dt_proj(δ))                    dt_proj has the Δ bias, [B, T, D]
+    y          = selective_scan(u, Δ, A = -exp(A_log), B, C, D)
+    out        = out_proj(y ⊙ silu(z))
+
+Parameter names follow the reference implementation (``in_proj``, ``x_proj``, ``dt_proj``, ``A_log``, ``D``,
+``out_proj``) except the conv, stored as ``conv_weight [D, K]`` and ``conv_bias [D]`` (``conv1d.weight
+[D, 1, K]`` in checkpoints). Initialisation follows mamba_ssm ``Mamba.__init__``: S4D-real ``A``, Δ bias the
+inverse softplus of log-uniform values in ``[dt_min, dt_max]``, ``D = 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from statelab.ops.conv1d import causal_conv1d, conv_states_at
+from statelab.ops.selective_scan import selective_scan
+
+__all__ = ["Mamba1Mixer", "MixerState", "MixerOutput"]
+
+
+class MixerState(NamedTuple):
+    """One layer's state after some tokens: ``conv [B, D, K - 1]``, ``ssm [B, D, N]`` (fp32), ``sum_delta [B, D]``."""
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+    sum_delta: torch.Tensor
+
+
+class MixerOutput(NamedTuple):
+    """``y [B, T, M]``, the state after the last token, and states after ``positions`` (``[B, P, ...]`` parts)."""
+
+    y: torch.Tensor
+    state: MixerState
+    states_at: MixerState | None
+
+
+class Mamba1Mixer(nn.Module):
+    """Mamba-1 mixer. ``forward(x [B, T, M], state=None, positions=None) -> MixerOutput``.
+
+    Args:
+        d_model: M. d_inner: D. d_state: N. d_conv: K. dt_rank: R.
+        conv_bias, bias: biases of the conv and of ``in_proj``/``out_proj``.
+        dt_min, dt_max, dt_init_floor, dt_scale, dt_init: initialisation of the Δ projection.
+        backend: selective-scan backend (``"chunk"`` or ``"naive"``).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_inner: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        dt_rank: int = 1,
+        conv_bias: bool = True,
+        bias: bool = False,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_scale: float = 1.0,
+        dt_init: str = "random",
+        backend: str = "chunk",
+    ) -> None:
+        super().__init__()
+        self.d_model, self.d_inner, self.d_state, self.d_conv, self.dt_rank = d_model, d_inner, d_state, d_conv, dt_rank
+        self.backend = backend
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
+        self.conv_weight = nn.Parameter(torch.empty(d_inner, d_conv))
+        self.conv_bias = nn.Parameter(torch.empty(d_inner)) if conv_bias else None
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        if self.A_log.device.type != "meta":
+            self.reset_parameters(dt_min, dt_max, dt_init_floor, dt_scale, dt_init)
+
+    @torch.no_grad()
+    def reset_parameters(
+        self, dt_min: float, dt_max: float, dt_init_floor: float, dt_scale: float, dt_init: str
+    ) -> None:
+        """mamba_ssm's initialisation of the SSM parameters (the linears keep PyTorch's default)."""
+        bound = 1.0 / math.sqrt(self.d_conv)  # kaiming-uniform of a depthwise conv with fan-in K
+        self.conv_weight.uniform_(-bound, bound)
+        if self.conv_bias is not None:
+            self.conv_bias.uniform_(-bound, bound)
+        std = self.dt_rank**-0.5 * dt_scale
+        if dt_init == "constant":
+            self.dt_proj.weight.fill_(std)
+        elif dt_init == "random":
+            self.dt_proj.weight.uniform_(-std, std)
+        else:
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand_as(self.A_log))
+        self.D.fill_(1.0)
+
+    def A(self) -> torch.Tensor:
+        """``A = -exp(A_log)``, ``[D, N]`` fp32."""
+        return -torch.exp(self.A_log.float())
+
+    def zero_state(self, batch_size: int, dtype: torch.dtype, device: torch.device | str | None) -> MixerState:
+        return MixerState(
+            conv=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, dtype=dtype, device=device),
+            ssm=torch.zeros(batch_size, self.d_inner, self.d_state, dtype=torch.float32, device=device),
+            sum_delta=torch.zeros(batch_size, self.d_inner, dtype=torch.float32, device=device),
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MixerState | None = None,
+        positions: Sequence[int] | None = None,
+    ) -> MixerOutput:
+        """``x [B, T, M]`` continuing from ``state`` (``None`` = zeros) -> ``MixerOutput``.
+
+        ``positions`` (each in ``[0, T]``) asks for the states after ``x[:, :p]`` as well, from this one pass.
+        The returned states are new tensors; ``state`` is not modified.
+        """
+        Bsz, T, _ = x.shape
+        xz = self.in_proj(x)
+        u_pre, z = xz[..., : self.d_inner], xz[..., self.d_inner :]
+        conv0 = None if state is None else state.conv
+        u, conv_final = causal_conv1d(u_pre, self.conv_weight, self.conv_bias, conv0, "silu", True)
+        dbc = self.x_proj(u)
+        dt_low = dbc[..., : self.dt_rank]
+        Bm = dbc[..., self.dt_rank : self.dt_rank + self.d_state]
+        Cm = dbc[..., self.dt_rank + self.d_state :]
+        # Δ in fp32: the bias is added in fp32 before softplus, as the reference kernels do
+        delta = F.softplus(F.linear(dt_low, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        scan = selective_scan(
+            u,
+            delta,
+            self.A(),
+            Bm,
+            Cm,
+            self.D.float(),
+            None if state is None else state.ssm,
+            True,
+            positions,
+            backend=self.backend,
+        )
+        y = scan.y * F.silu(z)
+        out = self.out_proj(y.to(x.dtype))
+        sd0 = 0.0 if state is None else state.sum_delta
+        new_state = MixerState(conv=conv_final, ssm=scan.final_state, sum_delta=sd0 + scan.sum_delta)
+        states_at = None
+        if positions is not None:
+            pos = list(positions)
+            conv_at = conv_states_at(u_pre, self.d_conv, pos, conv0)
+            sd_at = scan.sum_delta_at if state is None else scan.sum_delta_at + state.sum_delta[:, None]
+            states_at = MixerState(conv=conv_at, ssm=scan.states_at, sum_delta=sd_at)
+        return MixerOutput(out, new_state, states_at)
