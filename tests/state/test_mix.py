@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from statelab.errors import ConfigError, StateMismatchError
+from statelab.ops.selective_scan import selective_scan
 from statelab.state.core import State
 from statelab.state.mix import CONV_POLICIES, MIX_METHODS, decay_log, mix
 from statelab.testing import assert_close
@@ -319,47 +320,43 @@ def test_conv_policies():
 
 
 # ---- ordered composition --------------------------------------------------------------------------------------
-def linear_recurrence(u, dt, A, Bm, h0=None):
-    """Reference selective-SSM recurrence of one layer: ``h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t``.
-
-    u, dt: [B, T, D]; A: [D, N]; Bm: [B, T, N]. Returns (h [B, D, N], ΣΔ [B, D]), fp64 for a tight check.
-    """
-    h = torch.zeros(u.shape[0], u.shape[2], A.shape[1], dtype=torch.float64) if h0 is None else h0
-    for t in range(u.shape[1]):
-        h = torch.exp(dt[:, t, :, None] * A) * h + dt[:, t, :, None] * Bm[:, t, None, :] * u[:, t, :, None]
-    return h, dt.sum(1)
+def scan_state(u, dt, A, Bm, backend):
+    """Final state and ΣΔ of statelab's selective scan from zero: ``h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t``."""
+    out = selective_scan(u, dt, A, Bm, torch.zeros_like(Bm), output_final_state=True, backend=backend)
+    return out.final_state, out.sum_delta
 
 
+@pytest.mark.parametrize("backend", ["naive", "chunk"])
 @pytest.mark.parametrize("cuts", [(7,), (1, 5), (3, 4, 10), (13, 14)], ids=lambda c: "cuts" + "-".join(map(str, c)))
-def test_adecay_equals_the_linear_recurrence_of_the_concatenation(cuts):
+def test_adecay_equals_the_linear_recurrence_of_the_concatenation(cuts, backend):
     """Per layer, with fixed inputs (u, Δ, B do not depend on earlier chunks), composition is exact."""
     g = torch.Generator().manual_seed(0)
     L, Bsz, T, D, N = 2, 2, 15, 5, 4
-    u = torch.randn(L, Bsz, T, D, generator=g, dtype=torch.float64)
-    dt = torch.rand(L, Bsz, T, D, generator=g, dtype=torch.float64) * 0.5
-    Bm = torch.randn(L, Bsz, T, N, generator=g, dtype=torch.float64)
-    A = -torch.rand(L, D, N, generator=g, dtype=torch.float64) * 3
-    full = torch.stack([linear_recurrence(u[i], dt[i], A[i], Bm[i])[0] for i in range(L)])
+    u = torch.randn(L, Bsz, T, D, generator=g)
+    dt = torch.rand(L, Bsz, T, D, generator=g) * 0.5
+    Bm = torch.randn(L, Bsz, T, N, generator=g)
+    A = -torch.rand(L, D, N, generator=g) * 3
+    full = torch.stack([scan_state(u[i], dt[i], A[i], Bm[i], backend)[0] for i in range(L)])
     bounds = [0, *cuts, T]
     chunks = []
     for a, b in itertools.pairwise(bounds):
-        hs = [linear_recurrence(u[i, :, a:b], dt[i, :, a:b], A[i], Bm[i, :, a:b]) for i in range(L)]
+        hs = [scan_state(u[i, :, a:b], dt[i, :, a:b], A[i], Bm[i, :, a:b], backend) for i in range(L)]
         chunks.append(
             State(
                 arch="mamba1",
-                ssm=torch.stack([h for h, _ in hs]).float(),
+                ssm=torch.stack([h for h, _ in hs]),
                 conv=torch.zeros(L, Bsz, D, 3),
-                sum_delta=torch.stack([s for _, s in hs]).float(),
+                sum_delta=torch.stack([s for _, s in hs]),
                 n_tokens=b - a,
                 fingerprint=FP,
             )
         )
-    out = mix(chunks, "adecay", A=A.float())
-    assert_close("adecay vs concatenation", full.float(), out.ssm, rtol=1e-6, atol=1e-6)
+    out = mix(chunks, "adecay", A=A)
+    assert_close("adecay vs concatenation", full, out.ssm, rtol=1e-6, atol=1e-6)
     assert out.n_tokens == T
-    assert_close("ΣΔ", dt.sum(2).float(), out.sum_delta, rtol=1e-6, atol=1e-6)
+    assert_close("ΣΔ", dt.sum(2), out.sum_delta, rtol=1e-6, atol=1e-6)
     # append = one fold step per new chunk onto the first chunk's state
-    assert_close("append", out.ssm, mix(chunks, "append", A=A.float()).ssm, rtol=1e-6, atol=1e-7)
+    assert_close("append", out.ssm, mix(chunks, "append", A=A).ssm, rtol=1e-6, atol=1e-7)
 
 
 def test_adecay_mamba2_decays_per_head():
