@@ -160,11 +160,32 @@ class StatefulLM(nn.Module):
         input_ids: torch.Tensor,
         state: State | None = None,
         positions: Sequence[int] | None = None,
+        conv_context: torch.Tensor | None = None,
     ) -> State | list[State]:
         """The state after ``input_ids`` (no output head is computed), or a list of states after each of
         ``positions`` (1-based counts of tokens of this call: position ``t`` means "after ``input_ids[:, :t]``"),
         all from one pass.
+
+        ``conv_context [B, Tc]``: the tokens just before this chunk (at least ``K - 1`` of them; e.g. the last
+        tokens of the previous chunk). They are read from zero only to fill the conv windows; then the SSM state
+        and ΣΔ are reset to zero and the token count to 0, so the result describes the chunk alone (``n_tokens``
+        and ``sum_delta`` count only ``input_ids``) but sees the true left context through the conv. For one
+        layer, ordered composition of such chunk states equals the state of the concatenation exactly (State
+        Soup, arXiv 2406.08423, §2.4). Cannot be combined with ``state``.
         """
+        if conv_context is not None:
+            if state is not None:
+                raise ValueError("encode takes either state or conv_context, not both")
+            self.check_input(conv_context)
+            if conv_context.shape[0] != input_ids.shape[0]:
+                raise ValueError(
+                    f"conv_context has batch size {conv_context.shape[0]} but input_ids has {input_ids.shape[0]}"
+                )
+            if conv_context.shape[1] > 0:
+                ctx = self._run(conv_context, None, None, False).state
+                state = ctx.replace(
+                    ssm=torch.zeros_like(ctx.ssm), sum_delta=torch.zeros_like(ctx.sum_delta), n_tokens=0
+                )
         if positions is not None:
             pos = [int(p) for p in positions]
             T = input_ids.shape[1]
