@@ -216,3 +216,9 @@ def test_state_save_method_delegates(tmp_path):
     s = make_state()
     p = s.save(tmp_path / "m.safetensors", prompt="p")
     assert load_state(p).equal(s) and read_metadata(p)["prompt"] == "p"
+
+
+def test_save_without_fsync_is_still_complete(tmp_path):
+    s = make_state(seed=9)
+    p = save_state(s, tmp_path / "n.safetensors", fsync=False)
+    assert load_state(p).equal(s) and [f.name for f in tmp_path.iterdir()] == ["n.safetensors"]

@@ -3,6 +3,7 @@ import json
 import multiprocessing
 import os
 import random
+import select
 import signal
 import sqlite3
 import tarfile
@@ -295,11 +296,18 @@ def test_sigkilled_writer_never_leaves_a_partial_entry(tmp_path):
         proc = ctx.Process(target=_writer, args=(path, f"r{round_}-", 10_000, states, write_fd, round_))
         proc.start()
         os.close(write_fd)
-        time.sleep(rng.uniform(0.0, 0.03))
+        # Let the writer finish 0-2 adds (however slow the machine is), then kill it somewhere inside the next one.
+        done, buf = rng.choice([0, 1, 2]), b""
+        while buf.count(b"\n") < done and select.select([read_fd], [], [], 30)[0]:
+            chunk = os.read(read_fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+        time.sleep(rng.uniform(0.0, 0.02))
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
-        with os.fdopen(read_fd) as f:
-            reported |= set(f.read().split())
+        with os.fdopen(read_fd, "rb") as f:
+            reported |= set((buf + f.read()).decode().split())
         report = store.check(verify=False)
         assert not report.missing_blobs and not report.corrupt_blobs, report
         entries = {e.name: e for e in store.list()}

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
@@ -121,10 +122,18 @@ def _serialize(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
     return b"".join(parts)
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    # numpy runs single-threaded: on a busy machine a threaded torch reduction over a few MB can stall for a whole
+    # scheduler slice waiting for its second thread, which would dominate save/load latency.
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64, torch.float16):
+        return bool(np.isfinite(t.detach().contiguous().numpy()).all())
+    return bool(torch.isfinite(t).all())
+
+
 def _check_finite(state: State, what: str) -> None:
     for name in PARTS:
         t = getattr(state, name)
-        if not bool(torch.isfinite(t).all()):
+        if not _all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise StateFileError(f"{what}: state part {name!r} holds {bad} NaN/inf values; refusing a broken state")
 
@@ -186,12 +195,13 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
 
     A temporary file ``.tmp-<pid>-<random>-<name>`` in the same directory is written and fsynced, renamed over
-    ``path`` and the directory fsynced. On failure (full disk, quota, permissions) the temporary file is removed
-    and ``StateFileError`` names the path and the reason; ``path`` is untouched.
+    ``path`` and the directory fsynced. ``fsync=False`` skips both fsyncs: the write stays atomic for readers and
+    against a crashed process, but a power loss may lose it. On failure (full disk, quota, permissions) the
+    temporary file is removed and ``StateFileError`` names the path and the reason; ``path`` is untouched.
     """
     path = Path(path)
     tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
@@ -202,11 +212,13 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-            os.fsync(fd)
+            if fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if fsync:
+            _fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         reason = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or type(e).__name__)
@@ -221,6 +233,7 @@ def save_state(
     token_ids: Sequence[int] | torch.Tensor | None = None,
     tokenizer_hash: str | None = None,
     extra: dict[str, Any] | None = None,
+    fsync: bool = True,
 ) -> Path:
     """Write ``state`` to ``path`` (safetensors, atomically); returns the path.
 
@@ -230,6 +243,8 @@ def save_state(
         token_ids: optional token ids the state consumed.
         tokenizer_hash: optional hash of the tokenizer (and chat template) used to make ``token_ids``.
         extra: optional JSON-serialisable dict stored under ``extra``.
+        fsync: make the file durable before returning (default). ``False`` is still atomic, but a power loss
+            right after the call may lose the file; it saves the disk flush (most of the latency).
 
     Example:
         >>> save_state(state, "skill.safetensors", prompt="Q: 2+2\\nA: 4\\n")  # doctest: +SKIP
@@ -240,7 +255,7 @@ def save_state(
         raise StateFileError(f"cannot save a state to {path}: it is a directory")
     if not path.parent.is_dir():
         raise StateFileError(f"cannot save a state to {path}: directory {path.parent} does not exist")
-    atomic_write(path, data)
+    atomic_write(path, data, fsync=fsync)
     return path
 
 

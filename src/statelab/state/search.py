@@ -296,7 +296,14 @@ class FaissIndex(VectorIndex):
         import faiss
 
         faiss.downcast_index(self._index.index).hnsw.efSearch = max(self.ef_search, k)
-        scores, ids = self._index.search(q, k)
+        # A few queries gain nothing from OpenMP; waking its threads costs more than the search on a busy machine.
+        threads = faiss.omp_get_max_threads()
+        if q.shape[0] < 8:
+            faiss.omp_set_num_threads(1)
+        try:
+            scores, ids = self._index.search(q, k)
+        finally:
+            faiss.omp_set_num_threads(threads)
         return scores, ids
 
     def save(self, path) -> None:
@@ -349,7 +356,7 @@ class UsearchIndex(VectorIndex):
         k = min(int(k), len(self))
         if k == 0:
             return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
-        m = self._index.search(q, k)
+        m = self._index.search(q, k, threads=1 if q.shape[0] < 8 else 0)
         keys = np.asarray(m.keys).reshape(q.shape[0], -1).astype(np.int64)
         dist = np.asarray(m.distances).reshape(q.shape[0], -1)
         counts = np.asarray(m.counts).reshape(-1) if hasattr(m, "counts") else np.array([keys.shape[1]])
