@@ -142,7 +142,7 @@ class _ChunkScan(torch.autograd.Function):
 def _step(u, delta, A, Bm, Cm, h0) -> tuple[torch.Tensor, torch.Tensor]:
     """One token: ``u, delta [B, D]``, ``Bm, Cm [B, N]``, ``h0 [B, D, N]`` (fp32) -> ``(y [B, D], h [B, D, N])``."""
     h = torch.exp(delta[:, :, None] * A) * h0 + (delta * u)[:, :, None] * Bm[:, None, :]
-    return torch.einsum("bdn,bn->bd", h, Cm), h
+    return (h * Cm[:, None, :]).sum(-1), h
 
 
 def selective_scan_chunk(
