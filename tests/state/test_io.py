@@ -222,3 +222,57 @@ def test_save_without_fsync_is_still_complete(tmp_path):
     s = make_state(seed=9)
     p = save_state(s, tmp_path / "n.safetensors", fsync=False)
     assert load_state(p).equal(s) and [f.name for f in tmp_path.iterdir()] == ["n.safetensors"]
+
+
+# ---- with real models ------------------------------------------------------------------------------------------
+def tiny_model(arch, seed=0):
+    from statelab.models.mamba1 import Mamba1Config, Mamba1LM
+    from statelab.models.mamba2 import Mamba2Config, Mamba2LM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if arch == "mamba1":
+            return Mamba1LM(Mamba1Config(d_model=16, n_layer=3, vocab_size=29, d_state=4)).eval()
+        return Mamba2LM(Mamba2Config(vocab_size=29, d_model=12, n_layer=3, d_state=8, head_dim=6, n_groups=2)).eval()
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_save_load_continue_gives_bit_identical_logits(tmp_path, arch):
+    model = tiny_model(arch)
+    ids = torch.randint(29, (1, 23), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, state = model(ids[:, :17])
+        p = save_state(state, tmp_path / "prefix.safetensors", token_ids=ids[0, :17])
+        loaded = load_state(p, model)
+        want, want_state = model(ids[:, 17:], state=state)
+        got, got_state = model(ids[:, 17:], state=loaded)
+    assert torch.equal(got, want) and got_state.equal(want_state)
+    assert loaded.fingerprint == model.fingerprint and json.loads(read_metadata(p)["token_ids"]) == ids[0, :17].tolist()
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_a_model_with_one_changed_weight_is_refused(tmp_path, arch):
+    import copy
+
+    from statelab.errors import StateMismatchError
+
+    model = tiny_model(arch)
+    with torch.no_grad():
+        _, state = model(torch.tensor([[1, 2, 3]]))
+    p = save_state(state, tmp_path / "s.safetensors")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-3
+    with pytest.raises(StateMismatchError) as err:
+        load_state(p, other)
+    assert model.fingerprint in str(err.value) and other.fingerprint in str(err.value)
+    assert load_state(p, model).equal(state)
+
+
+def test_a_state_of_another_layout_is_refused(tmp_path):
+    from statelab.errors import StateMismatchError
+
+    model = tiny_model("mamba1")
+    p = save_state(make_state(fp=model.fingerprint, L=3), tmp_path / "s.safetensors")
+    with pytest.raises(StateMismatchError, match="does not fit this model"):
+        load_state(p, model)

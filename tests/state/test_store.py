@@ -321,3 +321,26 @@ def test_sigkilled_writer_never_leaves_a_partial_entry(tmp_path):
     for e in store.list():
         round_, i = int(e.name[1:].split("-")[0]), int(e.name.split("-")[1])
         assert store.get(e.name).equal(_expected(states, round_, i))
+
+
+def test_get_with_model_checks_the_fingerprint(store):
+    import copy
+
+    from statelab.errors import StateMismatchError
+    from statelab.models.mamba1 import Mamba1Config, Mamba1LM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Mamba1LM(Mamba1Config(d_model=16, n_layer=3, vocab_size=29, d_state=4)).eval()
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        _, state = model(ids[:, :5])
+        store.add(state, name="prefix", prompt="3 1 4 1 5")
+        want, _ = model(ids[:, 5:], state=state)
+        got, _ = model(ids[:, 5:], state=store.get("prefix", model))
+    assert torch.equal(got, want)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[1] += 1e-4
+    with pytest.raises(StateMismatchError, match=f"{model.fingerprint}.*{other.fingerprint}"):
+        store.get("prefix", other)
