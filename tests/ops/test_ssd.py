@@ -83,9 +83,7 @@ def test_continuation_from_state():
     x, dt, A, Bm, Cm, D, h0 = make_inputs(T=100)
     full = ssd_scan_chunk(x, dt, A, Bm, Cm, D, h0, output_final_state=True)
     a = ssd_scan_chunk(x[:, :37], dt[:, :37], A, Bm[:, :37], Cm[:, :37], D, h0, output_final_state=True)
-    b = ssd_scan_chunk(
-        x[:, 37:], dt[:, 37:], A, Bm[:, 37:], Cm[:, 37:], D, a.final_state, output_final_state=True
-    )
+    b = ssd_scan_chunk(x[:, 37:], dt[:, 37:], A, Bm[:, 37:], Cm[:, 37:], D, a.final_state, output_final_state=True)
     assert_close("y", full.y, torch.cat([a.y, b.y], 1))
     assert_close("final_state", full.final_state, b.final_state)
     assert_close("sum_delta", full.sum_delta, a.sum_delta + b.sum_delta)

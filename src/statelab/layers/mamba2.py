@@ -1,0 +1,186 @@
+"""The Mamba-2 mixer with the state API: ``y, state = mixer(x, state=None)``.
+
+One mixer (Dao & Gu, arXiv 2405.21060 §7, "Mamba-2 architecture"), with the semantics of transformers'
+``Mamba2Mixer`` and mamba_ssm's ``Mamba2`` (so their checkpoints give the same numbers):
+
+    [z ; xBC ; dt] = W_in u                          z ∈ R^D, xBC ∈ R^C (C = D + 2·G·N), dt ∈ R^H
+    xBC  = SiLU(causal_depthwise_conv_K(xBC))        conv state = the last K - 1 pre-conv xBC, oldest first
+    x, B, C = split(xBC, [D, G·N, G·N])
+    Δ    = clamp(softplus(dt + dt_bias), time_step_limit)
+    y    = SSD(x, Δ, A = -exp(A_log), B, C, D_skip)  (statelab.ops.ssd)
+    out  = W_out · GatedRMSNorm_G(y, z)               norm of y ⊙ SiLU(z), per group of D / G channels
+
+State of one layer (:class:`Mamba2LayerState`): conv ``[B, C, K - 1]``, ssm ``[B, H, P, N]`` and ΣΔ ``[B, H]``
+(fp32), all "after the last token read". Nothing here writes into a state it was given.
+
+The time-step limits are applied on every path, one token or many, so a continuation is exact; transformers'
+single-token path skips them (it only matters for checkpoints with a non-default ``time_step_limit``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from statelab.layers.norm import GatedRMSNorm
+from statelab.ops.conv1d import causal_conv1d, conv_states_at
+from statelab.ops.ssd import BACKENDS, ssd_scan, ssd_step
+from statelab.ops.ssd.chunk import DEFAULT_CHUNK_SIZE
+
+__all__ = ["Mamba2LayerState", "Mamba2Mixer"]
+
+
+class Mamba2LayerState(NamedTuple):
+    """State of one Mamba-2 mixer after some token: conv ``[B, C, K-1]``, ssm ``[B, H, P, N]``, ΣΔ ``[B, H]``."""
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+    sum_delta: torch.Tensor
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 mixer. ``forward(x [B, T, M], state=None) -> (y [B, T, M], Mamba2LayerState)``.
+
+    Args:
+        d_model: M. d_inner: D = H · P. d_state: N. n_groups: G. head_dim: P. d_conv: K.
+        use_bias: bias in ``in_proj`` / ``out_proj``. use_conv_bias: bias in the conv.
+        time_step_limit: ``(lo, hi)`` clamp of Δ after softplus. norm_eps: epsilon of the gated RMSNorm.
+
+    Attributes:
+        backend: ``"naive" | "chunk" | "cuda"``, the SSD implementation (see :func:`statelab.ops.ssd.ssd_scan`).
+        chunk_size: chunk length of the chunked scan.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_inner: int,
+        d_state: int,
+        n_groups: int,
+        head_dim: int,
+        d_conv: int = 4,
+        use_bias: bool = False,
+        use_conv_bias: bool = True,
+        time_step_limit: tuple[float, float] = (0.0, float("inf")),
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if d_inner % head_dim:
+            raise ValueError(f"d_inner={d_inner} must be a multiple of head_dim={head_dim}")
+        self.d_model, self.d_inner, self.d_state = d_model, d_inner, d_state
+        self.n_groups, self.head_dim, self.d_conv = n_groups, head_dim, d_conv
+        self.n_heads = d_inner // head_dim
+        if self.n_heads % n_groups or d_inner % n_groups:
+            raise ValueError(f"heads H={self.n_heads} and d_inner={d_inner} must be multiples of n_groups={n_groups}")
+        self.conv_dim = d_inner + 2 * n_groups * d_state
+        self.time_step_limit = (float(time_step_limit[0]), float(time_step_limit[1]))
+        self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + self.n_heads, bias=use_bias)
+        self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, d_conv))
+        self.conv_bias = nn.Parameter(torch.zeros(self.conv_dim)) if use_conv_bias else None
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.empty(self.n_heads))
+        self.norm = GatedRMSNorm(d_inner, eps=norm_eps, group_size=d_inner // n_groups)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=use_bias)
+        self.backend = "chunk"
+        self.chunk_size = DEFAULT_CHUNK_SIZE
+        if self.A_log.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Mamba-2 initialisation: ``A = 1..H``, ``D = 1``, Δ log-uniform in ``[1e-3, 1e-1]`` through ``dt_bias``."""
+        H = self.n_heads
+        self.A_log.copy_(torch.log(torch.arange(1, H + 1, dtype=torch.float32)))
+        self.D.fill_(1.0)
+        lo, hi = torch.log(torch.tensor(1e-3)), torch.log(torch.tensor(1e-1))
+        dt = torch.exp(torch.rand(H) * (hi - lo) + lo).clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        nn.init.kaiming_uniform_(self.conv_weight, a=5**0.5)
+        if self.conv_bias is not None:
+            self.conv_bias.zero_()
+
+    def zero_state(
+        self, batch_size: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> Mamba2LayerState:
+        """The state before any token: zeros, ``sum_delta`` fp32."""
+        return Mamba2LayerState(
+            conv=torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, dtype=dtype, device=device),
+            ssm=torch.zeros(batch_size, self.n_heads, self.head_dim, self.d_state, dtype=dtype, device=device),
+            sum_delta=torch.zeros(batch_size, self.n_heads, dtype=torch.float32, device=device),
+        )
+
+    def _delta(self, dt: torch.Tensor) -> torch.Tensor:
+        """``dt [..., H]`` (raw projection) -> Δ in fp32: softplus of ``dt + dt_bias``, clamped to the limits."""
+        delta = F.softplus(dt.float() + self.dt_bias.float())
+        lo, hi = self.time_step_limit
+        if lo > 0.0 or hi != float("inf"):
+            delta = delta.clamp(min=lo, max=hi)
+        return delta
+
+    def forward(self, x: torch.Tensor, state: Mamba2LayerState | None = None) -> tuple[torch.Tensor, Mamba2LayerState]:
+        """``x [B, T, M]`` from ``state`` (``None`` = zeros) -> ``(y [B, T, M], state after the last token)``."""
+        y, new_state, _ = self.forward_with_states(x, state, None)
+        return y, new_state
+
+    def forward_with_states(
+        self, x: torch.Tensor, state: Mamba2LayerState | None, positions: Sequence[int] | None
+    ) -> tuple[torch.Tensor, Mamba2LayerState, list[Mamba2LayerState] | None]:
+        """Like ``forward``, plus the states after each of ``positions`` (``t`` in ``[1, T]``), from one pass.
+
+        Returned states have the dtype of ``state`` (fp32 when ``state`` is ``None``); ΣΔ accumulates on top of
+        the given state's.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba2Mixer expects x [B, T, {self.d_model}], got {tuple(x.shape)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; expected one of {BACKENDS}")
+        Bsz, T, _ = x.shape
+        if state is None:
+            state = self.zero_state(Bsz, dtype=torch.float32, device=x.device)
+        sdtype = state.ssm.dtype
+        D, C, H, P, G, N = self.d_inner, self.conv_dim, self.n_heads, self.head_dim, self.n_groups, self.d_state
+        z, xBC, dt = self.in_proj(x).split([D, C, H], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        delta = self._delta(dt)  # [B, T, H] fp32
+        conv_in = state.conv.to(xBC.dtype)
+
+        xBC_c, conv_new = causal_conv1d(xBC, self.conv_weight, self.conv_bias, conv_in, "silu", True)
+        xs, Bm, Cm = xBC_c.split([D, G * N, G * N], dim=-1)
+        if T == 1 and positions is None and self.backend != "naive":
+            # decode: one step of the recurrence, no chunk machinery
+            y1, ssm_new = ssd_step(
+                xs.reshape(Bsz, H, P), delta[:, 0], A, Bm.reshape(Bsz, G, N), Cm.reshape(Bsz, G, N), self.D, state.ssm
+            )
+            new_state = Mamba2LayerState(conv_new.to(sdtype), ssm_new.to(sdtype), state.sum_delta + delta[:, 0])
+            return self.out_proj(self.norm(y1.reshape(Bsz, 1, D), z).to(x.dtype)), new_state, None
+
+        scan = ssd_scan(
+            xs.reshape(Bsz, T, H, P),
+            delta,
+            A,
+            Bm.reshape(Bsz, T, G, N),
+            Cm.reshape(Bsz, T, G, N),
+            self.D,
+            initial_state=state.ssm,
+            output_final_state=True,
+            return_states_at=positions,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )
+        y = self.out_proj(self.norm(scan.y.reshape(Bsz, T, D), z).to(x.dtype))
+        assert scan.final_state is not None
+        new_state = Mamba2LayerState(conv_new.to(sdtype), scan.final_state.to(sdtype), state.sum_delta + scan.sum_delta)
+        states_at = None
+        if positions is not None:
+            assert scan.states_at is not None and scan.sum_delta_at is not None
+            conv_at = conv_states_at(xBC, self.d_conv, positions, conv_in)  # [B, n_pos, C, K-1]
+            states_at = [
+                Mamba2LayerState(conv_at[:, k].to(sdtype), s.to(sdtype), state.sum_delta + sd)
+                for k, (s, sd) in enumerate(zip(scan.states_at, scan.sum_delta_at, strict=True))
+            ]
+        return y, new_state, states_at
