@@ -27,6 +27,13 @@ from statelab.state.store_cli import search_command, store_app  # noqa: E402  (a
 app.add_typer(store_app, name="store")
 app.command("search")(search_command)
 
+from statelab.state.model_cli import encode_command, generate_command, mix_command, score_command  # noqa: E402
+
+app.command("encode")(encode_command)
+app.command("mix")(mix_command)
+app.command("generate")(generate_command)
+app.command("score")(score_command)
+
 
 def main() -> None:
     app()

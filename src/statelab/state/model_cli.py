@@ -1,0 +1,294 @@
+"""``statelab encode | mix | generate | score``: make, combine and use states from the command line.
+
+``MODEL`` is a checkpoint directory (Hugging Face or mamba_ssm format, with its tokenizer), ``"embedded"`` or a
+hub id. States are state files (``statelab.save_state``). Every command prints a short summary for people or
+JSON with ``--json``, and reports a failure as one line on stderr with exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from statelab.errors import StatelabError
+
+__all__ = ["encode_command", "mix_command", "generate_command", "score_command"]
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a summary.")]
+ModelArg = Annotated[str, typer.Argument(help="Checkpoint directory, 'embedded' or a hub id.", show_default=False)]
+
+
+class CliError(StatelabError):
+    """A command-line argument that does not make sense."""
+
+
+def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn statelab errors, bad values and unreadable files into one line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (StatelabError, ValueError, TypeError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+        except OSError as e:
+            typer.echo(f"error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _emit(as_json: bool, payload: Any, text: Callable[[], None]) -> None:
+    if as_json:
+        typer.echo(json.dumps(payload, indent=1, sort_keys=True))
+    else:
+        text()
+
+
+def _load(model: str):
+    """``(model, tokenizer)`` for ``MODEL``."""
+    from statelab.models.loading import load_model
+    from statelab.models.tokenizer import load_tokenizer
+
+    m = load_model(model)
+    return m, load_tokenizer(model)
+
+
+def _text(text: str | None, file: Path | None, what: str = "--text") -> str:
+    if (text is None) == (file is None):
+        raise CliError(f"give exactly one of {what} or --file")
+    if file is not None:
+        return file.read_text(encoding="utf-8")
+    assert text is not None
+    return text
+
+
+def _ids(tokenizer: Any, text: str):
+    import torch
+
+    return torch.tensor([tokenizer.encode(text)], dtype=torch.long)
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    vocab = getattr(tokenizer, "vocab_size", None)
+    return tokenizer.decode([i for i in ids if vocab is None or i < vocab])
+
+
+def _floats(s: str | None, name: str) -> list[float] | None:
+    if s is None:
+        return None
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"{name} must be comma-separated numbers, got {s!r}") from None
+
+
+def _ints(s: str | None, name: str) -> list[int] | None:
+    if s is None:
+        return None
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"{name} must be comma-separated integers, got {s!r}") from None
+
+
+def _state_info(state: Any) -> dict[str, Any]:
+    return {
+        "arch": state.arch,
+        "layers": state.num_layers,
+        "batch": state.batch_size,
+        "n_tokens": state.n_tokens,
+        "dtype": str(state.dtype).removeprefix("torch."),
+        "fingerprint": state.fingerprint,
+    }
+
+
+# ---- encode ---------------------------------------------------------------------------------------------------
+@_fail_cleanly
+def encode_command(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="State file to write (.safetensors).")],
+    text: Annotated[str | None, typer.Option("--text", "-t", help="Text to read.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the text from this file.")] = None,
+    state: Annotated[Path | None, typer.Option("--state", help="Continue from this state file.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read a text with MODEL and save the state after it (with the prompt, token ids and tokenizer hash).
+
+    Example: statelab encode embedded --text $'Q: cat\\nA: CAT\\n\\n' -o upper-1shot.safetensors
+    """
+    from statelab.state.io import load_state, save_state
+
+    m, tok = _load(model)
+    prompt = _text(text, file)
+    ids = _ids(tok, prompt)
+    if ids.shape[1] == 0:
+        raise CliError("the text is empty: nothing to encode")
+    start = load_state(state, m) if state is not None else None
+    s = m.encode(ids, state=start)
+    save_state(s, output, prompt=prompt, token_ids=ids[0].tolist(), tokenizer_hash=tok.fingerprint)
+    info = {"output": str(output), "tokens_read": int(ids.shape[1]), "bytes": output.stat().st_size, **_state_info(s)}
+    _emit(as_json, info, lambda: typer.echo(f"wrote {output}: {ids.shape[1]} tokens read, state after {s.n_tokens}"))
+
+
+# ---- mix ------------------------------------------------------------------------------------------------------
+def _mix_help() -> str:
+    from statelab.state.mix import MIX_METHODS
+
+    return ", ".join(sorted(MIX_METHODS))
+
+
+@_fail_cleanly
+def mix_command(
+    states: Annotated[list[Path], typer.Argument(help="State files, in order for ordered methods.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="State file to write.")],
+    method: Annotated[str, typer.Option("--method", "-m", help="Mixing method (see `statelab mix --help`).")] = "mean",
+    weights: Annotated[str | None, typer.Option(help="Comma-separated weights, one per state.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Model of the states: checks them; gives A for adecay/append/picaso.")
+    ] = None,
+    conv: Annotated[str | None, typer.Option(help="Conv-state policy: mean, first, last, base or zero.")] = None,
+    base: Annotated[Path | None, typer.Option(help="Base state file (task_arithmetic, layers).")] = None,
+    layers: Annotated[str | None, typer.Option(help="Comma-separated layers (method 'layers').")] = None,
+    inner: Annotated[str | None, typer.Option(help="Inner method of 'layers' (weighted, mean, ...).")] = None,
+    scores: Annotated[str | None, typer.Option(help="Comma-separated similarities (softmax_topk).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Softmax temperature (softmax_topk).")] = None,
+    k: Annotated[int | None, typer.Option("-k", help="Keep the k best hits (softmax_topk).")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Drop hits below this score (softmax_topk).")] = None,
+    typical: Annotated[str | None, typer.Option(help="norm_matched target: mean or max of member norms.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Mix state files into one with a registered method and save it.
+
+    Methods: adecay, append, layers, mean, norm_matched, picaso_r, picaso_s, softmax_topk, sum, task_arithmetic,
+    weighted. Ordered methods (adecay, append, picaso_*) need --model for the decay A.
+
+    Example: statelab mix a.safetensors b.safetensors --method weighted --weights 0.7,0.3 -o soup.safetensors
+    """
+    import inspect
+
+    from statelab.state.io import load_state, save_state
+    from statelab.state.mix import MIX_METHODS, mix
+
+    fn = MIX_METHODS.get(method)
+    if fn is None:
+        raise CliError(f"unknown mixing method {method!r}; known: {_mix_help()}")
+    m = None
+    if model is not None:
+        from statelab.models.loading import load_model
+
+        m = load_model(model)
+    loaded = [load_state(p, m) for p in states]
+    given: dict[str, Any] = {
+        "conv": conv,
+        "base": None if base is None else load_state(base, m),
+        "layers": _ints(layers, "--layers"),
+        "inner": inner,
+        "scores": _floats(scores, "--scores"),
+        "temperature": temperature,
+        "k": k,
+        "threshold": threshold,
+        "typical": typical,
+    }
+    accepted = set(inspect.signature(fn).parameters)
+    options = {key: v for key, v in given.items() if v is not None}
+    extra = sorted(set(options) - accepted)
+    if extra:
+        raise CliError(f"method {method!r} takes no --{', --'.join(extra)}")
+    if "A" in accepted:
+        if m is None:
+            raise CliError(f"method {method!r} composes states in order and needs --model (for A = -exp(A_log))")
+        options["A"] = m.decay_A().detach()
+    out = mix(loaded, method, _floats(weights, "--weights"), **options)
+    record = {"method": method, "inputs": [str(p) for p in states], "weights": weights, "conv": conv}
+    save_state(out, output, extra={"mix": record})
+    info = {"output": str(output), "method": method, "inputs": len(states), **_state_info(out)}
+    _emit(as_json, info, lambda: typer.echo(f"wrote {output}: {method} of {len(states)} states"))
+
+
+# ---- generate -------------------------------------------------------------------------------------------------
+@_fail_cleanly
+def generate_command(
+    model: ModelArg,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue (at least one token).")],
+    state: Annotated[Path | None, typer.Option("--state", help="Start from this state file (a skill, a soup).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 32,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the sampler.")] = None,
+    stop_at_eos: Annotated[bool, typer.Option(help="Stop at the tokenizer's end-of-sequence token.")] = True,
+    save: Annotated[Path | None, typer.Option("--save-state", help="Write the state after generation here.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Continue a prompt with MODEL, optionally from a stored or mixed state.
+
+    Example: statelab generate embedded --state upper-soup.safetensors --prompt $'Q: dog\\nA:' -n 8
+    """
+    from statelab.state.io import load_state, save_state
+
+    m, tok = _load(model)
+    ids = _ids(tok, prompt)
+    if ids.shape[1] == 0:
+        raise CliError("--prompt is empty: generation needs at least one token to continue from")
+    start = load_state(state, m) if state is not None else None
+    eos = getattr(tok, "eos_token_id", None) if stop_at_eos else None
+    new, after = m.generate(
+        ids, max_new_tokens, state=start, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_token_id=eos, seed=seed,
+    )  # fmt: skip
+    new_ids = new[0].tolist()
+    if eos is not None and eos in new_ids:
+        new_ids = new_ids[: new_ids.index(eos)]
+    text = _decode(tok, new_ids)
+    if save is not None:
+        save_state(after, save, token_ids=ids[0].tolist() + new[0].tolist(), tokenizer_hash=tok.fingerprint)
+    info = {"text": text, "token_ids": new_ids, "n_tokens": after.n_tokens}
+    _emit(as_json, info, lambda: typer.echo(text))
+
+
+# ---- score ----------------------------------------------------------------------------------------------------
+@_fail_cleanly
+def score_command(
+    model: ModelArg,
+    text: Annotated[str | None, typer.Option("--text", "-t", help="Text to score.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the text from this file.")] = None,
+    state: Annotated[Path | None, typer.Option("--state", help="Score the text after this state.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-token log-probabilities and perplexity of a text under MODEL (after a state, if given).
+
+    The first token has no prediction (a state does not carry the logits of the token before it), so T tokens
+    give T - 1 scores.
+
+    Example: statelab score embedded --text $'Q: dog\\nA: DOG\\n' --state upper-soup.safetensors --json
+    """
+    from statelab.state.io import load_state
+
+    m, tok = _load(model)
+    ids = _ids(tok, _text(text, file))
+    if ids.shape[1] < 2:
+        raise CliError(f"score needs a text of at least 2 tokens, got {ids.shape[1]}")
+    start = load_state(state, m) if state is not None else None
+    res = m.score(ids, state=start)
+    lp = res.logprobs[0].tolist()
+    tokens = ids[0].tolist()
+    per_token = [{"token_id": t, "text": _decode(tok, [t]), "logprob": v} for t, v in zip(tokens[1:], lp, strict=True)]
+    info = {
+        "perplexity": float(res.perplexity[0]),
+        "mean_logprob": sum(lp) / len(lp),
+        "n_scored": len(lp),
+        "tokens": per_token,
+    }
+
+    def text_out() -> None:
+        ppl, mean = info["perplexity"], info["mean_logprob"]
+        typer.echo(f"perplexity {ppl:.4f} over {len(lp)} tokens (mean log-prob {mean:.4f})")
+
+    _emit(as_json, info, text_out)

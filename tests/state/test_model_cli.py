@@ -1,0 +1,157 @@
+"""``statelab encode | mix | generate | score`` on a tiny byte-level model saved to a temporary directory."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from statelab.cli import app
+from statelab.models.mamba1 import Mamba1Config, Mamba1LM
+from statelab.models.tokenizer import ByteTokenizer
+from statelab.state.io import load_state, read_metadata, save_state
+from statelab.state.mix import mix
+from statelab.testing import assert_close
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    m = Mamba1LM(Mamba1Config(d_model=16, n_layer=2, vocab_size=ByteTokenizer.vocab_size, d_state=4)).eval()
+    d = tmp_path_factory.mktemp("tiny")
+    m.save_pretrained(d)
+    ByteTokenizer().save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    from statelab.models.loading import load_model
+
+    return load_model(model_dir)
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def ok(*args):
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def byte_ids(text):
+    return torch.tensor([ByteTokenizer().encode(text)])
+
+
+def test_encode_writes_the_state_of_the_text(model_dir, model, tmp_path):
+    out = tmp_path / "s.safetensors"
+    r = ok("encode", model_dir, "--text", "Q: cat\nA: CAT\n", "-o", out, "--json")
+    info = json.loads(r.output)
+    assert info["n_tokens"] == 14 and info["tokens_read"] == 14 and info["fingerprint"] == model.fingerprint
+    s = load_state(out, model)
+    assert s.equal(model.encode(byte_ids("Q: cat\nA: CAT\n")))
+    meta = read_metadata(out)
+    assert meta["prompt"] == "Q: cat\nA: CAT\n" and json.loads(meta["token_ids"])[:2] == [81, 58]
+    # from a file, continuing from the first state
+    f = tmp_path / "more.txt"
+    f.write_text("Q: dog\n")
+    out2 = tmp_path / "s2.safetensors"
+    ok("encode", model_dir, "--file", f, "--state", out, "-o", out2)
+    whole = model.encode(byte_ids("Q: cat\nA: CAT\nQ: dog\n"))
+    cont = load_state(out2)
+    assert cont.n_tokens == whole.n_tokens == 21
+    assert_close("continued state", whole.ssm, cont.ssm)
+
+
+def test_mix_methods_from_the_command_line(model_dir, model, tmp_path):
+    paths = []
+    for i, t in enumerate(["Q: a\nA: A\n", "Q: b\nA: B\n", "Q: c\nA: C\n"]):
+        p = tmp_path / f"{i}.safetensors"
+        ok("encode", model_dir, "-t", t, "-o", p)
+        paths.append(p)
+    states = [load_state(p) for p in paths]
+    out = tmp_path / "w.safetensors"
+    r = ok("mix", *paths, "--method", "weighted", "--weights", "0.5,0.25,0.25", "-o", out, "--json")
+    assert json.loads(r.output)["method"] == "weighted"
+    assert_close("weighted", mix(states, "weighted", [0.5, 0.25, 0.25]).ssm, load_state(out).ssm)
+    assert json.loads(read_metadata(out)["extra"])["mix"]["method"] == "weighted"
+    ok("mix", *paths, "--method", "adecay", "--model", model_dir, "-o", out)
+    assert_close("adecay", mix(states, "adecay", A=model.decay_A()).ssm, load_state(out).ssm)
+    ok("mix", *paths[:2], "--method", "layers", "--base", paths[2], "--layers", "1", "--weights", "1,0", "-o", out)
+    got = load_state(out)
+    assert torch.equal(got.ssm[0], states[2].ssm[0]) and torch.equal(got.ssm[1], states[0].ssm[1])
+    ok("mix", *paths, "-m", "softmax_topk", "--scores", "0.9,0.1,0.2", "--temperature", "0.05", "-k", "1", "-o", out)
+    assert_close("top-1", states[0].ssm, load_state(out).ssm)
+
+
+def test_generate_and_score_from_a_state(model_dir, model, tmp_path):
+    sp = tmp_path / "skill.safetensors"
+    ok("encode", model_dir, "-t", "Q: cat\nA: CAT\n\n", "-o", sp)
+    r = ok("generate", model_dir, "--state", sp, "--prompt", "Q: dog\nA:", "-n", "6", "--json", "--no-stop-at-eos")
+    info = json.loads(r.output)
+    want, _ = model.generate(byte_ids("Q: dog\nA:"), 6, state=load_state(sp))
+    assert info["token_ids"] == want[0].tolist()
+    assert info["n_tokens"] == len("Q: cat\nA: CAT\n\n") + len("Q: dog\nA:") + 6
+    plain = ok("generate", model_dir, "--prompt", "Q: dog\nA:", "-n", "6", "--no-stop-at-eos")
+    assert plain.output.strip("\n") == ByteTokenizer().decode(
+        [i for i in model.generate(byte_ids("Q: dog\nA:"), 6)[0][0].tolist() if i < 259]
+    ).strip("\n")
+
+    r = ok("score", model_dir, "--text", "Q: dog\nA: DOG\n", "--state", sp, "--json")
+    info = json.loads(r.output)
+    ref = model.score(byte_ids("Q: dog\nA: DOG\n"), state=load_state(sp))
+    assert info["n_scored"] == 13 and len(info["tokens"]) == 13
+    assert abs(info["perplexity"] - float(ref.perplexity[0])) < 1e-4
+    assert_close("logprobs", ref.logprobs[0], torch.tensor([t["logprob"] for t in info["tokens"]]))
+    human = ok("score", model_dir, "--text", "Q: dog\nA: DOG\n")
+    assert human.output.startswith("perplexity ")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["encode", "{m}", "-o", "{t}/x.safetensors"], "exactly one of --text or --file"),
+        (["encode", "{t}/nope", "-t", "a", "-o", "{t}/x.safetensors"], "neither an existing directory"),
+        (["mix", "{t}/missing.safetensors", "-o", "{t}/x.safetensors"], "does not exist"),
+        (["mix", "{s}", "-o", "{t}/x.safetensors", "-m", "blend"], "unknown mixing method 'blend'"),
+        (["mix", "{s}", "{s}", "-o", "{t}/x.safetensors", "-m", "adecay"], "needs --model"),
+        (["mix", "{s}", "{s}", "-o", "{t}/x.safetensors", "--weights", "1,x"], "comma-separated numbers"),
+        (["mix", "{s}", "{s}", "-o", "{t}/x.safetensors", "--weights", "1,2,3"], "weights must have shape"),
+        (["mix", "{s}", "-o", "{t}/x.safetensors", "-m", "sum", "--scores", "1"], "takes no --scores"),
+        (["generate", "{m}", "--prompt", ""], "--prompt is empty"),
+        (["score", "{m}", "--text", "a"], "at least 2 tokens"),
+        (["score", "{m}", "--text", "ab", "--state", "{t}/corrupt.safetensors"], "truncated"),
+    ],
+    ids=[
+        "no-text", "no-model", "missing-state", "unknown-method", "adecay-no-model", "bad-weights",
+        "weights-length", "option-not-taken", "empty-prompt", "short-score", "corrupt-state",
+    ],
+)  # fmt: skip
+def test_errors_are_one_line(model_dir, model, tmp_path, args, message):
+    s = tmp_path / "s.safetensors"
+    save_state(model.encode(byte_ids("hello")), s)
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x01\x00")
+    r = run(*[a.format(m=model_dir, t=tmp_path, s=s) for a in args])
+    assert r.exit_code == 1, r.output
+    assert message in r.output, r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_state_of_another_model_is_refused(model_dir, tmp_path):
+    torch.manual_seed(1)
+    other = Mamba1LM(Mamba1Config(d_model=16, n_layer=2, vocab_size=ByteTokenizer.vocab_size, d_state=4)).eval()
+    p = tmp_path / "other.safetensors"
+    save_state(other.encode(byte_ids("hi")), p)
+    r = run("generate", model_dir, "--state", p, "--prompt", "x")
+    assert r.exit_code == 1 and "state was made by model" in r.output
+
+
+@pytest.mark.parametrize("cmd", ["encode", "mix", "generate", "score"])
+def test_help_has_an_example(cmd):
+    r = ok(cmd, "--help")
+    assert "Example: statelab " + cmd in r.output
