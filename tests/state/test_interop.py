@@ -7,7 +7,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import MambaConfig, MambaForCausalLM  # noqa: E402
+from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM  # noqa: E402
 
 from statelab.errors import StateMismatchError  # noqa: E402
 from statelab.models.loading import load_model  # noqa: E402
@@ -20,7 +20,15 @@ V = 40
 
 def _hf_mamba1(seed=0):
     torch.manual_seed(seed)
-    cfg = MambaConfig(vocab_size=V, hidden_size=16, state_size=4, num_hidden_layers=2, conv_kernel=4)
+    cfg = MambaConfig(
+        vocab_size=V,
+        hidden_size=16,
+        state_size=4,
+        num_hidden_layers=2,
+        conv_kernel=4,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     m = MambaForCausalLM(cfg).eval()
     with torch.no_grad():  # larger Δ so that the state visibly matters
         for layer in m.backbone.layers:
@@ -29,7 +37,22 @@ def _hf_mamba1(seed=0):
     return m
 
 
-BUILDERS = {"mamba1": _hf_mamba1}
+def _hf_mamba2(seed=0):
+    torch.manual_seed(seed)
+    cfg = Mamba2Config(
+        vocab_size=V, hidden_size=16, num_heads=4, head_dim=8, state_size=8, n_groups=2, num_hidden_layers=2,
+        conv_kernel=4, chunk_size=4, eos_token_id=None, pad_token_id=0,
+    )  # fmt: skip
+    m = Mamba2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in m.backbone.layers:
+            layer.mixer.dt_bias.add_(1.0)
+            layer.mixer.A_log.copy_(torch.randn_like(layer.mixer.A_log))
+            layer.norm.weight.uniform_(0.5, 1.5)
+    return m
+
+
+BUILDERS = {"mamba1": _hf_mamba1, "mamba2": _hf_mamba2}
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
