@@ -20,6 +20,8 @@ _EXPORTS: dict[str, str] = {
     "StateStore": "statelab.state.store",
     "mix": "statelab.state.mix",
     "MIX_METHODS": "statelab.state.mix",
+    "to_hf_cache": "statelab.state.interop",
+    "from_hf_cache": "statelab.state.interop",
     "load_model": "statelab.models.loading",
     "load_tokenizer": "statelab.models.tokenizer",
     "ByteTokenizer": "statelab.models.tokenizer",
