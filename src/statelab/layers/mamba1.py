@@ -140,8 +140,8 @@ class Mamba1Mixer(nn.Module):
         dt_low = dbc[..., : self.dt_rank]
         Bm = dbc[..., self.dt_rank : self.dt_rank + self.d_state]
         Cm = dbc[..., self.dt_rank + self.d_state :]
-        # Δ in fp32: the bias is added in fp32 before softplus, as the reference kernels do
-        delta = F.softplus(F.linear(dt_low, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        # Δ in fp32: projection and bias in fp32 before softplus, as the reference kernels do
+        delta = F.softplus(F.linear(dt_low.float(), self.dt_proj.weight.float(), self.dt_proj.bias.float()))
         scan = selective_scan(
             u,
             delta,
@@ -154,7 +154,7 @@ class Mamba1Mixer(nn.Module):
             positions,
             backend=self.backend,
         )
-        y = scan.y * F.silu(z)
+        y = F.silu(z).mul_(scan.y)
         out = self.out_proj(y.to(x.dtype))
         sd0 = 0.0 if state is None else state.sum_delta
         new_state = MixerState(conv=conv_final, ssm=scan.final_state, sum_delta=sd0 + scan.sum_delta)

@@ -192,7 +192,7 @@ def selective_scan_chunk(
                 states_at = h0.new_empty(Bsz, 0, D, N)
         y = yT.transpose(0, 1)
     if D_skip is not None:
-        y = y + D_skip.float() * uf
+        y = torch.addcmul(y, uf, D_skip.float())
     return ScanOutput(
         y=y.to(u.dtype),
         final_state=h if output_final_state else None,
