@@ -121,13 +121,16 @@ def from_hf_cache(
     layers = getattr(cache, "layers", None)
     if not layers:
         raise StateMismatchError("expected a transformers cache with layers (out.cache_params), got an empty one")
+    width = model.zero_state(1, device="meta").conv.shape[-1]  # K - 1
     conv, ssm = [], []
     for i, layer in enumerate(layers):
         c = layer.conv_states.get(0) if hasattr(layer, "conv_states") else None
         h = layer.recurrent_states.get(0) if hasattr(layer, "recurrent_states") else None
         if c is None or h is None or not layer.has_previous_state.get(0, False):
             raise StateMismatchError(f"transformers cache layer {i} holds no conv/SSM state (was the cache filled?)")
-        conv.append(c[..., 1:])
+        if c.shape[-1] < width:
+            raise StateMismatchError(f"transformers cache layer {i} keeps {c.shape[-1]} conv columns, need {width}")
+        conv.append(c[..., c.shape[-1] - width :])  # the newest K - 1 (a recording cache may keep more)
         ssm.append(h)
     conv_t, ssm_t = torch.stack(conv), torch.stack(ssm)
     dtype = dtype or ssm_t.dtype
