@@ -1,0 +1,342 @@
+"""Model speed: statelab vs transformers on the same random 130m-sized weights, fp32, CPU.
+
+Measures, per architecture (``--arch mamba1,mamba2``):
+
+* prefill tokens/s at several lengths (logits for every token, like ``model(input_ids)``; also statelab's
+  ``encode``, which skips the output head), and the ratio statelab / transformers;
+* decode ms/token (one token per call from a cached state), ratio, and the memory-bandwidth floor: bytes of
+  weights read per token divided by the machine's measured copy rate;
+* prefill MFU: matmul FLOPs per token x tokens/s divided by the machine's measured matmul GFLOP/s;
+* time to first token after a 2048-token prefix: loading the saved state from disk and running one token, vs
+  re-reading the prefix, and vs one decode step.
+
+The machine is measured in the same run (matmul GFLOP/s, copy GB/s), so the table reads as ratios. Results go to
+``benchmarks/RESULTS.md`` under ``## Models`` (plus ``benchmarks/models.png``).
+
+    python benchmarks/bench_models.py                 # full run (minutes)
+    python benchmarks/bench_models.py --quick         # 4 layers, 512 tokens: a smoke run in well under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import platform
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+PLOT = Path(__file__).resolve().parent / "models.png"
+SECTION = "## Models"
+
+
+# ---- machine ----------------------------------------------------------------------------------------------------
+def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Best wall time of ``repeats`` calls after ``warmup`` calls, seconds."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def machine_rates(quick: bool) -> dict[str, float]:
+    """fp32 matmul GFLOP/s (square 1536 matmul) and copy GB/s (256 MiB, read + write bytes)."""
+    n = 1024 if quick else 1536
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = best_time(lambda: a @ b, 3 if quick else 5)
+    src = torch.empty(64 * 2**20 // 4 * (1 if quick else 4)).uniform_()
+    dst = torch.empty_like(src)
+    tc = best_time(lambda: dst.copy_(src), 3 if quick else 5)
+    return {"matmul_gflops": 2 * n**3 / t / 1e9, "copy_gbs": 2 * src.numel() * 4 / tc / 1e9}
+
+
+# ---- models -----------------------------------------------------------------------------------------------------
+def build(arch: str, n_layer: int, seed: int = 0):
+    """A statelab model with random weights of a 130m-sized config."""
+    torch.manual_seed(seed)
+    if arch == "mamba1":
+        from statelab.models.mamba1 import Mamba1Config, Mamba1LM
+
+        return Mamba1LM(Mamba1Config(d_model=768, n_layer=n_layer, vocab_size=50280, d_state=16)).eval()
+    if arch == "mamba2":
+        from statelab.models.mamba2 import Mamba2Config, Mamba2LM
+
+        cfg = Mamba2Config(vocab_size=50280, d_model=768, n_layer=n_layer, d_state=128, head_dim=64)
+        return Mamba2LM(cfg).eval()
+    raise SystemExit(f"unknown arch {arch!r}; choose mamba1 and/or mamba2")
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Weights that take part in a matmul per token: every Linear plus the output head."""
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    if getattr(model, "lm_head", None) is None:
+        n += model.embedding.weight.numel()
+    return n
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes read per decoded token: every parameter once (the embedding is read whole only as a tied head)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if getattr(model, "lm_head", None) is not None:
+        total -= model.embedding.weight.numel() * model.embedding.weight.element_size()
+    return total
+
+
+def decode_time(prefill: Callable[[], tuple], step: Callable[[object, object], tuple], steps: int, repeats: int):
+    """Best per-token time of ``steps`` one-token calls after an untimed prefill (``prefill() -> (tok, cache)``)."""
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first round warms up
+        tok, cache = prefill()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok, cache = step(tok, cache)
+        best = min(best, (time.perf_counter() - t0) / steps)
+    return best
+
+
+def hf_fns(hf, prompt: torch.Tensor):
+    def prefill():
+        out = hf(prompt, use_cache=True)
+        return out.logits[:, -1:].argmax(-1), out.cache_params
+
+    def step(tok, cache):
+        out = hf(tok, cache_params=cache, use_cache=True)
+        return out.logits[:, -1:].argmax(-1), cache
+
+    return prefill, step
+
+
+def ours_fns(model, prompt: torch.Tensor):
+    def prefill():
+        logits, state = model(prompt)
+        return logits[:, -1:].argmax(-1), state
+
+    def step(tok, state):
+        logits, state = model(tok, state)
+        return logits[:, -1:].argmax(-1), state
+
+    return prefill, step
+
+
+def save_state_file(state, path: Path) -> None:
+    try:
+        from statelab.state.io import save_state
+
+        save_state(state, path, fsync=False)
+    except ImportError:
+        from safetensors.torch import save_file
+
+        save_file({"ssm": state.ssm, "conv": state.conv, "sum_delta": state.sum_delta}, str(path))
+
+
+def load_state_file(path: Path, model):
+    try:
+        from statelab.state.io import load_state
+
+        return load_state(path, model)
+    except ImportError:
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        return model.zero_state(1).replace(ssm=t["ssm"], conv=t["conv"], sum_delta=t["sum_delta"], n_tokens=2048)
+
+
+def bench_arch(arch: str, args, rates: dict[str, float], progress) -> list[dict]:
+    model = build(arch, args.layers)
+    hf = None
+    if not args.no_hf:
+        from transformers import AutoModelForCausalLM
+
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            hf = AutoModelForCausalLM.from_pretrained(d).eval()
+    rows = []
+    flops_tok = 2 * matmul_params(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for T in args.lengths:
+            x = torch.randint(0, 50000, (1, T), generator=g)
+            reps = 1 if T > 2048 else args.repeats
+            t_fwd = best_time(lambda x=x: model(x), reps, warmup=0 if T > 2048 else 1)
+            t_enc = best_time(lambda x=x: model.encode(x), reps, warmup=0)
+            row = {"arch": arch, "what": f"prefill {T}", "ours_tok_s": T / t_fwd, "ours_encode_tok_s": T / t_enc}
+            row["mfu"] = flops_tok * T / t_fwd / (rates["matmul_gflops"] * 1e9)
+            if hf is not None and args.hf_max_len >= T:
+                t_hf = best_time(lambda x=x: hf(x, use_cache=False), reps, warmup=0 if T > 512 else 1)
+                row["hf_tok_s"] = T / t_hf
+                row["ratio"] = t_hf / t_fwd
+            rows.append(row)
+            progress(f"{arch} prefill {T}: {row['ours_tok_s']:.0f} tok/s (hf {row.get('hf_tok_s', float('nan')):.0f})")
+            gc.collect()
+        prompt = torch.randint(0, 50000, (1, 8), generator=g)
+        steps = args.decode_steps
+        t_ours = decode_time(*ours_fns(model, prompt), steps, args.repeats)
+        floor = weight_bytes(model) / (rates["copy_gbs"] * 1e9)
+        row = {"arch": arch, "what": "decode ms/token", "ours_ms": t_ours * 1e3, "floor_ms": floor * 1e3}
+        if hf is not None:
+            t_hf = decode_time(*hf_fns(hf, prompt), steps, args.repeats)
+            row["hf_ms"] = t_hf * 1e3
+            row["ratio"] = t_hf / t_ours
+        rows.append(row)
+        progress(f"{arch} decode: {row['ours_ms']:.1f} ms/token (hf {row.get('hf_ms', float('nan')):.1f})")
+
+        # time to first token after a prefix: stored state vs re-reading the prefix
+        P = args.ttft_prefix
+        prefix = torch.randint(0, 50000, (1, P), generator=g)
+        nxt = torch.randint(0, 50000, (1, 1), generator=g)
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "prefix.safetensors"
+            save_state_file(model.encode(prefix), path)
+
+            def from_disk() -> None:
+                model(nxt, load_state_file(path, model))
+
+            t_disk = best_time(from_disk, args.repeats)
+        t_reread = best_time(lambda: model(torch.cat([prefix, nxt], 1)), 1, warmup=0)
+        rows.append(
+            {
+                "arch": arch,
+                "what": f"first token after {P}",
+                "disk_ms": t_disk * 1e3,
+                "reread_ms": t_reread * 1e3,
+                "vs_decode": t_disk / t_ours,
+            }
+        )
+        progress(f"{arch} TTFT: state from disk {t_disk * 1e3:.1f} ms vs re-read {t_reread * 1e3:.0f} ms")
+    return rows
+
+
+# ---- report -----------------------------------------------------------------------------------------------------
+def fmt(v, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def table(rows: list[dict]) -> str:
+    out = [
+        "| arch | measure | statelab | transformers | ratio (speed-up) | notes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["what"].startswith("prefill"):
+            note = f"encode (no head) {r['ours_encode_tok_s']:.0f} tok/s; MFU {100 * r['mfu']:.0f}%"
+            out.append(
+                f"| {r['arch']} | {r['what']} tok/s | {r['ours_tok_s']:.0f} | {fmt(r.get('hf_tok_s'), '.0f')} | "
+                f"{fmt(r.get('ratio'), '.2f')} | {note} |"
+            )
+        elif r["what"].startswith("decode"):
+            note = f"bandwidth floor {r['floor_ms']:.1f} ms ({r['ours_ms'] / r['floor_ms']:.2f}x floor)"
+            out.append(
+                f"| {r['arch']} | {r['what']} | {r['ours_ms']:.1f} | {fmt(r.get('hf_ms'), '.1f')} | "
+                f"{fmt(r.get('ratio'), '.2f')} | {note} |"
+            )
+        else:
+            out.append(
+                f"| {r['arch']} | {r['what']} ms | {r['disk_ms']:.1f} (state from disk) | "
+                f"{r['reread_ms']:.0f} (re-read prefix, statelab) | {r['reread_ms'] / r['disk_ms']:.0f} | "
+                f"{r['vs_decode']:.2f}x one decode step |"
+            )
+    return "\n".join(out)
+
+
+def write_results(text: str) -> None:
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    block = f"{SECTION}\n\n{text.strip()}\n\n"
+    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
+    RESULTS.write_text(new)
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pre = [r for r in rows if r["what"].startswith("prefill") and "hf_tok_s" in r]
+    dec = [r for r in rows if r["what"].startswith("decode") and "hf_ms" in r]
+    if not pre and not dec:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    labels = [f"{r['arch']}\n{r['what'].split()[1]}" for r in pre]
+    xs = range(len(pre))
+    axes[0].bar([x - 0.2 for x in xs], [r["hf_tok_s"] for r in pre], 0.4, label="transformers")
+    axes[0].bar([x + 0.2 for x in xs], [r["ours_tok_s"] for r in pre], 0.4, label="statelab")
+    axes[0].set_xticks(list(xs), labels)
+    axes[0].set_ylabel("prefill tokens/s")
+    axes[0].legend()
+    xs = range(len(dec))
+    axes[1].bar([x - 0.2 for x in xs], [r["hf_ms"] for r in dec], 0.4, label="transformers")
+    axes[1].bar([x + 0.2 for x in xs], [r["ours_ms"] for r in dec], 0.4, label="statelab")
+    axes[1].plot(list(xs), [r["floor_ms"] for r in dec], "k_", markersize=30, label="bandwidth floor")
+    axes[1].set_xticks(list(xs), [r["arch"] for r in dec])
+    axes[1].set_ylabel("decode ms/token")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=100)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="mamba1,mamba2", help="comma-separated: mamba1,mamba2")
+    p.add_argument("--lengths", default="512,2048,8192", help="prefill lengths")
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--ttft-prefix", type=int, default=2048)
+    p.add_argument("--hf-max-len", type=int, default=2048, help="longest prefill also run through transformers")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers (statelab only)")
+    p.add_argument("--quick", action="store_true", help="4 layers, 512 tokens, short decode: a smoke run")
+    p.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
+    args = p.parse_args()
+    if args.quick:
+        args.layers, args.lengths, args.decode_steps, args.ttft_prefix, args.repeats = 4, "512", 4, 512, 1
+    args.lengths = [int(x) for x in args.lengths.split(",")]
+    torch.set_num_threads(args.threads)
+    from rich.console import Console
+
+    console = Console()
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    if "mamba2" in archs:
+        try:
+            import statelab.models.mamba2  # noqa: F401
+        except ImportError:
+            console.print("[yellow]statelab.models.mamba2 not importable: skipping mamba2[/]")
+            archs.remove("mamba2")
+    rates = machine_rates(args.quick)
+    console.print(f"matmul {rates['matmul_gflops']:.0f} GFLOP/s, copy {rates['copy_gbs']:.1f} GB/s")
+    rows: list[dict] = []
+    with console.status("benchmarking") as status:
+        for arch in archs:
+            rows += bench_arch(arch, args, rates, lambda msg: (status.update(msg), console.print(msg)))
+    text = table(rows)
+    load = " / ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
+    header = (
+        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()} {platform.processor() or ''}, "
+        f"torch {torch.__version__}, {args.threads} threads, fp32, random 130m-sized weights "
+        f"({args.layers} layers{', quick run' if args.quick else ''}). Machine: matmul "
+        f"{rates['matmul_gflops']:.0f} GFLOP/s, copy {rates['copy_gbs']:.1f} GB/s (read + write). Load average at "
+        f"the end {load}: the cores were shared with other jobs, so absolute figures are noisy; the ratios compare "
+        "runs made back to back in the same process."
+    )
+    console.print(text)
+    if not args.no_write:
+        write_results(header + "\n\n" + text + "\n\n![models](models.png)\n\n" + "```json\n" + json.dumps(
+            rows, indent=1, default=float) + "\n```")  # fmt: skip
+        plot(rows)
+        console.print(f"wrote {RESULTS} and {PLOT}")
+
+
+if __name__ == "__main__":
+    main()
