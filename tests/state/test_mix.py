@@ -16,7 +16,7 @@ from statelab.testing import assert_close
 
 FP = "a" * 64
 ORDER_FREE = ("mean", "weighted", "norm_matched")
-ORDERED = ("adecay", "picaso_r", "picaso_s")
+ORDERED = ("adecay", "hybrid", "picaso_r", "picaso_s")
 
 
 def make_state(arch="mamba1", L=3, B=2, D=4, N=3, H=2, P=2, K=4, seed=0, n=5, fp=FP, dtype=torch.float32):
@@ -43,7 +43,7 @@ def make_A(arch="mamba1", L=3, D=4, N=3, H=2, seed=1):
 
 def options_for(method, states, arch):
     """Minimal options that make ``method`` runnable on ``states``."""
-    if method in ("adecay", "append", "picaso_r", "picaso_s"):
+    if method in ("adecay", "append", "hybrid", "picaso_r", "picaso_s"):
         return {"A": make_A(arch)}
     if method == "task_arithmetic":
         return {"base": make_state(arch, seed=99, B=states[0].batch_size, dtype=states[0].dtype)}
@@ -400,3 +400,20 @@ def test_append_is_one_fold_step():
     assert torch.equal(out.conv, new.conv)
     assert out.n_tokens == 36
     assert_close("ΣΔ", skill.sum_delta + new.sum_delta, out.sum_delta)
+
+
+def test_hybrid_takes_adecay_on_slow_entries_and_the_mean_on_fast_ones():
+    states = [make_state(seed=i) for i in range(3)]
+    A = make_A()
+    ad, mean = mix(states, "adecay", A=A), mix(states, "mean")
+    assert_close("cutoff inf", ad.ssm, mix(states, "hybrid", A=A, cutoff=math.inf).ssm)
+    assert_close("cutoff 0", mean.ssm, mix(states, "hybrid", A=A, cutoff=0.0).ssm)
+    r = sum(decay_log(s, A).abs() for s in states) / 3
+    cut = float(r.median())
+    out = mix(states, "hybrid", A=A, cutoff=cut)
+    assert_close("slow", ad.ssm[r < cut], out.ssm[r < cut])
+    assert_close("fast", mean.ssm[r >= cut], out.ssm[r >= cut])
+    assert 0 < int((r < cut).sum()) < r.numel()
+    assert torch.equal(out.conv, states[-1].conv) and out.n_tokens == 15
+    with pytest.raises(ConfigError, match="cutoff must be"):
+        mix(states, "hybrid", A=A, cutoff=-1.0)

@@ -155,3 +155,10 @@ def test_a_state_of_another_model_is_refused(model_dir, tmp_path):
 def test_help_has_an_example(cmd):
     r = ok(cmd, "--help")
     assert "Example: statelab " + cmd in r.output
+
+
+def test_mix_help_names_every_method():
+    from statelab.state.mix import MIX_METHODS
+
+    text = " ".join(ok("mix", "--help").output.split())
+    assert all(name in text for name in MIX_METHODS), text

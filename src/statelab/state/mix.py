@@ -13,6 +13,7 @@ to the states and the weights, and returns a state with the inputs' dtype and la
 | ``norm_matched``  | mean, then each layer rescaled to the members' typical norm               | statelab (§5.4.4)    |
 | ``adecay``        | ``Σ_k (Π_{j>k} Λ_j) ⊙ h_k``, ``Λ_j = exp(A ⊙ ΣΔ_j)``                      | State Soup §2.4/2.7  |
 | ``append``        | one fold step ``h ← Λ(new) ⊙ h + h(new)`` onto a stored skill             | State Soup §2.4      |
+| ``hybrid``        | ``adecay`` on slow entries (small ``|A| ΣΔ``), ``mean`` on fast ones      | statelab (§5.4.3)    |
 | ``picaso_r``      | ``adecay`` averaged over the n cyclic orders                              | PICASO 2502.17605    |
 | ``picaso_s``      | ``adecay`` averaged over all n! orders (dynamic programming)              | PICASO 2502.17605    |
 | ``task_arithmetic`` | ``base + Σ_i λ_i (s_i − base)``                                         | Ilharco 2212.04089   |
@@ -28,7 +29,7 @@ takes ``conv=`` from :data:`CONV_POLICIES`: ``"mean"`` (average with the mixing 
 
 **ΣΔ and n_tokens of a mix.** Order-free averages carry the proportion-weighted mean of ΣΔ and of the token
 counts (a mixed state is not "after" any real sequence; the numbers describe a typical member). ``sum``,
-``adecay``, ``append`` and the PICASO averages add them up, as concatenation would. ``task_arithmetic`` and
+``adecay``, ``append``, ``hybrid`` and the PICASO averages add them up, as concatenation would. ``task_arithmetic`` and
 ``layers`` keep the base's token count. A state whose ΣΔ is NaN (unknown, e.g. imported from a transformers
 cache) can be mixed by order-free methods (the result's ΣΔ is then unknown too) but not composed in order.
 """
@@ -392,6 +393,28 @@ def append(states: Sequence[State], weights: torch.Tensor | None, *, A: torch.Te
     for s in states[1:]:
         h = torch.exp(decay_log(s, A)) * h + s.ssm.float()
     return _ordered(states, h, conv)
+
+
+@register("hybrid")
+def hybrid(
+    states: Sequence[State], weights: torch.Tensor | None, *, A: torch.Tensor, cutoff: float = 1.0, conv: str = "last"
+) -> State:
+    """A-decay on slow state entries, the mean on fast ones: ``s = where(r < cutoff, adecay, mean)``.
+
+    ``r = (1/n) Σ_k |A ⊙ ΣΔ_k|`` is the mean log-decay per chunk of each (layer, channel, state index) entry
+    (per head for Mamba-2): a slow entry (``r`` small) still remembers earlier chunks, which only the ordered
+    composition accounts for; a fast one forgets within a chunk, where A-decay keeps the last chunk alone and
+    the mean pools all chunks instead. ``cutoff = inf`` gives ``adecay``, ``cutoff = 0`` the mean. State Soup
+    spec §5.4.3 (a statelab experiment, not from a paper). Conv from the last chunk; ΣΔ and tokens add up.
+    """
+    if weights is not None:
+        raise ConfigError("hybrid takes no weights")
+    if not isinstance(cutoff, int | float) or math.isnan(cutoff) or cutoff < 0:
+        raise ConfigError(f"hybrid: cutoff must be a number >= 0, got {cutoff!r}")
+    n = len(states)
+    r = sum(decay_log(s, A).abs() for s in states) / n
+    avg = sum(s.ssm.float() for s in states) / n
+    return _ordered(states, torch.where(r < cutoff, _fold(states, A), avg), conv)
 
 
 @register("picaso_r")

@@ -162,12 +162,13 @@ def mix_command(
     k: Annotated[int | None, typer.Option("-k", help="Keep the k best hits (softmax_topk).")] = None,
     threshold: Annotated[float | None, typer.Option(help="Drop hits below this score (softmax_topk).")] = None,
     typical: Annotated[str | None, typer.Option(help="norm_matched target: mean or max of member norms.")] = None,
+    cutoff: Annotated[float | None, typer.Option(help="hybrid: mean log-decay per chunk below which adecay.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Mix state files into one with a registered method and save it.
 
-    Methods: adecay, append, layers, mean, norm_matched, picaso_r, picaso_s, softmax_topk, sum, task_arithmetic,
-    weighted. Ordered methods (adecay, append, picaso_*) need --model for the decay A.
+    Methods: adecay, append, hybrid, layers, mean, norm_matched, picaso_r, picaso_s, softmax_topk, sum,
+    task_arithmetic, weighted. Ordered methods (adecay, append, hybrid, picaso_*) need --model for the decay A.
 
     Example: statelab mix a.safetensors b.safetensors --method weighted --weights 0.7,0.3 -o soup.safetensors
     """
@@ -195,6 +196,7 @@ def mix_command(
         "k": k,
         "threshold": threshold,
         "typical": typical,
+        "cutoff": cutoff,
     }
     accepted = set(inspect.signature(fn).parameters)
     options = {key: v for key, v in given.items() if v is not None}
