@@ -1,3 +1,48 @@
-"""Task generators: pure functions of (config, seed)."""
+"""Task generators: pure functions of (config, seed).
 
-__all__: list[str] = []
+- :mod:`statelab.tasks.base`: the :class:`Task` API (pools, disjoint train/test split, prompts, k-shot episodes).
+- :mod:`statelab.tasks.words`: :data:`TASKS`, the word-function tasks (function-vector style).
+- :mod:`statelab.tasks.synthetic`: token-level MQAR, phonebook lookup, copying and selective copying.
+
+Worked example::
+
+    >>> from statelab.tasks import TASKS, EpisodeConfig, make_episode
+    >>> TASKS["country_capital"]("France")
+    'Paris'
+    >>> make_episode(EpisodeConfig(task="uppercase", k=1), seed=0).prompt.count("\\nA: ")
+    2
+"""
+
+from statelab.tasks.base import (
+    DEFAULT_TEMPLATE,
+    SPLITS,
+    Episode,
+    EpisodeConfig,
+    Split,
+    Task,
+    build_prompt,
+    check_template,
+    format_example,
+    format_query,
+    make_episode,
+    split_of,
+)
+from statelab.tasks.words import TASKS, WORD_TASKS, number_to_words
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "SPLITS",
+    "Episode",
+    "EpisodeConfig",
+    "Split",
+    "Task",
+    "TASKS",
+    "WORD_TASKS",
+    "build_prompt",
+    "check_template",
+    "format_example",
+    "format_query",
+    "make_episode",
+    "number_to_words",
+    "split_of",
+]
