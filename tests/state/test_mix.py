@@ -417,3 +417,22 @@ def test_hybrid_takes_adecay_on_slow_entries_and_the_mean_on_fast_ones():
     assert torch.equal(out.conv, states[-1].conv) and out.n_tokens == 15
     with pytest.raises(ConfigError, match="cutoff must be"):
         mix(states, "hybrid", A=A, cutoff=-1.0)
+
+
+def test_soup_from_store_hits(tmp_path):
+    from statelab.state.mix import soup_from_hits
+    from statelab.state.store import StateStore
+
+    store = StateStore(tmp_path / "store")
+    library = [make_state(seed=i, B=1) for i in range(4)]
+    for i, s in enumerate(library):
+        store.add(s, name=f"skill-{i}", task=f"t{i % 2}")
+    query = library[2].replace(ssm=library[2].ssm + 0.01 * library[0].ssm)
+    hits = store.search(query, k=3, layers=[0, 1, 2])
+    assert hits[0].name == "skill-2"
+    out = soup_from_hits(store, hits, temperature=0.05)
+    w = torch.softmax(torch.tensor([h.score for h in hits]) / 0.05, 0)
+    ref = sum(wi * library[int(h.name.split("-")[1])].ssm for wi, h in zip(w, hits, strict=True))
+    assert_close("soup", ref, out.ssm)
+    with pytest.raises(ConfigError, match="no match"):
+        soup_from_hits(store, [])

@@ -46,7 +46,7 @@ import torch
 from statelab.errors import ConfigError, StateMismatchError
 from statelab.state.core import State
 
-__all__ = ["mix", "register", "MIX_METHODS", "CONV_POLICIES", "MixFn", "decay_log", "method_help"]
+__all__ = ["mix", "register", "MIX_METHODS", "CONV_POLICIES", "MixFn", "decay_log", "method_help", "soup_from_hits"]
 
 MixFn = Callable[..., State]
 
@@ -573,3 +573,33 @@ def softmax_topk(
     picked = [states[i] for i in idx]
     w = torch.softmax(sim[idx] / temperature, dim=0)[:, None].expand(len(idx), first.batch_size)
     return _averaged(picked, w, _lincomb([s.ssm for s in picked], w), conv)
+
+
+def soup_from_hits(
+    store: Any,
+    hits: Sequence[Any],
+    *,
+    model: Any = None,
+    temperature: float = 0.1,
+    k: int | None = None,
+    threshold: float | None = None,
+    conv: str = "mean",
+) -> State:
+    """The ``softmax_topk`` soup of retrieval hits: ``store.search(query, ...)`` -> one state.
+
+    Args:
+        store: a ``StateStore`` (anything with ``get(id, model)``).
+        hits: its search results (each with ``id`` and ``score``), best first.
+        model: optional model the stored states must come from (checked by the store).
+        temperature, k, threshold, conv: as in :func:`softmax_topk`.
+
+    Raises:
+        ConfigError: no hits ("no match"), or none reaches ``threshold``.
+    """
+    if not hits:
+        raise ConfigError("no retrieval hits to mix (the search found no match)")
+    states = [store.get(h.id, model) for h in hits]
+    return mix(
+        states, "softmax_topk", scores=[float(h.score) for h in hits], temperature=temperature, k=k,
+        threshold=threshold, conv=conv,
+    )  # fmt: skip
