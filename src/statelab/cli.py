@@ -34,6 +34,10 @@ app.command("mix")(mix_command)
 app.command("generate")(generate_command)
 app.command("score")(score_command)
 
+from statelab.experiments.gdssm_cli import app as gdssm_app  # noqa: E402
+
+app.add_typer(gdssm_app, name="gdssm")
+
 
 def main() -> None:
     app()

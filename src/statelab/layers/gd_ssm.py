@@ -113,9 +113,9 @@ def scan_chunked(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked form of :func:`scan_naive` (same arguments and results).
 
-    Within a chunk of Q windows starting from state ``S``: ``S_t = Λ̄^{t+1} ⊙ S + Σ_{j≤t} Λ̄^{t-j} ⊙ a_j``, so
-    ``h_t = (Λ̄^{t+1} ⊙ S) g_t + Σ_{j≤t} (Λ̄^{t-j} ⊙ a_j) g_t``: two contractions with tables of decay powers
-    computed as ``exp(n · log Λ̄)``; the state after the chunk is the last row of the same sum.
+    Within a chunk of Q windows starting from state ``S``: ``S_t = Λ̄^{t+1} ⊙ S + Σ_{j≤t} Λ̄^{t-j} ⊙ a_j``, one
+    contraction of the inputs with a ``[Q, Q, P, d]`` table of decay powers ``exp((t − j) · log Λ̄)`` (no Python
+    loop inside the chunk), then ``h_t = S_t g_t``; the state after the chunk is the last ``S_t``.
     """
     _check_scan(a, g, log_decay, initial_state)
     if chunk_size < 1:
@@ -136,10 +136,10 @@ def scan_chunked(
         ac = a[:, start : start + q].to(acc)
         gc = g[:, start : start + q].to(acc)
         n = ac.shape[1]
-        table = intra[:n, :n]
-        h = torch.einsum("tjpd,bjpd,btd->btp", table, ac, gc) + torch.einsum("tpd,bpd,btd->btp", carry[:n], s, gc)
-        s = carry[n - 1] * s + torch.einsum("jpd,bjpd->bpd", table[n - 1], ac)
-        hs.append(h)
+        # every state of the chunk: [B, n, P, d] (as small as the input a), then the gated readout
+        states = torch.einsum("tjpd,bjpd->btpd", intra[:n, :n], ac) + carry[:n] * s[:, None]
+        hs.append(torch.einsum("btpd,btd->btp", states, gc))
+        s = states[:, -1]
     h = torch.cat(hs, dim=1) if hs else a.new_zeros(B, 0, P, dtype=acc)
     return h.to(a.dtype), (s.to(a.dtype) if output_final_state else None)
 
@@ -212,6 +212,7 @@ class GDSSMConfig:
         d: token width (= state columns). state_rows: P, rows of each layer's state (default d).
         num_layers: L. decay: ``"real"`` or ``"negative"`` parametrisation of Λ (module docstring).
         chunk_size: windows per chunk of the fast path.
+        init_scale: factor on the initial standard deviations of W_q and C (1 = the public code's).
     """
 
     d: int = 10
@@ -219,6 +220,7 @@ class GDSSMConfig:
     num_layers: int = 1
     decay: Literal["real", "negative"] = "real"
     chunk_size: int = 16
+    init_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("d", "num_layers", "chunk_size"):
@@ -229,6 +231,8 @@ class GDSSMConfig:
             raise ConfigError(f"GDSSMConfig.state_rows must be a positive int or None, got {self.state_rows!r}")
         if self.decay not in ("real", "negative"):
             raise ConfigError(f"GDSSMConfig.decay must be 'real' or 'negative', got {self.decay!r}")
+        if not isinstance(self.init_scale, int | float) or self.init_scale < 0:
+            raise ConfigError(f"GDSSMConfig.init_scale must be a number >= 0, got {self.init_scale!r}")
 
     @property
     def p(self) -> int:
@@ -239,17 +243,19 @@ class GDSSMLayer(nn.Module):
     """One GD-SSM layer: bilinear window input, diagonal recurrence, gated readout (module docstring).
 
     Parameters: ``w_q [3, 3]``, ``lam [P, d]`` (Λ, or Λ_log for ``decay="negative"``), ``log_step [d]``,
-    ``C [d, P]``, ``D [3]``; 222 numbers for d = P = 10.
+    ``C [d, P]``, ``D [3]``; 222 numbers for d = P = 10. Initialisation as the public code (W_q ~ N(0, 0.1²),
+    Λ = −0.5, log Δ ~ U(log 1e−3, log 1e−1), D ~ N(0, 1)) with C LeCun-normal; ``init_scale`` multiplies the
+    standard deviations of W_q and C.
     """
 
-    def __init__(self, d: int, p: int, decay: str = "real") -> None:
+    def __init__(self, d: int, p: int, decay: str = "real", init_scale: float = 1.0) -> None:
         super().__init__()
         self.d, self.p, self.decay = d, p, decay
-        self.w_q = nn.Parameter(torch.randn(3, 3) * 0.1)
+        self.w_q = nn.Parameter(torch.randn(3, 3) * 0.1 * init_scale)
         lam0 = -0.5 if decay == "real" else math.log(0.5)
         self.lam = nn.Parameter(torch.full((p, d), lam0))
         self.log_step = nn.Parameter(torch.empty(d).uniform_(math.log(1e-3), math.log(1e-1)))
-        self.C = nn.Parameter(torch.randn(d, p) / math.sqrt(p))
+        self.C = nn.Parameter(torch.randn(d, p) * init_scale / math.sqrt(p))
         self.D = nn.Parameter(torch.randn(3))
 
     def log_decay(self) -> torch.Tensor:
@@ -303,7 +309,12 @@ class GDSSM(nn.Module):
     def __init__(self, config: GDSSMConfig) -> None:
         super().__init__()
         self.config = config
-        self.layers = nn.ModuleList(GDSSMLayer(config.d, config.p, config.decay) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            GDSSMLayer(config.d, config.p, config.decay, config.init_scale) for _ in range(config.num_layers)
+        )
+        # the scan used when forward gets no backend: "chunk" (parallel within chunks) or "naive" (the loop,
+        # faster for a handful of windows)
+        self.backend: Backend = "chunk"
 
     def zero_state(self, batch_size: int, dtype: torch.dtype = torch.float32) -> GDSSMState:
         c = self.config
@@ -324,8 +335,9 @@ class GDSSM(nn.Module):
             )
 
     def forward(
-        self, tokens: torch.Tensor, state: GDSSMState | None = None, backend: Backend = "chunk"
+        self, tokens: torch.Tensor, state: GDSSMState | None = None, backend: Backend | None = None
     ) -> tuple[torch.Tensor, GDSSMState]:
+        backend = self.backend if backend is None else backend
         if tokens.dim() != 3 or tokens.shape[2] != self.config.d:
             raise ConfigError(f"tokens must be [B, T, {self.config.d}], got {tuple(tokens.shape)}")
         if state is None:
@@ -483,7 +495,7 @@ class NonlinearGDSSM(nn.Module):
         return self.core.zero_state(batch_size, dtype)
 
     def forward(
-        self, tokens: torch.Tensor, state: GDSSMState | None = None, backend: Backend = "chunk"
+        self, tokens: torch.Tensor, state: GDSSMState | None = None, backend: Backend | None = None
     ) -> tuple[torch.Tensor, GDSSMState]:
         if tokens.dim() != 3 or tokens.shape[2] != self.config.d_in:
             raise ConfigError(f"tokens must be [B, T, {self.config.d_in}], got {tuple(tokens.shape)}")
