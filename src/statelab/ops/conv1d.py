@@ -115,7 +115,7 @@ def causal_conv1d_naive(
     B, T, C = x.shape
     K = weight.shape[1]
     w = weight.float()
-    window = torch.zeros(B, C, K - 1) if initial_state is None else initial_state.float()
+    window = x.new_zeros(B, C, K - 1, dtype=torch.float32) if initial_state is None else initial_state.float()
     ys = []
     for t in range(T):
         full = torch.cat([window, x[:, t, :, None].float()], dim=2)  # [B, C, K], oldest first
