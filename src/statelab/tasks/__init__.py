@@ -3,6 +3,7 @@
 - :mod:`statelab.tasks.base`: the :class:`Task` API (pools, disjoint train/test split, prompts, k-shot episodes).
 - :mod:`statelab.tasks.words`: :data:`TASKS`, the word-function tasks (function-vector style).
 - :mod:`statelab.tasks.synthetic`: token-level MQAR, phonebook lookup, copying and selective copying.
+- :mod:`statelab.tasks.regression`: in-context linear (and sine) regression.
 
 Worked example::
 
@@ -27,11 +28,34 @@ from statelab.tasks.base import (
     make_episode,
     split_of,
 )
+from statelab.tasks.regression import RegressionConfig, make_regression_batch
+from statelab.tasks.synthetic import (
+    IGNORE_INDEX,
+    SYNTHETIC_TASKS,
+    CopyingConfig,
+    MQARConfig,
+    PhonebookConfig,
+    SelectiveCopyingConfig,
+    SyntheticBatch,
+    make_copying,
+    make_mqar,
+    make_phonebook,
+    make_selective_copying,
+    render_phonebook,
+)
 from statelab.tasks.words import TASKS, WORD_TASKS, number_to_words
 
 __all__ = [
     "DEFAULT_TEMPLATE",
+    "IGNORE_INDEX",
     "SPLITS",
+    "SYNTHETIC_TASKS",
+    "CopyingConfig",
+    "MQARConfig",
+    "PhonebookConfig",
+    "RegressionConfig",
+    "SelectiveCopyingConfig",
+    "SyntheticBatch",
     "Episode",
     "EpisodeConfig",
     "Split",
@@ -42,7 +66,13 @@ __all__ = [
     "check_template",
     "format_example",
     "format_query",
+    "make_copying",
     "make_episode",
+    "make_mqar",
+    "make_phonebook",
+    "make_regression_batch",
+    "make_selective_copying",
     "number_to_words",
+    "render_phonebook",
     "split_of",
 ]

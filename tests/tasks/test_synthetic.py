@@ -1,0 +1,135 @@
+"""Synthetic token tasks: determinism, disjoint streams, labels pointing at the right tokens."""
+
+import doctest
+
+import pytest
+import torch
+
+import statelab.tasks.synthetic as syn
+from statelab.errors import ConfigError
+from statelab.tasks.synthetic import (
+    IGNORE_INDEX,
+    SYNTHETIC_TASKS,
+    CopyingConfig,
+    MQARConfig,
+    PhonebookConfig,
+    SelectiveCopyingConfig,
+    make_copying,
+    make_mqar,
+    make_phonebook,
+    make_selective_copying,
+    render_phonebook,
+)
+
+SMALL = {
+    "mqar": MQARConfig(vocab_size=64, seq_len=63, num_kv_pairs=8),
+    "phonebook": PhonebookConfig(n_entries=5, n_queries=3, n_digits=4),
+    "copying": CopyingConfig(n_tokens=7, vocab_size=12),
+    "selective_copying": SelectiveCopyingConfig(n_tokens=5, region_len=17, vocab_size=12),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SYNTHETIC_TASKS))
+def test_deterministic_and_split_streams_differ(name):
+    cfg_cls, make = SYNTHETIC_TASKS[name]
+    cfg = SMALL[name]
+    assert isinstance(cfg, cfg_cls)
+    a, b = make(cfg, 3, 4), make(cfg, 3, 4)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.input_ids, make(cfg, 4, 4).input_ids)
+    assert not torch.equal(a.input_ids, make(cfg, 3, 4, split="test").input_ids)
+    assert a.input_ids.dtype == a.labels.dtype == torch.long
+    seq_len = cfg.seq_len
+    assert a.input_ids.shape == a.labels.shape == (4, seq_len)
+    # a label is always the next input token where both exist
+    mask = a.labels[:, :-1] != IGNORE_INDEX
+    assert torch.equal(a.labels[:, :-1][mask], a.input_ids[:, 1:][mask])
+    assert (a.labels != IGNORE_INDEX).any()
+    assert int(a.input_ids.max()) < getattr(cfg, "vocab_size", 10**9)
+
+
+def test_global_rng_untouched():
+    torch.manual_seed(0)
+    before = torch.rand(3)
+    torch.manual_seed(0)
+    make_mqar(SMALL["mqar"], 0, 2)
+    assert torch.equal(torch.rand(3), before)
+
+
+def test_mqar_labels_point_at_values():
+    cfg = SMALL["mqar"]
+    b = make_mqar(cfg, seed=5, batch_size=16)
+    n = cfg.num_kv_pairs
+    for ids, lab in zip(b.input_ids.tolist(), b.labels.tolist(), strict=True):
+        keys, values = ids[0 : 2 * n : 2], ids[1 : 2 * n : 2]
+        assert len(set(keys)) == n and all(1 <= k < 32 for k in keys) and all(32 <= v < 64 for v in values)
+        kv = dict(zip(keys, values, strict=True))
+        scored = [t for t in range(len(lab)) if lab[t] != IGNORE_INDEX]
+        assert len(scored) == n and all(t >= 2 * n for t in scored)
+        assert sorted(ids[t] for t in scored) == sorted(keys)  # every key queried once
+        assert all(lab[t] == kv[ids[t]] for t in scored)
+        assert all(ids[t] == 0 for t in range(2 * n, len(ids)) if t not in scored and t - 1 not in scored)
+
+
+def test_mqar_random_filler_and_power_law():
+    b = make_mqar(MQARConfig(vocab_size=64, seq_len=63, num_kv_pairs=8, filler="random"), seed=0, batch_size=4)
+    assert (b.input_ids[:, 16:] != 0).float().mean() > 0.8
+    # small a puts most queries near the context
+    cfg = MQARConfig(vocab_size=512, seq_len=511, num_kv_pairs=4, power_a=0.01)
+    lab = make_mqar(cfg, seed=0, batch_size=64).labels
+    pos = (lab != IGNORE_INDEX).nonzero()[:, 1].float()
+    assert pos.median() < 8 + (511 - 8) / 4
+
+
+def test_phonebook_answers_are_the_book_numbers():
+    cfg = SMALL["phonebook"]
+    b = make_phonebook(cfg, seed=2, batch_size=8)
+    for ids, lab in zip(b.input_ids, b.labels, strict=True):
+        text = render_phonebook(cfg, ids)
+        lines = text.split("\n")
+        book = dict(line.split(": ") for line in lines[: cfg.n_entries])
+        assert len(book) == cfg.n_entries
+        queries = lines[cfg.n_entries :]
+        answered = [int(t) - 4 for t in lab.tolist() if t != IGNORE_INDEX and 4 <= t < 14]
+        expected = []
+        for q in queries:
+            name, number = q[2:].split(": ") if ": " in q else (q[2:].rstrip(":"), None)
+            assert q.startswith("? ") and name in book
+            if number is not None:
+                assert number == book[name]
+            expected += [int(c) for c in book[name]]
+        assert answered == expected
+
+
+def test_copying_and_selective_copying():
+    cfg = SMALL["copying"]
+    b = make_copying(cfg, seed=0, batch_size=3)
+    n = cfg.n_tokens
+    assert torch.equal(b.labels[:, n:], b.input_ids[:, :n])
+    assert (b.labels[:, :n] == IGNORE_INDEX).all() and (b.input_ids[:, n] == 1).all()
+    scfg = SMALL["selective_copying"]
+    s = make_selective_copying(scfg, seed=0, batch_size=3)
+    region = s.input_ids[:, : scfg.region_len]
+    for row, lab in zip(region.tolist(), s.labels.tolist(), strict=True):
+        assert [t for t in row if t != 0] == lab[scfg.region_len :]
+        assert all(t == IGNORE_INDEX for t in lab[: scfg.region_len])
+
+
+def test_bad_configs():
+    with pytest.raises(ConfigError, match="too short"):
+        MQARConfig(seq_len=16, num_kv_pairs=8)
+    with pytest.raises(ConfigError, match="keys"):
+        MQARConfig(vocab_size=8, num_kv_pairs=8, seq_len=64)
+    with pytest.raises(ConfigError):
+        PhonebookConfig(n_entries=2, n_queries=3)
+    with pytest.raises(ConfigError):
+        CopyingConfig(n_tokens=0)
+    with pytest.raises(ConfigError, match="split"):
+        make_copying(CopyingConfig(), seed=0, batch_size=1, split="val")
+    with pytest.raises(ConfigError, match="batch_size"):
+        make_copying(CopyingConfig(), seed=0, batch_size=0)
+
+
+def test_docstring_examples():
+    result = doctest.testmod(syn)
+    assert result.failed == 0 and result.attempted > 0
