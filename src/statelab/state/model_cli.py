@@ -151,7 +151,7 @@ def mix_command(
     method: Annotated[str, typer.Option("--method", "-m", help="Mixing method (see `statelab mix --help`).")] = "mean",
     weights: Annotated[str | None, typer.Option(help="Comma-separated weights, one per state.")] = None,
     model: Annotated[
-        str | None, typer.Option("--model", help="Model of the states: checks them; gives A for adecay/append/picaso.")
+        str | None, typer.Option("--model", help="Model of the states: checks them; gives A to the ordered methods.")
     ] = None,
     conv: Annotated[str | None, typer.Option(help="Conv-state policy: mean, first, last, base or zero.")] = None,
     base: Annotated[Path | None, typer.Option(help="Base state file (task_arithmetic, layers).")] = None,
