@@ -5,12 +5,14 @@ import pytest
 from statelab.errors import ConfigError
 from statelab.tasks import (
     DEFAULT_TEMPLATE,
+    DocumentConfig,
     EpisodeConfig,
     Task,
     build_prompt,
     check_template,
     format_example,
     format_query,
+    make_document,
     make_episode,
     split_of,
 )
@@ -90,3 +92,59 @@ def test_episode():
         EpisodeConfig(task="toy", k=-1)
     with pytest.raises(ConfigError):
         EpisodeConfig(task="toy", split="dev")
+
+
+def test_split_shuffles_pool_by_seed():
+    t = _toy()
+    assert sorted(t.split("train", seed=0)) == sorted(t.pool("train"))
+    assert t.split("train", seed=0) == t.split("train", seed=0)
+    assert t.split("train", seed=0) != t.split("train", seed=1)
+
+
+def test_disjoint_sets():
+    t = _toy()
+    sets = t.disjoint_sets("train", 4, 20, seed=3)
+    assert [len(s) for s in sets] == [20] * 4
+    flat = [p for s in sets for p in s]
+    assert len(set(flat)) == 80 and all(p in t.pool("train") for p in flat)
+    assert sets == t.disjoint_sets("train", 4, 20, seed=3)
+    with pytest.raises(ConfigError, match="disjoint"):
+        t.disjoint_sets("test", 10, 20, seed=0)
+
+
+def test_where_keeps_keys():
+    t = _toy()
+    even = t.where(lambda x, y: int(x[1:]) % 2 == 0, name="toy_even")
+    assert even.name == "toy_even" and len(even.items) == 100
+    assert set(even.pool("test")) == {p for p in t.pool("test") if int(p[0][1:]) % 2 == 0}
+
+
+def test_episode_with_query_from_other_split():
+    toy = _toy()
+    ep = make_episode(EpisodeConfig(task="toy", k=5, split="train", query_split="test"), seed=0, tasks={"toy": toy})
+    assert all(p in toy.pool("train") for p in ep.examples)
+    assert (ep.query, ep.answer) in toy.pool("test")
+    with pytest.raises(ConfigError):
+        EpisodeConfig(task="toy", query_split="dev")
+
+
+def test_document_spans_and_determinism():
+    tasks = {
+        "toy": _toy(),
+        "uni": Task("uni", "", "computed", lambda: [(f"é{i}", f"ü{i}", f"u{i}") for i in range(50)]),
+    }
+    cfg = DocumentConfig(k_min=2, k_max=6)
+    for seed in range(20):
+        doc = make_document(cfg, seed, tasks=tasks)
+        assert doc == make_document(cfg, seed, tasks=tasks)
+        assert 2 <= len(doc.examples) <= 6 and doc.task in tasks
+        assert doc.text == build_prompt(doc.examples)
+        raw = doc.text.encode("utf-8")
+        for (s, e), (bs, be), (_, y) in zip(doc.answer_spans, doc.answer_byte_spans, doc.examples, strict=True):
+            assert doc.text[s:e] == y and raw[bs:be].decode("utf-8") == y
+        assert all(p in tasks[doc.task].pool("train") for p in doc.examples)
+    assert len({make_document(cfg, s, tasks=tasks).task for s in range(20)}) == 2
+    with pytest.raises(ConfigError, match="unknown"):
+        make_document(DocumentConfig(tasks=("nope",)), 0, tasks=tasks)
+    with pytest.raises(ConfigError):
+        DocumentConfig(k_min=3, k_max=2)

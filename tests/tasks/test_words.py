@@ -6,7 +6,16 @@ import pytest
 
 import statelab.tasks.base
 import statelab.tasks.words
-from statelab.tasks import TASKS, EpisodeConfig, make_episode, number_to_words, split_of
+from statelab.tasks import (
+    RELATED_TASKS,
+    TASKS,
+    EpisodeConfig,
+    get_word_task,
+    make_episode,
+    number_to_words,
+    split_of,
+    word_task_names,
+)
 
 KNOWN = {
     "uppercase": [("cat", "CAT")],
@@ -85,8 +94,11 @@ def test_string_tasks_are_their_function():
 
 
 def test_inverse_tasks_share_split():
-    for fwd, inv in [("country_capital", "capital_country"), ("singular_plural", "plural_singular"),
-                     ("present_past", "past_present")]:
+    for fwd, inv in [
+        ("country_capital", "capital_country"),
+        ("singular_plural", "plural_singular"),
+        ("present_past", "past_present"),
+    ]:
         for x, y in TASKS[inv].pool("test"):
             assert (y, x) in TASKS[fwd].pool("test")
     # the same word is held out from every string task
@@ -112,3 +124,21 @@ def test_docstring_examples():
     for mod in (statelab.tasks.base, statelab.tasks.words, statelab.tasks):
         result = doctest.testmod(mod)
         assert result.failed == 0 and result.attempted > 0
+
+
+def test_registry_helpers_and_groups():
+    assert word_task_names() == tuple(TASKS)
+    assert get_word_task("reverse") is TASKS["reverse"]
+    with pytest.raises(KeyError, match="known"):
+        get_word_task("nope")
+    assert {t.group for t in TASKS.values()} == {"string", "letter", "number", "inflection", "lexical", "country"}
+    assert TASKS["country_capital"].group == "country" and TASKS["next_letter"].group == "letter"
+    for a, b in RELATED_TASKS:
+        assert a in TASKS and b in TASKS
+
+
+def test_library_sets_fit_every_task():
+    # the State Soup library needs a few disjoint 32-shot sets of train items per task
+    for name, task in TASKS.items():
+        if task.group != "letter":
+            assert len(task.disjoint_sets("train", 4, 32, seed=0)) == 4, name

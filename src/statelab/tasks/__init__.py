@@ -17,6 +17,8 @@ Worked example::
 from statelab.tasks.base import (
     DEFAULT_TEMPLATE,
     SPLITS,
+    Document,
+    DocumentConfig,
     Episode,
     EpisodeConfig,
     Split,
@@ -25,6 +27,7 @@ from statelab.tasks.base import (
     check_template,
     format_example,
     format_query,
+    make_document,
     make_episode,
     split_of,
 )
@@ -43,7 +46,7 @@ from statelab.tasks.synthetic import (
     make_selective_copying,
     render_phonebook,
 )
-from statelab.tasks.words import TASKS, WORD_TASKS, number_to_words
+from statelab.tasks.words import RELATED_TASKS, TASKS, WORD_TASKS, get_word_task, number_to_words, word_task_names
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -51,6 +54,8 @@ __all__ = [
     "SPLITS",
     "SYNTHETIC_TASKS",
     "CopyingConfig",
+    "Document",
+    "DocumentConfig",
     "MQARConfig",
     "PhonebookConfig",
     "RegressionConfig",
@@ -60,12 +65,15 @@ __all__ = [
     "EpisodeConfig",
     "Split",
     "Task",
+    "RELATED_TASKS",
     "TASKS",
     "WORD_TASKS",
     "build_prompt",
     "check_template",
     "format_example",
     "format_query",
+    "get_word_task",
+    "make_document",
     "make_copying",
     "make_episode",
     "make_mqar",
@@ -75,4 +83,5 @@ __all__ = [
     "number_to_words",
     "render_phonebook",
     "split_of",
+    "word_task_names",
 ]

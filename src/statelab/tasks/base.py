@@ -50,6 +50,9 @@ __all__ = [
     "format_query",
     "build_prompt",
     "make_episode",
+    "Document",
+    "DocumentConfig",
+    "make_document",
 ]
 
 DEFAULT_TEMPLATE = "Q: {x}\nA: {y}\n\n"
@@ -120,6 +123,8 @@ class Task:
         build: ``() -> iterable of (x, y, key)``; ``key`` decides the split (see the module docstring). Items
             whose ``x`` repeats an earlier item's are dropped, so each input has one answer.
         test_fraction: share of keys held out for ``"test"``.
+        group: family of the task (``"string"``, ``"letter"``, ``"number"``, ``"inflection"``, ``"lexical"``,
+            ``"country"``), for plots and for picking related tasks.
 
     Example:
         >>> t = Task("double", "x twice", "computed", lambda: [(w, w + w, w) for w in ("ab", "cd", "ef")])
@@ -132,6 +137,7 @@ class Task:
     source: str
     build: Callable[[], object] = field(repr=False, compare=False)
     test_fraction: float = DEFAULT_TEST_FRACTION
+    group: str = ""
 
     @cached_property
     def items(self) -> tuple[tuple[str, str, str], ...]:
@@ -171,6 +177,46 @@ class Task:
             raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
         return self._pools[split]
 
+    def split(self, split: Split, seed: int = 0) -> tuple[tuple[str, str], ...]:
+        """All ``(x, y)`` of one split in an order shuffled by ``seed`` (``seed`` decides only the order)."""
+        return tuple(self.examples(split, len(self.pool(split)), seed))
+
+    def disjoint_sets(self, split: Split, n_sets: int, k: int, seed: int) -> list[list[tuple[str, str]]]:
+        """``n_sets`` demonstration sets of ``k`` pairs each, no pair in two sets (for a skill library).
+
+        >>> from statelab.tasks import TASKS
+        >>> sets = TASKS["country_capital"].disjoint_sets("train", 3, 32, seed=0)
+        >>> len({x for s in sets for x, _ in s})
+        96
+        """
+        if not isinstance(n_sets, int) or not isinstance(k, int) or n_sets < 0 or k < 0:
+            raise ConfigError(f"n_sets and k must be ints >= 0, got {n_sets!r}, {k!r}")
+        pool = self.pool(split)
+        if n_sets * k > len(pool):
+            raise ConfigError(
+                f"task {self.name!r} has {len(pool)} {split} items; {n_sets} disjoint sets of {k} need {n_sets * k}"
+            )
+        drawn = random.Random(f"{self.name}/{split}/sets/{seed}").sample(pool, n_sets * k)
+        return [drawn[i * k : (i + 1) * k] for i in range(n_sets)]
+
+    def where(self, keep: Callable[[str, str], bool], name: str | None = None) -> Task:
+        """A task with only the items ``keep(x, y)`` accepts; keys (hence splits) stay those of this task.
+
+        >>> from statelab.tasks import TASKS
+        >>> short = TASKS["country_capital"].where(lambda x, y: x.isascii() and y.isascii() and len(y) <= 8)
+        >>> all(len(y) <= 8 for _, y in short.pool("test"))
+        True
+        """
+        items = self.items
+        return Task(
+            name or self.name,
+            self.description,
+            self.source,
+            lambda: [(x, y, key) for x, y, key in items if keep(x, y)],
+            self.test_fraction,
+            self.group,
+        )
+
     def examples(self, split: Split, n: int, seed: int) -> list[tuple[str, str]]:
         """``n`` distinct ``(x, y)`` pairs drawn from ``split`` by a generator seeded with ``(task, split, seed)``.
 
@@ -194,14 +240,16 @@ class EpisodeConfig:
     Attributes:
         task: registry name in :data:`statelab.tasks.TASKS`.
         k: number of demonstrations (0 allowed).
-        split: pool the demonstrations and the query come from.
+        split: pool the demonstrations (and, by default, the query) come from.
         template: see the module docstring.
+        query_split: pool of the query when it differs from ``split`` (e.g. train demonstrations, test query).
     """
 
     task: str
     k: int = 4
     split: Split = "test"
     template: str = DEFAULT_TEMPLATE
+    query_split: Split | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, str):
@@ -210,6 +258,8 @@ class EpisodeConfig:
             raise ConfigError(f"EpisodeConfig.k must be an int >= 0, got {self.k!r}")
         if self.split not in SPLITS:
             raise ConfigError(f"EpisodeConfig.split must be one of {SPLITS}, got {self.split!r}")
+        if self.query_split is not None and self.query_split not in SPLITS:
+            raise ConfigError(f"EpisodeConfig.query_split must be None or one of {SPLITS}, got {self.query_split!r}")
         check_template(self.template)
 
 
@@ -232,6 +282,9 @@ class Episode:
 def make_episode(config: EpisodeConfig, seed: int, tasks: dict[str, Task] | None = None) -> Episode:
     """Draw ``k + 1`` distinct pairs of ``config.split``; the last one is the query.
 
+    With ``query_split`` set and different from ``split``, the ``k`` demonstrations come from ``split`` and the
+    query from ``query_split`` (distinct by construction, since the pools are disjoint).
+
     >>> ep = make_episode(EpisodeConfig(task="country_capital", k=1), seed=3)
     >>> len(ep.examples), ep.prompt.count("Q: ")
     (1, 2)
@@ -241,8 +294,92 @@ def make_episode(config: EpisodeConfig, seed: int, tasks: dict[str, Task] | None
     if config.task not in tasks:
         raise ConfigError(f"unknown task {config.task!r}; known: {', '.join(sorted(tasks))}")
     task = tasks[config.task]
-    drawn = task.examples(config.split, config.k + 1, seed)
-    shots, (query, answer) = tuple(drawn[:-1]), drawn[-1]
+    if config.query_split is None or config.query_split == config.split:
+        drawn = task.examples(config.split, config.k + 1, seed)
+        shots, (query, answer) = tuple(drawn[:-1]), drawn[-1]
+    else:
+        shots = tuple(task.examples(config.split, config.k, seed))
+        ((query, answer),) = task.examples(config.query_split, 1, seed)
     prompt = build_prompt(shots, query=query, template=config.template)
     _, sep = check_template(config.template)
     return Episode(task.name, shots, query, answer, prompt, prompt + answer + sep)
+
+
+@dataclass(frozen=True)
+class DocumentConfig:
+    """A training document: ``k`` demonstrations of one task drawn from a mixture.
+
+    Attributes:
+        tasks: task names to draw from, uniformly; empty for every task of the registry.
+        k_min, k_max: the number of demonstrations is uniform in ``[k_min, k_max]`` (capped by the pool size).
+        split: pool the demonstrations come from (``"train"`` for training).
+        template: see the module docstring.
+    """
+
+    tasks: tuple[str, ...] = ()
+    k_min: int = 1
+    k_max: int = 16
+    split: Split = "train"
+    template: str = DEFAULT_TEMPLATE
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tasks, tuple) or not all(isinstance(t, str) for t in self.tasks):
+            raise ConfigError(f"DocumentConfig.tasks must be a tuple of task names, got {self.tasks!r}")
+        for f in ("k_min", "k_max"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"DocumentConfig.{f} must be an int >= 1, got {v!r}")
+        if self.k_min > self.k_max:
+            raise ConfigError(f"DocumentConfig.k_min={self.k_min} > k_max={self.k_max}")
+        if self.split not in SPLITS:
+            raise ConfigError(f"DocumentConfig.split must be one of {SPLITS}, got {self.split!r}")
+        check_template(self.template)
+
+
+@dataclass(frozen=True)
+class Document:
+    """Demonstrations of one task as one text, with where the answers are.
+
+    ``answer_spans`` are ``[start, end)`` character offsets of every ``y`` in ``text``; ``answer_byte_spans`` the
+    same in UTF-8 bytes (for a byte-level tokenizer's loss mask). A span covers ``y`` only, not the separator.
+    """
+
+    task: str
+    examples: tuple[tuple[str, str], ...]
+    text: str
+    answer_spans: tuple[tuple[int, int], ...]
+    answer_byte_spans: tuple[tuple[int, int], ...]
+
+
+def make_document(config: DocumentConfig, seed: int, tasks: dict[str, Task] | None = None) -> Document:
+    """Pick a task and ``k`` train demonstrations from ``seed`` and render them.
+
+    >>> doc = make_document(DocumentConfig(tasks=("uppercase",), k_min=2, k_max=2), seed=0)
+    >>> s, e = doc.answer_spans[0]
+    >>> doc.text[s:e] == doc.examples[0][1], doc.text.count("Q: ")
+    (True, 2)
+    """
+    if tasks is None:
+        from statelab.tasks.words import TASKS as tasks  # noqa: N811
+    names = list(config.tasks) if config.tasks else list(tasks)
+    unknown = [n for n in names if n not in tasks]
+    if unknown:
+        raise ConfigError(f"unknown task(s) {unknown}; known: {', '.join(sorted(tasks))}")
+    rng = random.Random(f"document/{seed}")
+    task = tasks[names[rng.randrange(len(names))]]
+    k = min(rng.randint(config.k_min, config.k_max), len(task.pool(config.split)))
+    examples = tuple(task.examples(config.split, k, seed=rng.randrange(2**62)))
+    head, sep = check_template(config.template)
+    parts: list[str] = []
+    spans, byte_spans = [], []
+    n_chars = n_bytes = 0
+    for x, y in examples:
+        for piece, is_answer in ((head.replace("{x}", x), False), (y, True), (sep, False)):
+            size = len(piece.encode("utf-8"))
+            if is_answer:
+                spans.append((n_chars, n_chars + len(piece)))
+                byte_spans.append((n_bytes, n_bytes + size))
+            parts.append(piece)
+            n_chars += len(piece)
+            n_bytes += size
+    return Document(task.name, examples, "".join(parts), tuple(spans), tuple(byte_spans))

@@ -124,11 +124,14 @@ class MQARConfig:
     def __post_init__(self) -> None:
         _check_ints(self, {"vocab_size": 4, "seq_len": 4, "num_kv_pairs": 1})
         if self.vocab_size // 2 - 1 < self.num_kv_pairs:
-            raise ConfigError(f"MQARConfig.vocab_size={self.vocab_size} has too few keys for "
-                              f"num_kv_pairs={self.num_kv_pairs}")
+            raise ConfigError(
+                f"MQARConfig.vocab_size={self.vocab_size} has too few keys for num_kv_pairs={self.num_kv_pairs}"
+            )
         if (self.seq_len + 1 - 2 * self.num_kv_pairs) // 2 < self.num_kv_pairs:
-            raise ConfigError(f"MQARConfig.seq_len={self.seq_len} is too short for {self.num_kv_pairs} pairs and "
-                              f"their queries (needs >= {4 * self.num_kv_pairs - 1})")
+            raise ConfigError(
+                f"MQARConfig.seq_len={self.seq_len} is too short for {self.num_kv_pairs} pairs and "
+                f"their queries (needs >= {4 * self.num_kv_pairs - 1})"
+            )
         if not isinstance(self.power_a, int | float) or not 0 < self.power_a <= 1:
             raise ConfigError(f"MQARConfig.power_a must be in (0, 1], got {self.power_a!r}")
         if self.filler not in ("zero", "random"):
@@ -179,15 +182,88 @@ def make_mqar(cfg: MQARConfig, seed: int, batch_size: int, split: str = "train")
 
 
 _FIRST = (
-    "Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack", "Karen", "Liam", "Maria",
-    "Noah", "Olivia", "Peter", "Quinn", "Rosa", "Sam", "Tina", "Umar", "Vera", "Walter", "Xena", "Yusuf", "Zoe",
-    "Anna", "Ben", "Clara", "Dan", "Eva", "Felix", "Gina", "Hugo", "Ivy", "Jonas", "Kate", "Leo", "Mia", "Nina",
+    "Alice",
+    "Bob",
+    "Carol",
+    "David",
+    "Emma",
+    "Frank",
+    "Grace",
+    "Henry",
+    "Irene",
+    "Jack",
+    "Karen",
+    "Liam",
+    "Maria",
+    "Noah",
+    "Olivia",
+    "Peter",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tina",
+    "Umar",
+    "Vera",
+    "Walter",
+    "Xena",
+    "Yusuf",
+    "Zoe",
+    "Anna",
+    "Ben",
+    "Clara",
+    "Dan",
+    "Eva",
+    "Felix",
+    "Gina",
+    "Hugo",
+    "Ivy",
+    "Jonas",
+    "Kate",
+    "Leo",
+    "Mia",
+    "Nina",
 )
 _LAST = (
-    "Smith", "Jones", "Brown", "Taylor", "Wilson", "Davies", "Evans", "Thomas", "Roberts", "Walker", "Wright",
-    "Hall", "Green", "Wood", "Clark", "Hughes", "Lewis", "Moore", "King", "Baker", "Hill", "Scott", "Young", "Allen",
-    "Adams", "Mitchell", "Turner", "Parker", "Carter", "Cooper", "Ward", "Morris", "Price", "Bell", "Bailey", "Cook",
-    "Gray", "Hunt", "Ross", "Fox",
+    "Smith",
+    "Jones",
+    "Brown",
+    "Taylor",
+    "Wilson",
+    "Davies",
+    "Evans",
+    "Thomas",
+    "Roberts",
+    "Walker",
+    "Wright",
+    "Hall",
+    "Green",
+    "Wood",
+    "Clark",
+    "Hughes",
+    "Lewis",
+    "Moore",
+    "King",
+    "Baker",
+    "Hill",
+    "Scott",
+    "Young",
+    "Allen",
+    "Adams",
+    "Mitchell",
+    "Turner",
+    "Parker",
+    "Carter",
+    "Cooper",
+    "Ward",
+    "Morris",
+    "Price",
+    "Bell",
+    "Bailey",
+    "Cook",
+    "Gray",
+    "Hunt",
+    "Ross",
+    "Fox",
 )
 
 
@@ -217,8 +293,10 @@ class PhonebookConfig:
         if self.n_queries > self.n_entries:
             raise ConfigError(f"PhonebookConfig.n_queries={self.n_queries} > n_entries={self.n_entries}")
         if self.n_entries > self.n_first * self.n_last:
-            raise ConfigError(f"PhonebookConfig: {self.n_entries} entries need distinct names, only "
-                              f"{self.n_first * self.n_last} exist")
+            raise ConfigError(
+                f"PhonebookConfig: {self.n_entries} entries need distinct names, only "
+                f"{self.n_first * self.n_last} exist"
+            )
 
     @property
     def first_id(self) -> int:

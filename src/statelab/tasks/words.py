@@ -26,7 +26,16 @@ from importlib import resources
 
 from statelab.tasks.base import Task
 
-__all__ = ["TASKS", "WORD_TASKS", "number_to_words", "load_table", "load_words"]
+__all__ = [
+    "TASKS",
+    "WORD_TASKS",
+    "RELATED_TASKS",
+    "word_task_names",
+    "get_word_task",
+    "number_to_words",
+    "load_table",
+    "load_words",
+]
 
 _DATA = "Data: statelab/data/tasks/"
 
@@ -49,8 +58,28 @@ def load_words() -> tuple[str, ...]:
     return tuple(w for w in text.split() if w)
 
 
-_ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+_ONES = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+)
 _TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
 
 
@@ -119,33 +148,69 @@ _SPECS: list[tuple[str, str, str, object]] = [
     # string functions of common words
     ("uppercase", "the word in capitals", "words.txt", lambda: _on_words(lambda w: (w, w.upper()))),
     ("lowercase", "the capitalised word in lower case", "words.txt", lambda: _on_words(lambda w: (w.upper(), w))),
-    ("capitalize", "the word with its first letter capitalised", "words.txt",
-     lambda: _on_words(lambda w: (w, w.capitalize()))),
-    ("capitalize_first_letter", "the first letter, capitalised", "words.txt",
-     lambda: _on_words(lambda w: (w, w[0].upper()))),
+    (
+        "capitalize",
+        "the word with its first letter capitalised",
+        "words.txt",
+        lambda: _on_words(lambda w: (w, w.capitalize())),
+    ),
+    (
+        "capitalize_first_letter",
+        "the first letter, capitalised",
+        "words.txt",
+        lambda: _on_words(lambda w: (w, w[0].upper())),
+    ),
     ("first_letter", "the first letter", "words.txt", lambda: _on_words(lambda w: (w, w[0]))),
     ("last_letter", "the last letter", "words.txt", lambda: _on_words(lambda w: (w, w[-1]))),
     ("second_letter", "the second letter", "words.txt", lambda: _on_words(lambda w: (w, w[1]))),
     ("reverse", "the word spelled backwards", "words.txt", lambda: _on_words(lambda w: (w, w[::-1]))),
     ("word_length", "the number of letters", "words.txt", lambda: _on_words(lambda w: (w, str(len(w))))),
-    ("sort_letters", "the letters in alphabetical order", "words.txt",
-     lambda: _on_words(lambda w: (w, _sorted_letters(w)))),
-    ("double_letters", "every letter written twice", "words.txt",
-     lambda: _on_words(lambda w: (w, "".join(c + c for c in w)))),
-    ("count_vowels", "the number of vowels (a, e, i, o, u)", "words.txt",
-     lambda: _on_words(lambda w: (w, str(sum(c in _VOWELS for c in w))))),
-    ("remove_vowels", "the word without its vowels (a, e, i, o, u)", "words.txt",
-     lambda: _on_words(lambda w: (w, "".join(c for c in w if c not in _VOWELS)))),
+    (
+        "sort_letters",
+        "the letters in alphabetical order",
+        "words.txt",
+        lambda: _on_words(lambda w: (w, _sorted_letters(w))),
+    ),
+    (
+        "double_letters",
+        "every letter written twice",
+        "words.txt",
+        lambda: _on_words(lambda w: (w, "".join(c + c for c in w))),
+    ),
+    (
+        "count_vowels",
+        "the number of vowels (a, e, i, o, u)",
+        "words.txt",
+        lambda: _on_words(lambda w: (w, str(sum(c in _VOWELS for c in w)))),
+    ),
+    (
+        "remove_vowels",
+        "the word without its vowels (a, e, i, o, u)",
+        "words.txt",
+        lambda: _on_words(lambda w: (w, "".join(c for c in w if c not in _VOWELS))),
+    ),
     # letters and numbers
     ("next_letter", "the next letter of the alphabet (z -> a), same case", "computed", lambda: _letters(1)),
     ("prev_letter", "the previous letter of the alphabet (a -> z), same case", "computed", lambda: _letters(-1)),
-    ("number_to_word", "the number in English words", "computed",
-     lambda: ((str(n), number_to_words(n), f"n{n}") for n in range(1000))),
-    ("word_to_number", "the number written in English, in digits", "computed",
-     lambda: ((number_to_words(n), str(n), f"n{n}") for n in range(1000))),
+    (
+        "number_to_word",
+        "the number in English words",
+        "computed",
+        lambda: ((str(n), number_to_words(n), f"n{n}") for n in range(1000)),
+    ),
+    (
+        "word_to_number",
+        "the number written in English, in digits",
+        "computed",
+        lambda: ((number_to_words(n), str(n), f"n{n}") for n in range(1000)),
+    ),
     ("next_number", "the number plus one", "computed", lambda: ((str(n), str(n + 1), f"n{n}") for n in range(1000))),
-    ("prev_number", "the number minus one", "computed",
-     lambda: ((str(n), str(n - 1), f"n{n}") for n in range(1, 1001))),
+    (
+        "prev_number",
+        "the number minus one",
+        "computed",
+        lambda: ((str(n), str(n - 1), f"n{n}") for n in range(1, 1001)),
+    ),
     # inflections
     ("singular_plural", "the plural of a noun", "nouns.tsv", lambda: _nouns(inverse=False)),
     ("plural_singular", "the singular of a plural noun", "nouns.tsv", lambda: _nouns(inverse=True)),
@@ -156,27 +221,79 @@ _SPECS: list[tuple[str, str, str, object]] = [
     ("antonym", "a word of opposite meaning", "antonyms.tsv", _antonyms),
     # countries
     ("country_capital", "the capital of a country", "countries.tsv", lambda: _countries("capital")),
-    ("capital_country", "the country whose capital this is", "countries.tsv",
-     lambda: _countries("capital", inverse=True)),
-    ("country_currency", "the currency of a country (ISO 4217 name)", "countries.tsv",
-     lambda: _countries("currency")),
+    (
+        "capital_country",
+        "the country whose capital this is",
+        "countries.tsv",
+        lambda: _countries("capital", inverse=True),
+    ),
+    ("country_currency", "the currency of a country (ISO 4217 name)", "countries.tsv", lambda: _countries("currency")),
     ("country_continent", "the region (continent) of a country", "countries.tsv", lambda: _countries("region")),
     ("country_subregion", "the UN subregion of a country", "countries.tsv", lambda: _countries("subregion")),
     ("country_demonym", "the adjective for a country's people", "countries.tsv", lambda: _countries("demonym")),
     ("country_code", "the ISO 3166 alpha-2 code of a country", "countries.tsv", lambda: _countries("alpha2")),
-    ("code_country", "the country of an ISO 3166 alpha-2 code", "countries.tsv",
-     lambda: _countries("alpha2", inverse=True)),
-    ("country_language", "the first official language of a country", "countries.tsv",
-     lambda: _countries("language")),
+    (
+        "code_country",
+        "the country of an ISO 3166 alpha-2 code",
+        "countries.tsv",
+        lambda: _countries("alpha2", inverse=True),
+    ),
+    ("country_language", "the first official language of a country", "countries.tsv", lambda: _countries("language")),
     ("country_german", "the country's name in German", "countries.tsv", lambda: _countries("german")),
     ("country_spanish", "the country's name in Spanish", "countries.tsv", lambda: _countries("spanish")),
     ("country_french", "the country's name in French", "countries.tsv", lambda: _countries("french")),
 ]
 
+
+def _group(name: str, src: str) -> str:
+    if src == "words.txt":
+        return "string"
+    if name.endswith("_letter"):
+        return "letter"
+    if "number" in name:
+        return "number"
+    if src in ("nouns.tsv", "verbs.tsv"):
+        return "inflection"
+    if src == "countries.tsv":
+        return "country"
+    return "lexical"
+
+
 TASKS: dict[str, Task] = {
-    name: Task(name=name, description=desc, source=_DATA + src if src != "computed" else "computed", build=build)
+    name: Task(
+        name=name,
+        description=desc,
+        source=_DATA + src if src != "computed" else "computed",
+        build=build,
+        group=_group(name, src),
+    )
     for name, desc, src, build in _SPECS
 }
 """Every word-function task by name; see :class:`statelab.tasks.base.Task` for the API."""
 
 WORD_TASKS = tuple(TASKS)
+
+RELATED_TASKS: tuple[tuple[str, str], ...] = (
+    ("uppercase", "capitalize"),
+    ("first_letter", "capitalize_first_letter"),
+    ("present_past", "verb_gerund"),
+    ("singular_plural", "verb_third_person"),
+    ("country_capital", "country_currency"),
+    ("country_continent", "country_subregion"),
+    ("country_german", "country_spanish"),
+    ("next_number", "prev_number"),
+)
+"""Pairs of tasks that share inputs and a similar kind of answer, for cross-task mixing."""
+
+
+def word_task_names() -> tuple[str, ...]:
+    """Names of every word-function task, in registry order."""
+    return WORD_TASKS
+
+
+def get_word_task(name: str) -> Task:
+    """The task called ``name``; KeyError listing the known names otherwise."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise KeyError(f"unknown word task {name!r}; known: {', '.join(WORD_TASKS)}") from None

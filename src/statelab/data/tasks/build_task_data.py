@@ -26,16 +26,75 @@ N_VERBS = 500
 MIN_FORM_ZIPF = 2.5  # an inflected form must itself be a word people use
 MAX_ZIPF_DROP = 1.5
 # frequent words left out of every table (profanity and slurs that word-frequency lists contain)
-BLOCKED = {"shit", "fuck", "fucked", "fucking", "fucks", "damn", "bitch", "bitches", "ass", "asses", "crap", "dick",
-           "cock", "piss", "pissed", "cunt", "porn", "sex", "sexy", "nigga", "nigger", "fag", "slut", "whore", "hell",
-           "shits", "shitting", "dicks", "cocks", "tits", "boobs", "penis", "rape", "raped", "kill", "killed", "nude"}
+BLOCKED = {
+    "shit",
+    "fuck",
+    "fucked",
+    "fucking",
+    "fucks",
+    "damn",
+    "bitch",
+    "bitches",
+    "ass",
+    "asses",
+    "crap",
+    "dick",
+    "cock",
+    "piss",
+    "pissed",
+    "cunt",
+    "porn",
+    "sex",
+    "sexy",
+    "nigga",
+    "nigger",
+    "fag",
+    "slut",
+    "whore",
+    "hell",
+    "shits",
+    "shitting",
+    "dicks",
+    "cocks",
+    "tits",
+    "boobs",
+    "penis",
+    "rape",
+    "raped",
+    "kill",
+    "killed",
+    "nude",
+}
 # irregular plurals always in the noun table (written for statelab; they override the lexicon's first choice)
 IRREGULAR_PLURALS = {
-    "child": "children", "man": "men", "woman": "women", "person": "people", "mouse": "mice", "foot": "feet",
-    "tooth": "teeth", "goose": "geese", "ox": "oxen", "leaf": "leaves", "knife": "knives", "wolf": "wolves",
-    "life": "lives", "wife": "wives", "half": "halves", "shelf": "shelves", "sheep": "sheep", "fish": "fish",
-    "deer": "deer", "cactus": "cacti", "crisis": "crises", "analysis": "analyses", "phenomenon": "phenomena",
-    "criterion": "criteria", "thief": "thieves", "loaf": "loaves", "potato": "potatoes", "hero": "heroes",
+    "child": "children",
+    "man": "men",
+    "woman": "women",
+    "person": "people",
+    "mouse": "mice",
+    "foot": "feet",
+    "tooth": "teeth",
+    "goose": "geese",
+    "ox": "oxen",
+    "leaf": "leaves",
+    "knife": "knives",
+    "wolf": "wolves",
+    "life": "lives",
+    "wife": "wives",
+    "half": "halves",
+    "shelf": "shelves",
+    "sheep": "sheep",
+    "fish": "fish",
+    "deer": "deer",
+    "cactus": "cacti",
+    "crisis": "crises",
+    "analysis": "analyses",
+    "phenomenon": "phenomena",
+    "criterion": "criteria",
+    "thief": "thieves",
+    "loaf": "loaves",
+    "potato": "potatoes",
+    "hero": "heroes",
 }
 
 
@@ -113,8 +172,21 @@ def build_words() -> None:
 
 
 def build_countries() -> None:
-    cols = ["name", "capital", "currency", "region", "subregion", "demonym", "alpha2", "alpha3", "language",
-            "german", "spanish", "french", "italian"]
+    cols = [
+        "name",
+        "capital",
+        "currency",
+        "region",
+        "subregion",
+        "demonym",
+        "alpha2",
+        "alpha3",
+        "language",
+        "german",
+        "spanish",
+        "french",
+        "italian",
+    ]
     rows = []
     for path in sorted((Path(countryinfo.__file__).parent / "data").glob("*.json")):
         d = json.loads(path.read_text(encoding="utf-8"))
@@ -130,9 +202,21 @@ def build_countries() -> None:
             lang = pycountry.languages.get(alpha_2=d["languages"][0])
             language = lang.name if lang is not None else ""
         tr = d.get("translations") or {}
-        row = [d["name"], d["capital"], currency, d.get("region", ""), d.get("subregion", ""), d.get("demonym", ""),
-               iso["alpha2"], iso.get("alpha3", ""), language, tr.get("de", ""), tr.get("es", ""), tr.get("fr", ""),
-               tr.get("it", "")]
+        row = [
+            d["name"],
+            d["capital"],
+            currency,
+            d.get("region", ""),
+            d.get("subregion", ""),
+            d.get("demonym", ""),
+            iso["alpha2"],
+            iso.get("alpha3", ""),
+            language,
+            tr.get("de", ""),
+            tr.get("es", ""),
+            tr.get("fr", ""),
+            tr.get("it", ""),
+        ]
         rows.append(["" if v is None else str(v).replace("\t", " ").strip() for v in row])
     rows.sort(key=lambda r: r[0])
     with open(HERE / "countries.tsv", "w", encoding="utf-8") as fh:
