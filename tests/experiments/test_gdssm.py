@@ -40,9 +40,10 @@ def one_thread():
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / f"{name}.toml")
     assert cfg.task.d >= 1 and len(cfg.seeds) >= 2
-    per_seed = len(cfg.gdssm.depths) + len(cfg.gdssm.extra_init_scales)
-    per_seed += len(cfg.baselines.models) * len(cfg.baselines.windows)
-    assert len(plan_runs(cfg)) == len(cfg.seeds) * per_seed
+    gdssm_runs = len(cfg.seeds) * (len(cfg.gdssm.depths) + len(cfg.gdssm.extra_init_scales))
+    b = cfg.baselines
+    baseline_runs = len(b.seeds or cfg.seeds) * len(b.models) * len(b.windows)
+    assert len(plan_runs(cfg)) == gdssm_runs + baseline_runs
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -140,3 +141,19 @@ def test_run_experiment_writes_report_results_and_plots(tmp_path, one_thread):
     for png in ("training_curves.png", "positions.png", "depth.png", "baselines.png", "parameters.png"):
         assert (root / png).stat().st_size > 1000
     assert json.loads((root / "config.json").read_text())["train"]["steps"] == 20
+
+
+def test_report_can_be_rebuilt_from_partial_results(tmp_path, one_thread):
+    from statelab.experiments.gdssm import report_from_files
+
+    cfg = _tiny(steps=10, gdssm=GDSSMSection(depths=(1,)),
+                baselines=BaselineSection(models=("s5",), windows=(False,), width=8, layers=1, d_state=4))
+    root = run_experiment(cfg, out_dir=tmp_path, show_progress=False)
+    partial = json.loads((root / "results.partial.json").read_text())
+    assert partial["meta"]["partial"] and partial["meta"]["done"] == 2
+    (root / "results.json").unlink()
+    (root / "report.md").unlink()
+    report_from_files(root)
+    assert "INTERRUPTED after 2 of 2 runs" in (root / "report.md").read_text()
+    with pytest.raises(ConfigError, match="config.json"):
+        report_from_files(tmp_path / "nowhere")

@@ -71,6 +71,7 @@ __all__ = [
     "query_prediction",
     "train_run",
     "execute_run",
+    "report_from_files",
     "canonical_parameters",
     "run_experiment",
 ]
@@ -128,6 +129,7 @@ class BaselineSection:
     Attributes:
         models: names from :data:`BASELINE_MIXERS`. windows: which input formats to run.
         width: residual width M. layers: mixer blocks. heads: attention heads. d_state: SSM state size.
+        seeds: the seeds of the baseline runs (empty: the config's seeds); same steps and batch as GD-SSM.
     """
 
     models: tuple[str, ...] = ("lsa", "s5", "mamba1", "mamba2", "transformer")
@@ -136,6 +138,7 @@ class BaselineSection:
     layers: int = 2
     heads: int = 2
     d_state: int = 16
+    seeds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -252,10 +255,17 @@ def plan_runs(config: ExperimentConfig) -> list[RunSpec]:
     each for every seed."""
     runs = [RunSpec("gdssm", s, depth=d) for d in config.gdssm.depths for s in config.seeds]
     runs += [RunSpec("gdssm", s, init_scale=x) for x in config.gdssm.extra_init_scales for s in config.seeds]
-    runs += [
-        RunSpec(m, s, window=w) for m in config.baselines.models for w in config.baselines.windows for s in config.seeds
-    ]
+    b = config.baselines
+    runs += [RunSpec(m, s, window=w) for m in b.models for w in b.windows for s in (b.seeds or config.seeds)]
     return runs
+
+
+# rough relative cost per step on CPU, to hand the longest runs to the workers first
+_COST = {"mamba1": 8.0, "mamba2": 3.0, "transformer": 2.0, "s5": 1.4, "lsa": 1.0, "gdssm": 0.4}
+
+
+def _cost(spec: RunSpec) -> float:
+    return _COST.get(spec.kind, 1.0) * (spec.depth if spec.kind == "gdssm" else 1.0) * (0.7 if spec.window else 1.0)
 
 
 class _Mamba1(nn.Module):
@@ -643,6 +653,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path | None = None, 
     root = Path(out_dir) if out_dir is not None else Path(config.out_dir) / config.name
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    commit = _git_commit()
     (root / "config.json").write_text(json.dumps(_jsonable(config), indent=2))
     test = make_regression_batch(config.task, batch_seed(0, "test", 0), config.train.test_tasks)
     refs = _references(config, test)
@@ -657,22 +668,25 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path | None = None, 
             for spec in runs:
                 tid = progress.add_task(f"{spec.label} seed {spec.seed}", total=config.train.steps, rate="")
                 records.append(execute_run(spec, config, optima, progress, tid))
+                _write_partial(root, refs, records, len(runs), t_start)
                 progress.remove_task(tid)
                 progress.advance(total)
         else:
             with ProcessPoolExecutor(config.workers, mp_context=get_context("spawn")) as pool:
-                futures = [pool.submit(execute_run, spec, config, optima) for spec in runs]
+                ordered = sorted(runs, key=_cost, reverse=True)
+                futures = [pool.submit(execute_run, spec, config, optima) for spec in ordered]
                 for fut in as_completed(futures):
                     rec = fut.result()
                     records.append(rec)
                     done = time.perf_counter() - t_start
                     progress.update(total, rate=f"last: {rec['label']} seed {rec['seed']}, {done:.0f} s")
                     progress.advance(total)
+                    _write_partial(root, refs, records, len(runs), t_start)
             order = {(s.label, s.seed): i for i, s in enumerate(runs)}
             records.sort(key=lambda r: order[(r["label"], r["seed"])])
     failures = sum("error" in r for r in records)
     meta = {
-        "commit": _git_commit(),
+        "commit": commit,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
                    f"{config.workers} worker(s) × {config.threads} thread(s)",
@@ -684,6 +698,40 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path | None = None, 
     (root / "results.json").write_text(json.dumps(results, indent=1))
     write_report(config, results, root)
     return root
+
+
+def _write_partial(root: Path, refs: dict[str, Any], records: list[dict[str, Any]], n_runs: int,
+                   t_start: float) -> None:
+    """``results.partial.json`` after every finished run, so an interrupted study keeps what it has done."""
+    meta = {"partial": True, "done": len(records), "runs": n_runs, "wall_seconds": time.perf_counter() - t_start}
+    tmp = root / "results.partial.json.tmp"
+    tmp.write_text(json.dumps({"meta": meta, "references": refs, "runs": records}, indent=1))
+    tmp.replace(root / "results.partial.json")
+
+
+def report_from_files(run_dir: str | Path) -> Path:
+    """Rebuild ``report.md`` and the plots of a run directory from its ``config.json`` and ``results.json`` (or,
+    for an interrupted study, ``results.partial.json``)."""
+    root = Path(run_dir)
+    from statelab.experiments.gdssm_report import write_report
+
+    try:
+        config = _build(ExperimentConfig, json.loads((root / "config.json").read_text()), "config")
+    except FileNotFoundError as e:
+        raise ConfigError(f"{str(root)!r} has no config.json") from e
+    final, partial = root / "results.json", root / "results.partial.json"
+    if not final.exists() and not partial.exists():
+        raise ConfigError(f"{str(root)!r} has neither results.json nor results.partial.json")
+    results = json.loads((final if final.exists() else partial).read_text())
+    meta = results["meta"]
+    if meta.get("partial"):
+        order = {(s.label, s.seed): i for i, s in enumerate(plan_runs(config))}
+        results["runs"].sort(key=lambda r: order.get((r["label"], r["seed"]), len(order)))
+        meta.update(commit=_git_commit(), date_utc=time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                    machine=f"{platform.machine()}, torch {torch.__version__}, {config.workers} worker(s) × "
+                            f"{config.threads} thread(s); INTERRUPTED after {meta['done']} of {meta['runs']} runs",
+                    failures=sum("error" in r for r in results["runs"]))
+    return write_report(config, results, root)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -35,3 +35,17 @@ def run(
         raise typer.Exit(2) from err
     root = run_experiment(cfg, out_dir=out, show_progress=not no_progress)
     typer.echo(f"report: {root / 'report.md'}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a run directory written by `statelab gdssm run`")) -> None:
+    """Rebuild report.md and the plots from a run directory (also from an interrupted run's partial results)."""
+    from statelab.errors import ConfigError
+    from statelab.experiments.gdssm import report_from_files
+
+    try:
+        path = report_from_files(run_dir)
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    typer.echo(f"report: {path}")
