@@ -38,6 +38,10 @@ from statelab.experiments.gdssm_cli import app as gdssm_app  # noqa: E402
 
 app.add_typer(gdssm_app, name="gdssm")
 
+from statelab.train.cli import app as train_app  # noqa: E402
+
+app.add_typer(train_app, name="train")
+
 
 def main() -> None:
     app()
