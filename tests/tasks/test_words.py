@@ -31,6 +31,7 @@ KNOWN = {
     "double_letters": [("cat", "ccaatt")],
     "count_vowels": [("water", "2"), ("people", "3")],
     "remove_vowels": [("water", "wtr")],
+    "caesar_shift": [("cat", "dbu"), ("zoo", "app")],
     "next_letter": [("a", "b"), ("z", "a"), ("Q", "R")],
     "prev_letter": [("b", "a"), ("a", "z"), ("R", "Q")],
     "number_to_word": [("0", "zero"), ("17", "seventeen"), ("40", "forty"), ("342", "three hundred forty-two")],

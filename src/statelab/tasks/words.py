@@ -12,7 +12,7 @@ Worked example::
     >>> TASKS["country_capital"]("France"), TASKS["singular_plural"]("child"), TASKS["reverse"]("cat")
     ('Paris', 'children', 'tac')
     >>> sorted(TASKS)[:3]
-    ['antonym', 'capital_country', 'capitalize']
+    ['antonym', 'caesar_shift', 'capital_country']
 """
 
 from __future__ import annotations
@@ -188,6 +188,12 @@ _SPECS: list[tuple[str, str, str, object]] = [
         "the word without its vowels (a, e, i, o, u)",
         "words.txt",
         lambda: _on_words(lambda w: (w, "".join(c for c in w if c not in _VOWELS))),
+    ),
+    (
+        "caesar_shift",
+        "every letter replaced by the next one of the alphabet (z -> a)",
+        "words.txt",
+        lambda: _on_words(lambda w: (w, "".join(_shift_letter(c, 1) for c in w))),
     ),
     # letters and numbers
     ("next_letter", "the next letter of the alphabet (z -> a), same case", "computed", lambda: _letters(1)),

@@ -171,6 +171,10 @@ def build_words() -> None:
         fh.writelines("\t".join(r) + "\n" for r in verb_rows)
 
 
+# states in the data that no longer exist (their capitals belong to current entries)
+DISSOLVED = {"Serbia and Montenegro", "Antilles néerlandaises"}
+
+
 def build_countries() -> None:
     cols = [
         "name",
@@ -188,23 +192,29 @@ def build_countries() -> None:
         "italian",
     ]
     rows = []
+    seen_codes: set[str] = set()
     for path in sorted((Path(countryinfo.__file__).parent / "data").glob("*.json")):
         d = json.loads(path.read_text(encoding="utf-8"))
         iso = d.get("ISO") or {}
-        if not d.get("name") or not d.get("capital") or not iso.get("alpha2"):
+        if not d.get("name") or not d.get("capital") or not iso.get("alpha2") or d["name"] in DISSOLVED:
             continue
-        currency = ""
-        if d.get("currencies"):
-            cur = pycountry.currencies.get(alpha_3=d["currencies"][0])
-            currency = cur.name if cur is not None else ""
+        # the first currency with a plain name ("Uruguay Peso en Unidades Indexadas (UI)" is an accounting unit)
+        names = [pycountry.currencies.get(alpha_3=c) for c in d.get("currencies") or []]
+        plain = [c.name for c in names if c is not None and "(" not in c.name]
+        currency = plain[0] if plain else ""
         language = ""
         if d.get("languages"):
             lang = pycountry.languages.get(alpha_2=d["languages"][0])
-            language = lang.name if lang is not None else ""
+            # "Modern Greek (1453-)" -> "Modern Greek", "Malay (macrolanguage)" -> "Malay"
+            language = re.sub(r"\s*\(.*\)$", "", lang.name) if lang is not None else ""
+        capital = d["capital"][0] if isinstance(d["capital"], list) else d["capital"]
         tr = d.get("translations") or {}
+        if iso["alpha2"] in seen_codes:  # one row per ISO code (the data has the Vatican twice)
+            continue
+        seen_codes.add(iso["alpha2"])
         row = [
             d["name"],
-            d["capital"],
+            capital,
             currency,
             d.get("region", ""),
             d.get("subregion", ""),
