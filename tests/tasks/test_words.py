@@ -31,7 +31,7 @@ KNOWN = {
     "double_letters": [("cat", "ccaatt")],
     "count_vowels": [("water", "2"), ("people", "3")],
     "remove_vowels": [("water", "wtr")],
-    "caesar_shift": [("cat", "dbu"), ("zoo", "app")],
+    "caesar_shift": [("cat", "dbu"), ("size", "tjaf"), ("crazy", "dsbaz")],
     "next_letter": [("a", "b"), ("z", "a"), ("Q", "R")],
     "prev_letter": [("b", "a"), ("a", "z"), ("R", "Q")],
     "number_to_word": [("0", "zero"), ("17", "seventeen"), ("40", "forty"), ("342", "three hundred forty-two")],
