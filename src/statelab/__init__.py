@@ -31,6 +31,16 @@ _EXPORTS: dict[str, str] = {
     "Mamba2LM": "statelab.models.mamba2",
     "StatefulLM": "statelab.models.base",
     "assert_close": "statelab.testing",
+    "GDSSM": "statelab.layers.gd_ssm",
+    "GDSSMConfig": "statelab.layers.gd_ssm",
+    "GDSSMState": "statelab.layers.gd_ssm",
+    "RegressionConfig": "statelab.tasks.regression",
+    "make_regression_batch": "statelab.tasks.regression",
+    "TASKS": "statelab.tasks.words",
+    "Task": "statelab.tasks.base",
+    "EpisodeConfig": "statelab.tasks.base",
+    "make_episode": "statelab.tasks.base",
+    "build_prompt": "statelab.tasks.base",
 }
 
 __all__ = ["__version__", *_EXPORTS]

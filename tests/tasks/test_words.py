@@ -143,3 +143,10 @@ def test_library_sets_fit_every_task():
     for name, task in TASKS.items():
         if task.group != "letter":
             assert len(task.disjoint_sets("train", 4, 32, seed=0)) == 4, name
+
+
+def test_top_level_exports():
+    import statelab
+
+    assert statelab.TASKS is TASKS
+    assert statelab.make_episode is make_episode
