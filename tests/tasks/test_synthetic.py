@@ -14,10 +14,12 @@ from statelab.tasks.synthetic import (
     MQARConfig,
     PhonebookConfig,
     SelectiveCopyingConfig,
+    TextRecallConfig,
     make_copying,
     make_mqar,
     make_phonebook,
     make_selective_copying,
+    make_text_recall,
     render_phonebook,
 )
 
@@ -113,6 +115,22 @@ def test_copying_and_selective_copying():
     for row, lab in zip(region.tolist(), s.labels.tolist(), strict=True):
         assert [t for t in row if t != 0] == lab[scfg.region_len :]
         assert all(t == IGNORE_INDEX for t in lab[: scfg.region_len])
+
+
+def test_text_recall_answers_repeat_the_context():
+    from statelab.tasks import split_of
+
+    cfg = TextRecallConfig(n_pairs=6, n_queries=5)
+    for seed in range(10):
+        doc = make_text_recall(cfg, seed, split="test")
+        assert doc == make_text_recall(cfg, seed, split="test")
+        shown = dict(doc.examples[:6])
+        assert len(shown) == 6 and all(shown[x] == y for x, y in doc.examples[6:])
+        assert all(split_of(x) == "test" and split_of(y) == "test" for x, y in doc.examples)
+        raw = doc.text.encode("utf-8")
+        got = [raw[s:e].decode() for s, e in doc.answer_byte_spans]
+        assert got == [y for _, y in doc.examples[6:]] == [doc.text[s:e] for s, e in doc.answer_spans]
+    assert make_text_recall(cfg, 0).text != make_text_recall(cfg, 0, split="test").text
 
 
 def test_bad_configs():

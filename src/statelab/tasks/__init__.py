@@ -40,10 +40,12 @@ from statelab.tasks.synthetic import (
     PhonebookConfig,
     SelectiveCopyingConfig,
     SyntheticBatch,
+    TextRecallConfig,
     make_copying,
     make_mqar,
     make_phonebook,
     make_selective_copying,
+    make_text_recall,
     render_phonebook,
 )
 from statelab.tasks.words import RELATED_TASKS, TASKS, WORD_TASKS, get_word_task, number_to_words, word_task_names
@@ -61,6 +63,7 @@ __all__ = [
     "RegressionConfig",
     "SelectiveCopyingConfig",
     "SyntheticBatch",
+    "TextRecallConfig",
     "Episode",
     "EpisodeConfig",
     "Split",
@@ -80,6 +83,7 @@ __all__ = [
     "make_phonebook",
     "make_regression_batch",
     "make_selective_copying",
+    "make_text_recall",
     "number_to_words",
     "render_phonebook",
     "split_of",

@@ -16,6 +16,7 @@ Tasks:
 - **Phonebook** lookup (Jelassi et al. 2024, arXiv 2402.01032): entries ``first last : d1..dD \\n``, then queries
   ``? first last : d1..dD \\n``; loss on the queried number's digits (and the newline after it).
 - **Copying**: ``x1..xn | x1..xn``; loss on the copy.
+- **Text recall** (:func:`make_text_recall`): MQAR as text in the word-task template, a random word mapping.
 - **Selective copying** (Gu and Dao 2023, arXiv 2312.00752, section 3.1): ``n`` data tokens scattered among
   noise tokens in a region of ``region_len``, then a marker, then the data tokens in order; loss on them.
 
@@ -30,6 +31,7 @@ Worked example::
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Literal
@@ -37,6 +39,7 @@ from typing import Literal
 import torch
 
 from statelab.errors import ConfigError
+from statelab.tasks.base import Document, check_template, split_of
 
 __all__ = [
     "IGNORE_INDEX",
@@ -50,6 +53,8 @@ __all__ = [
     "make_copying",
     "make_selective_copying",
     "render_phonebook",
+    "TextRecallConfig",
+    "make_text_recall",
     "SYNTHETIC_TASKS",
     "task_generator",
 ]
@@ -447,3 +452,58 @@ SYNTHETIC_TASKS: dict[str, tuple[type, Callable[..., SyntheticBatch]]] = {
     "selective_copying": (SelectiveCopyingConfig, make_selective_copying),
 }
 """name -> (config class, ``generator(config, seed, batch_size, split) -> SyntheticBatch``)."""
+
+
+@dataclass(frozen=True)
+class TextRecallConfig:
+    """Associative recall in the word-task template: a random word -> word mapping that exists only in context.
+
+    A document shows ``n_pairs`` demonstrations ``Q: key\\nA: value\\n\\n`` (distinct keys, values drawn with
+    replacement, both from the common-word list of the ``split``), then ``n_queries`` more demonstrations whose keys
+    repeat earlier ones with the same values. Only the repeated answers can be known, so only they are marked in
+    ``answer_spans``. It is MQAR (arXiv 2312.04927) in the text format of the word tasks, for training a small
+    model to read a function from its context.
+    """
+
+    n_pairs: int = 8
+    n_queries: int = 8
+    template: str = "Q: {x}\nA: {y}\n\n"
+
+    def __post_init__(self) -> None:
+        _check_ints(self, {"n_pairs": 1, "n_queries": 1})
+        check_template(self.template)
+
+
+def make_text_recall(cfg: TextRecallConfig, seed: int, split: str = "train") -> Document:
+    """One associative-recall document (see :class:`TextRecallConfig`).
+
+    >>> doc = make_text_recall(TextRecallConfig(n_pairs=3, n_queries=2), seed=0)
+    >>> shown = dict(doc.examples[:3])
+    >>> all(shown[x] == y for x, y in doc.examples[3:]), len(doc.answer_spans)
+    (True, 2)
+    """
+    from statelab.tasks.words import load_words
+
+    if split not in ("train", "test"):
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    words = [w for w in load_words() if split_of(w) == split]
+    if cfg.n_pairs > len(words):
+        raise ConfigError(f"TextRecallConfig.n_pairs={cfg.n_pairs} > {len(words)} {split} words")
+    rng = random.Random(f"text_recall/{split}/{seed}")
+    keys = rng.sample(words, cfg.n_pairs)
+    pairs = [(k, rng.choice(words)) for k in keys]
+    queries = [pairs[rng.randrange(cfg.n_pairs)] for _ in range(cfg.n_queries)]
+    head, sep = check_template(cfg.template)
+    parts: list[str] = []
+    spans, byte_spans = [], []
+    n_chars = n_bytes = 0
+    for i, (x, y) in enumerate(pairs + queries):
+        for piece, scored in ((head.replace("{x}", x), False), (y, i >= cfg.n_pairs), (sep, False)):
+            size = len(piece.encode("utf-8"))
+            if scored:
+                spans.append((n_chars, n_chars + len(piece)))
+                byte_spans.append((n_bytes, n_bytes + size))
+            parts.append(piece)
+            n_chars += len(piece)
+            n_bytes += size
+    return Document("text_recall", tuple(pairs + queries), "".join(parts), tuple(spans), tuple(byte_spans))
