@@ -25,7 +25,7 @@ N_NOUNS = 1000
 N_VERBS = 500
 MIN_FORM_ZIPF = 2.5  # an inflected form must itself be a word people use
 MAX_ZIPF_DROP = 1.5
-# frequent words left out of every table (profanity and slurs that word-frequency lists contain)
+# frequent words left out of every table (profanity, slurs and violent words that word-frequency lists contain)
 BLOCKED = {
     "shit",
     "fuck",
@@ -64,6 +64,16 @@ BLOCKED = {
     "kill",
     "killed",
     "nude",
+    "sexual",
+    "murder",
+    "murdered",
+    "abuse",
+    "abused",
+    "suicide",
+    "terrorist",
+    "terrorists",
+    "cocaine",
+    "drugs",
 }
 # irregular plurals always in the noun table (written for statelab; they override the lexicon's first choice)
 IRREGULAR_PLURALS = {
