@@ -150,3 +150,27 @@ def test_top_level_exports():
 
     assert statelab.TASKS is TASKS
     assert statelab.make_episode is make_episode
+
+
+@pytest.mark.parametrize(
+    ("fwd", "inv"),
+    [
+        ("country_capital", "capital_country"),
+        ("country_code", "code_country"),
+        ("singular_plural", "plural_singular"),
+        ("present_past", "past_present"),
+        ("number_to_word", "word_to_number"),
+        ("next_number", "prev_number"),
+    ],
+)
+def test_inverse_tasks_round_trip(fwd, inv):
+    f, g = TASKS[fwd], TASKS[inv]
+    answers = [y for _, y, _ in f.items]
+    unique = {y for y in answers if answers.count(y) == 1}
+    inputs = {x for x, _, _ in g.items}
+    checked = 0
+    for x, y, _ in f.items:
+        if y in unique and y in inputs:
+            assert g(y) == x, f"{inv}({y!r}) = {g(y)!r}, expected {x!r}"
+            checked += 1
+    assert checked >= 0.9 * len(f.items)
