@@ -96,3 +96,10 @@ def test_inputs_not_mutated_and_errors():
         selective_scan(u, delta, A, Bm, Cm, Dsk, h0, True, [41])
     with pytest.raises(ValueError, match="unknown backend"):
         selective_scan(u, delta, A, Bm, Cm, backend="cuda-ish")
+
+
+def test_intra_op_threads_restored():
+    before = torch.get_num_threads()
+    u, delta, A, Bm, Cm, Dsk, h0 = (t.detach() for t in _inputs(40, seed=5))
+    selective_scan_chunk(u, delta, A, Bm, Cm, Dsk, h0, True)
+    assert torch.get_num_threads() == before

@@ -17,15 +17,36 @@ Same contract as ``naive.selective_scan_naive`` (see there for the recurrence). 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 
 from statelab.ops.selective_scan.naive import ScanOutput, check_scan_args
 
-__all__ = ["selective_scan_chunk", "CHUNK"]
+__all__ = ["selective_scan_chunk", "CHUNK", "SCAN_THREADS"]
 
 CHUNK = 32  # tokens per chunk: two [Q, B, D, N] fp32 buffers stay within the last-level cache at Mamba sizes
+
+# Intra-op threads for the scan. Its per-chunk ops are small, so with several threads each one is a
+# synchronisation point; on a machine shared with other jobs a stalled worker turns every such point into a
+# scheduler quantum (measured 10x slower than one thread on 2 busy cores). One thread is the robust default;
+# ``None`` keeps torch's setting.
+SCAN_THREADS: int | None = 1
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """Run the body with ``n`` intra-op threads (if fewer than now), restoring the setting afterwards."""
+    before = torch.get_num_threads()
+    if n is None or n >= before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _forward(
@@ -80,7 +101,8 @@ class _ChunkScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, uT, dT, A, BT, CT, h0, positions, Q):  # type: ignore[override]
-        y, h, bounds, states = _forward(uT, dT, A, BT, CT, h0, positions, True, Q)
+        with _threads(SCAN_THREADS):
+            y, h, bounds, states = _forward(uT, dT, A, BT, CT, h0, positions, True, Q)
         ctx.positions = tuple(positions)
         ctx.Q = Q
         ctx.save_for_backward(uT, dT, A, BT, CT, torch.stack(bounds) if bounds else h0[None])
@@ -89,6 +111,11 @@ class _ChunkScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, d_final, d_at):  # type: ignore[override]
+        with _threads(SCAN_THREADS):
+            return _ChunkScan._backward(ctx, dy, d_final, d_at)
+
+    @staticmethod
+    def _backward(ctx, dy, d_final, d_at):
         uT, dT, A, BT, CT, bounds = ctx.saved_tensors
         positions, Q = ctx.positions, ctx.Q
         T, Bsz, D = uT.shape
@@ -186,7 +213,8 @@ def selective_scan_chunk(
             yT, h, at = _ChunkScan.apply(uT, dT, Af, BT, CT, h0, plist, chunk_size)
             states_at = at.transpose(0, 1) if pos is not None else None
         else:
-            yT, h, _, states = _forward(uT, dT, Af, BT, CT, h0, plist, False, chunk_size)
+            with _threads(SCAN_THREADS):
+                yT, h, _, states = _forward(uT, dT, Af, BT, CT, h0, plist, False, chunk_size)
             states_at = torch.stack([states[p] for p in plist], 1) if pos is not None and plist else None
             if pos is not None and not plist:
                 states_at = h0.new_empty(Bsz, 0, D, N)
