@@ -264,8 +264,11 @@ def plan_runs(config: ExperimentConfig) -> list[RunSpec]:
 _COST = {"mamba1": 8.0, "mamba2": 3.0, "transformer": 2.0, "s5": 1.4, "lsa": 1.0, "gdssm": 0.4}
 
 
-def _cost(spec: RunSpec) -> float:
-    return _COST.get(spec.kind, 1.0) * (spec.depth if spec.kind == "gdssm" else 1.0) * (0.7 if spec.window else 1.0)
+def _order(spec: RunSpec) -> tuple[int, float]:
+    """Submission order for workers: GD-SSM runs first (the study's subject, kept if a study is interrupted), then
+    the baselines; longest first within each group."""
+    cost = _COST.get(spec.kind, 1.0) * (spec.depth if spec.kind == "gdssm" else 1.0) * (0.7 if spec.window else 1.0)
+    return (0 if spec.kind == "gdssm" else 1, -cost)
 
 
 class _Mamba1(nn.Module):
@@ -673,7 +676,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path | None = None, 
                 progress.advance(total)
         else:
             with ProcessPoolExecutor(config.workers, mp_context=get_context("spawn")) as pool:
-                ordered = sorted(runs, key=_cost, reverse=True)
+                ordered = sorted(runs, key=_order)
                 futures = [pool.submit(execute_run, spec, config, optima) for spec in ordered]
                 for fut in as_completed(futures):
                     rec = fut.result()
