@@ -2,8 +2,8 @@
 
 ``statelab gdssm run --config configs/gdssm/quick.toml`` runs every (model, seed) of a config, records each run
 (failures are counted and reported, not fatal) and writes ``runs/<name>/`` with ``config.json``,
-``results.json``, ``report.md`` and PNG plots. The protocol follows arXiv 2410.11687's public code (spec
-``gd-ssm`` §9): d = N = 10, x ~ U(−0.5, 0.5), w ~ N(0, I), fresh tasks every step, ½·MSE at the query, Adam on
+``results.json``, ``report.md`` and PNG plots. The protocol follows the public code of arXiv 2410.11687:
+d = N = 10, x ~ U(−0.5, 0.5), w ~ N(0, I), fresh tasks every step, ½·MSE at the query, Adam on
 the recurrence (Λ, log Δ) and AdamW with weight decay on everything else, constant learning rate.
 
 Measured per run: test loss at the query; for GD-SSM also the prediction cosine and sensitivity cosine

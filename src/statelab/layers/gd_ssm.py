@@ -1,8 +1,8 @@
 """GD-SSM: a diagonal linear recurrence with a windowed bilinear input and a gated readout that does GD in context.
 
 Follows arXiv 2410.11687 (Mohan Sushma, Tian et al., "State-space models can learn in-context by gradient
-descent") as reconstructed in ``docs`` spec ``gd-ssm``; all formulas below are checked against closed-form GD in
-``tests/layers/test_gd_ssm.py``.
+descent") and its public JAX code (github.com/Efficient-Scalable-Machine-Learning/gd-ssm); the constructions below
+are derived algebraically and checked against closed-form GD in ``tests/layers/test_gd_ssm.py``.
 
 Letters (see :mod:`statelab.glossary`; here P is the state rows, d the token width, W windows):
 
