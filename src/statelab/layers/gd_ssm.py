@@ -442,7 +442,7 @@ class ProductTokenSSM(nn.Module):
 
 @dataclass(frozen=True)
 class NonlinearGDSSMConfig:
-    """GD-SSM with a learned token embedding and read-out (spec §8).
+    """GD-SSM with a learned token embedding and read-out (the non-linear extension of arXiv 2410.11687).
 
     Attributes:
         d_in: raw token width. d_out: target width E. width: P, the GD-SSM token width.
