@@ -265,10 +265,10 @@ _COST = {"mamba1": 8.0, "mamba2": 3.0, "transformer": 2.0, "s5": 1.4, "lsa": 1.0
 
 
 def _order(spec: RunSpec) -> tuple[int, float]:
-    """Submission order for workers: GD-SSM runs first (the study's subject, kept if a study is interrupted), then
-    the baselines; longest first within each group."""
+    """Submission order for workers: GD-SSM runs first, longest first (the study's subject); then the baselines,
+    cheapest first, so that an interrupted study has as many baselines as possible."""
     cost = _COST.get(spec.kind, 1.0) * (spec.depth if spec.kind == "gdssm" else 1.0) * (0.7 if spec.window else 1.0)
-    return (0 if spec.kind == "gdssm" else 1, -cost)
+    return (0, -cost) if spec.kind == "gdssm" else (1, cost)
 
 
 class _Mamba1(nn.Module):
