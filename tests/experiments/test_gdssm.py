@@ -153,7 +153,12 @@ def test_report_can_be_rebuilt_from_partial_results(tmp_path, one_thread):
     assert partial["meta"]["partial"] and partial["meta"]["done"] == 2
     (root / "results.json").unlink()
     (root / "report.md").unlink()
+    partial["runs"] = partial["runs"][:1]
+    partial["meta"]["done"] = 1
+    (root / "results.partial.json").write_text(json.dumps(partial))
     report_from_files(root)
-    assert "INTERRUPTED after 2 of 2 runs" in (root / "report.md").read_text()
+    report = (root / "report.md").read_text()
+    assert "INTERRUPTED after 1 of 2 runs" in report
+    assert "## Runs not finished (study interrupted)\n\ns5 seed 0" in report
     with pytest.raises(ConfigError, match="config.json"):
         report_from_files(tmp_path / "nowhere")

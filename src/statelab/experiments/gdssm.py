@@ -730,6 +730,8 @@ def report_from_files(run_dir: str | Path) -> Path:
     if meta.get("partial"):
         order = {(s.label, s.seed): i for i, s in enumerate(plan_runs(config))}
         results["runs"].sort(key=lambda r: order.get((r["label"], r["seed"]), len(order)))
+        done = {(r["label"], r["seed"]) for r in results["runs"]}
+        meta["not_finished"] = [f"{label} seed {seed}" for label, seed in order if (label, seed) not in done]
         meta.update(commit=_git_commit(), date_utc=time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                     machine=f"{platform.machine()}, torch {torch.__version__}, {config.workers} worker(s) × "
                             f"{config.threads} thread(s); INTERRUPTED after {meta['done']} of {meta['runs']} runs",

@@ -297,6 +297,8 @@ def write_report(config: Any, results: dict[str, Any], root: Path) -> Path:
             )
         lines.append("")
 
+    if meta.get("not_finished"):
+        lines += ["## Runs not finished (study interrupted)", "", ", ".join(meta["not_finished"]), ""]
     if failed:
         lines += ["## Failed runs", ""]
         lines += [f"- {r['label']} seed {r['seed']}: {r['error']}" for r in failed]
