@@ -1,0 +1,68 @@
+"""The Gated SSM layer of Birdie (arXiv 2411.01030, A.3), causal or with a bidirectional prefix.
+
+Per token, with ``x [B, T, M]`` and ``D`` recurrent channels::
+
+    i = σ(W_i x),  z = W_z x,  o = GeLU(W_o x),  f = σ(W_f x)
+    h_t = f_t ⊙ h_{t-1} + i_t ⊙ z_t
+    y = W_out(o ⊙ h)
+
+With ``bidirectional=True`` the ``D`` channels are split in half (:mod:`statelab.layers.bidirectional`): the
+first half runs forward over prefix and suffix, the second backward over the prefix only; no parameters are added.
+
+State: the forward channels after the last token, ``[B, D]`` (causal) or ``[B, D // 2]`` (bidirectional), fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from statelab.errors import StateMismatchError
+from statelab.layers.bidirectional import split_scan
+
+__all__ = ["GatedSSMLayer"]
+
+
+class GatedSSMLayer(nn.Module):
+    """``y, state = layer(x [B, T, M], state=None, seq_start=None, is_prefix=None)``."""
+
+    def __init__(self, d_model: int, d_state: int, bidirectional: bool = False, chunk: int = 32) -> None:
+        super().__init__()
+        if bidirectional and d_state % 2:
+            raise ValueError(f"a bidirectional gated SSM needs an even d_state, got {d_state}")
+        self.d_model, self.d_state, self.bidirectional, self.chunk = d_model, d_state, bidirectional, chunk
+        self.in_proj = nn.Linear(d_model, 4 * d_state)
+        self.out_proj = nn.Linear(d_state, d_model)
+        with torch.no_grad():  # forget gates start near 0.9-0.99: memory from the first step
+            self.in_proj.bias[3 * d_state :].uniform_(2.0, 4.5)
+
+    @property
+    def state_dim(self) -> int:
+        return self.d_state // 2 if self.bidirectional else self.d_state
+
+    def zero_state(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+        return torch.zeros(batch_size, self.state_dim, device=device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: torch.Tensor | None = None,
+        seq_start: torch.Tensor | None = None,
+        is_prefix: torch.Tensor | None = None,
+        naive: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, T, M]``, ``state [B, state_dim]`` (after the token before ``x[:, 0]``) -> ``(y [B, T, M],
+        state after the last token)``. ``naive`` uses the loop reference scan."""
+        if state is not None and state.shape != (x.shape[0], self.state_dim):
+            raise StateMismatchError(
+                f"gated SSM state must be {(x.shape[0], self.state_dim)}, got {tuple(state.shape)}"
+            )
+        i, z, o, f = self.in_proj(x).chunk(4, dim=-1)
+        log_f = F.logsigmoid(f.float())  # decays in fp32
+        u = torch.sigmoid(i) * z
+        h, new = split_scan(
+            log_f, u, state, seq_start, is_prefix, self.bidirectional, self.chunk, naive=naive
+        )
+        y = self.out_proj(F.gelu(o) * h.to(x.dtype))
+        return y, new

@@ -1,0 +1,140 @@
+import pytest
+import torch
+
+from statelab.layers.bidirectional import (
+    linear_scan,
+    linear_scan_naive,
+    reverse_reset,
+    segment_causal_conv,
+    split_scan,
+    split_scan_naive,
+)
+from statelab.layers.gated_ssm import GatedSSMLayer
+from statelab.layers.hawk import HawkLayer
+from statelab.testing import assert_close
+
+
+def rand_scan(B, T, D, seed=0, resets=True):
+    g = torch.Generator().manual_seed(seed)
+    log_a = -torch.rand(B, T, D, generator=g) * 2
+    if resets:
+        log_a[:, T // 3] = float("-inf")
+    u = torch.randn(B, T, D, generator=g)
+    h0 = torch.randn(B, D, generator=g)
+    return log_a, u, h0
+
+
+@pytest.mark.parametrize("T", [1, 7, 63, 64, 100])
+def test_chunked_scan_matches_naive_with_gradients(T):
+    log_a, u, h0 = rand_scan(2, T, 5, seed=T)
+    ref_in = [t.clone().requires_grad_() for t in (log_a, u, h0)]
+    got_in = [t.clone().requires_grad_() for t in (log_a, u, h0)]
+    hr, sr = linear_scan_naive(*ref_in)
+    hg, sg = linear_scan(*got_in, chunk=16)
+    assert_close("h", hr, hg)
+    assert_close("final state", sr, sg)
+    w = torch.randn_like(hr)
+    ((hr * w).sum() + sr.sum()).backward()
+    ((hg * w).sum() + sg.sum()).backward()
+    for name, a, b in zip(("log_a", "u", "h0"), ref_in, got_in, strict=True):
+        assert torch.isfinite(b.grad).all()
+        assert_close(f"grad {name}", a.grad, b.grad)
+
+
+def masks(B=2, T=40, seed=0):
+    """Random packed rows: samples of random lengths, each with a random prefix part, padding at the end."""
+    g = torch.Generator().manual_seed(seed)
+    seq_start = torch.zeros(B, T, dtype=torch.bool)
+    is_prefix = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        t = 0
+        while t < T - 6:
+            n = int(torch.randint(3, 14, (1,), generator=g))
+            n = min(n, T - 4 - t)
+            p = int(torch.randint(0, n, (1,), generator=g))
+            seq_start[b, t] = True
+            is_prefix[b, t : t + p] = True
+            t += n
+    return seq_start, is_prefix
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_split_scan_matches_its_reference(bidirectional):
+    log_a, u, _ = rand_scan(2, 40, 6, resets=False)
+    seq_start, is_prefix = masks()
+    h0 = torch.randn(2, 3 if bidirectional else 6)
+    hr, sr = split_scan_naive(log_a, u, h0, seq_start, is_prefix, bidirectional)
+    hg, sg = split_scan(log_a, u, h0, seq_start, is_prefix, bidirectional, chunk=16)
+    assert_close("h", hr, hg)
+    assert_close("state", sr, sg)
+
+
+def test_reverse_reset_rules():
+    seq_start = torch.tensor([[1, 0, 0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    is_prefix = torch.tensor([[1, 1, 0, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    # position t reads t+1 only inside one sample's prefix
+    assert reverse_reset(seq_start, is_prefix)[0].tolist() == [False, True, True, True, False, False, True, True]
+
+
+def test_conv_window_stops_at_sample_starts_and_continues_from_state():
+    torch.manual_seed(0)
+    x = torch.randn(1, 12, 3)
+    w, b = torch.randn(3, 4), torch.randn(3)
+    start = torch.zeros(1, 12, dtype=torch.bool)
+    start[0, 5] = True
+    y, _ = segment_causal_conv(x, w, b, None, start)
+    y2, _ = segment_causal_conv(x[:, 5:], w, b, None, None)
+    assert_close("second sample alone", y2, y[:, 5:])
+    full, st = segment_causal_conv(x, w, b, None, None)
+    a, s1 = segment_causal_conv(x[:, :7], w, b, None, None)
+    c, s2 = segment_causal_conv(x[:, 7:], w, b, s1, None)
+    assert_close("continued", full, torch.cat([a, c], 1))
+    assert_close("conv state", st, s2)
+
+
+def make_layer(kind, bidirectional=True):
+    torch.manual_seed(1)
+    if kind == "gated_ssm":
+        return GatedSSMLayer(8, 6, bidirectional=bidirectional, chunk=8)
+    return HawkLayer(8, 6, bidirectional=bidirectional, chunk=8)
+
+
+@pytest.mark.parametrize("kind", ["gated_ssm", "hawk"])
+def test_no_suffix_position_sees_a_later_token(kind):
+    layer = make_layer(kind)
+    T = 20
+    x = torch.randn(1, T, 8)
+    seq_start = torch.zeros(1, T, dtype=torch.bool)
+    seq_start[0, 0] = True
+    is_prefix = torch.zeros(1, T, dtype=torch.bool)
+    is_prefix[0, :8] = True
+    y, _ = layer(x, None, seq_start, is_prefix)
+    for t in range(8, T - 1):  # perturb suffix token t+1: outputs <= t unchanged
+        x2 = x.clone()
+        x2[0, t + 1] += 3.0
+        y2, _ = layer(x2, None, seq_start, is_prefix)
+        assert torch.equal(y2[:, : t + 1], y[:, : t + 1]), f"suffix position <= {t} saw token {t + 1}"
+        assert not torch.equal(y2[:, t + 1], y[:, t + 1])
+    # a prefix token does change earlier prefix outputs (the reverse half reads it)
+    x3 = x.clone()
+    x3[0, 6] += 3.0
+    y3, _ = layer(x3, None, seq_start, is_prefix)
+    assert not torch.allclose(y3[:, :6], y[:, :6])
+
+
+@pytest.mark.parametrize("kind", ["gated_ssm", "hawk"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_packed_row_equals_samples_one_by_one(kind, bidirectional):
+    layer = make_layer(kind, bidirectional)
+    seq_start, is_prefix = masks(B=1, T=48, seed=3)
+    x = torch.randn(1, 48, 8)
+    y, _ = layer(x, None, seq_start, is_prefix)
+    starts = seq_start[0].nonzero().flatten().tolist() + [48]
+    for s, e in zip(starts[:-1], starts[1:], strict=True):
+        ys, _ = layer(x[:, s:e], None, seq_start[:, s:e], is_prefix[:, s:e])
+        assert_close(f"sample at {s}", ys, y[:, s:e])
+    # changing sample k+1 leaves sample k unchanged
+    x2 = x.clone()
+    x2[:, starts[1] :] += 1.0
+    y2, _ = layer(x2, None, seq_start, is_prefix)
+    assert torch.equal(y2[:, : starts[1]], y[:, : starts[1]])
