@@ -8,6 +8,7 @@ from statelab.state.search import (
     CountSketch,
     ExactIndex,
     FaissIndex,
+    FaissIVFIndex,
     UsearchIndex,
     cosine_scores,
     cosine_scores_naive,
@@ -102,7 +103,7 @@ def test_recall_at_k():
     assert recall_at_k(np.array([[1, -1]]), np.array([[1, 5]])) == 0.5
 
 
-@pytest.mark.parametrize("kind", ["exact", "faiss", "usearch"])
+@pytest.mark.parametrize("kind", ["exact", "faiss", "faiss-ivf", "usearch"])
 def test_indexes_agree_with_brute_force(tmp_path, kind):
     g = torch.Generator().manual_seed(0)
     v = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
@@ -128,7 +129,7 @@ def test_index_errors():
     with pytest.raises(StoreError, match=r"expects vectors \[n, 8\]"):
         ExactIndex(8).add([1], np.zeros((1, 7), np.float32))
     assert ExactIndex(8).search(np.zeros((1, 8), np.float32), 3)[1].shape == (1, 0)
-    for cls in (FaissIndex, UsearchIndex):
+    for cls in (FaissIndex, FaissIVFIndex, UsearchIndex):
         assert cls(8).search(np.zeros((2, 8), np.float32), 3)[1].shape == (2, 0)
 
 
@@ -143,7 +144,7 @@ def library(tmp_path):
     return store
 
 
-@pytest.mark.parametrize("kind", ["exact", "sketch", "faiss", "usearch"])
+@pytest.mark.parametrize("kind", ["exact", "sketch", "faiss", "faiss-ivf", "usearch"])
 def test_search_finds_the_right_task(library, kind):
     store = StateStore(library.path, index=kind)
     for task in range(5):
@@ -162,7 +163,7 @@ def test_exact_scores_are_raw_cosines(library):
     assert library.search(library.get("t1-3"), k=1)[0].score == pytest.approx(1.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["sketch", "faiss", "usearch"])
+@pytest.mark.parametrize("kind", ["sketch", "faiss", "faiss-ivf", "usearch"])
 def test_rerank_gives_exact_scores(library, kind):
     q = task_state(3, 4242)
     exact = library.search(q, k=4)
@@ -198,7 +199,7 @@ def test_search_errors(tmp_path, library):
         library.search(torch.zeros(3))
 
 
-@pytest.mark.parametrize("kind", ["sketch", "faiss", "usearch"])
+@pytest.mark.parametrize("kind", ["sketch", "faiss", "faiss-ivf", "usearch"])
 def test_index_follows_adds_and_removes(library, kind):
     store = StateStore(library.path, index=kind)
     q = task_state(0, 5555)
@@ -211,6 +212,7 @@ def test_index_follows_adds_and_removes(library, kind):
     assert fresh.search(q, k=1)[0].id == twin.id
     assert len(fresh.search(q, k=100)) == len(store)
     if kind != "sketch":
-        files = sorted(p.name for p in (library.path / "index").iterdir() if p.name.startswith(kind))
+        files = sorted(p.name for p in (library.path / "index").iterdir() if p.name.startswith(kind + "-"))
+        files = [f for f in files if not f.startswith("faiss-ivf-")] if kind == "faiss" else files
         assert len(files) == 1 and files[0].endswith(f"-r1-m{twin.id}.idx")
     assert store.check().ok

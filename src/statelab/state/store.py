@@ -18,13 +18,15 @@ Guarantees:
 
 Search (see :mod:`statelab.state.search`): ``index="exact"`` (default) scores the raw SSM states of the chosen layers
 (exact cosine, blobs streamed); ``"sketch"`` scores stored CountSketch vectors by brute force; ``"faiss"`` and
-``"usearch"`` search the sketches with an HNSW index. Sketches are computed when a state is added, with the dimension,
-seed and layers recorded in the store, so every sketch in a store is comparable.
+``"usearch"`` search the sketches with an HNSW index, ``"faiss-ivf"`` with an IVF-Flat index (fast to build; the
+one to use beyond ~1e5 entries, see ``benchmarks/RESULTS.md``). Sketches are computed when a state is added, with
+the dimension, seed and layers recorded in the store, so every sketch in a store is comparable.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io as _io
 import json
 import os
@@ -59,7 +61,7 @@ __all__ = ["StateStore", "Entry", "Hit", "CheckReport", "STORE_INDEX_KINDS", "DE
 SCHEMA_VERSION = "1"
 ARCHIVE_FORMAT = "statelab.store-archive"
 ARCHIVE_VERSION = 1
-STORE_INDEX_KINDS = ("exact", "sketch", "faiss", "usearch")
+STORE_INDEX_KINDS = ("exact", "sketch", "faiss", "faiss-ivf", "usearch")
 # Chosen with benchmarks/bench_store.py (sketch recall against raw-state cosine); see benchmarks/RESULTS.md.
 DEFAULT_SKETCH_DIM = 256
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -203,7 +205,8 @@ class StateStore:
 
     Args:
         path: the store directory; created if missing.
-        index: search backend, ``"exact"`` (default; raw-state cosine), ``"sketch"``, ``"faiss"`` or ``"usearch"``.
+        index: search backend: ``"exact"`` (default; raw-state cosine), ``"sketch"``, ``"faiss"`` (HNSW),
+            ``"faiss-ivf"`` or ``"usearch"`` (HNSW).
         sketch_dim, sketch_seed, layers: sketch dimension (default 256), hash seed (default 0) and the layers
             sketched and searched by default (``None``: the middle third). Fixed when the store is created; passing
             a different value when opening an existing store is an error.
@@ -806,14 +809,14 @@ class StateStore:
 
     @staticmethod
     def _index_file_removals(p: Path) -> int | None:
-        m = re.fullmatch(r"[a-z]+-[0-9a-f]+-r(\d+)-m(\d+)\.idx", p.name)
+        m = re.fullmatch(r"[a-z-]+-[0-9a-f]{16}-r(\d+)-m(\d+)\.idx", p.name)
         return int(m.group(1)) if m else None
 
     def _synced_index(self, fp: str) -> VectorIndex:
         """The vector index of model ``fp``'s sketches, brought up to date with the database.
 
         New rows are appended to the cached index; after any removal the index is rebuilt (HNSW graphs do not
-        delete well). Non-exact indexes are also cached on disk as ``index/<kind>-<fp16>-r<removals>-m<max id>.idx``.
+        delete well). Non-exact indexes are also cached on disk as ``index/<kind>-<model>-r<removals>-m<max id>.idx``.
         """
         kind = self._index_kind()
         with self._read() as db:
@@ -838,8 +841,8 @@ class StateStore:
 
     def _index_files(self, kind: str, fp: str) -> list[tuple[Path, int, int]]:
         out = []
-        for p in (self.path / "index").glob(f"{kind}-{fp[:16]}-r*-m*.idx"):
-            m = re.fullmatch(r"[a-z]+-[0-9a-f]+-r(\d+)-m(\d+)\.idx", p.name)
+        for p in (self.path / "index").glob(f"{kind}-{_fp_tag(fp)}-r*-m*.idx"):
+            m = re.fullmatch(r"[a-z-]+-[0-9a-f]{16}-r(\d+)-m(\d+)\.idx", p.name)
             if m:
                 out.append((p, int(m.group(1)), int(m.group(2))))
         return out
@@ -866,7 +869,7 @@ class StateStore:
         return index, best[2], removals
 
     def _save_index_file(self, kind: str, fp: str, index: VectorIndex, removals: int, max_id: int) -> None:
-        target = self.path / "index" / f"{kind}-{fp[:16]}-r{removals}-m{max_id}.idx"
+        target = self.path / "index" / f"{kind}-{_fp_tag(fp)}-r{removals}-m{max_id}.idx"
         tmp = target.with_name(f"{TMP_PREFIX}{os.getpid()}-{time.monotonic_ns()}-{target.name}")
         try:
             index.save(tmp)
@@ -880,6 +883,11 @@ class StateStore:
 
     def __repr__(self) -> str:
         return f"StateStore({str(self.path)!r}, index={self.index_kind!r}, sketch_dim={self.sketch_dim})"
+
+
+def _fp_tag(fingerprint: str) -> str:
+    """16 hex digits naming a model in index file names (fingerprints are free-form strings)."""
+    return hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

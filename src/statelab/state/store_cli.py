@@ -233,7 +233,7 @@ def search_command(
     k: Annotated[int, typer.Option("-k", help="Number of hits.")] = 5,
     layers: Annotated[str | None, typer.Option(help="Comma-separated layers (default: the store's).")] = None,
     threshold: Annotated[float | None, typer.Option(help="Drop hits scoring below this cosine.")] = None,
-    index: Annotated[str, typer.Option(help="exact, sketch, faiss or usearch.")] = "exact",
+    index: Annotated[str, typer.Option(help="exact, sketch, faiss, faiss-ivf or usearch.")] = "exact",
     rerank: Annotated[int, typer.Option(help="Re-score this many sketch candidates exactly.")] = 0,
     task: Annotated[str | None, typer.Option(help="Only entries of this task.")] = None,
     as_json: JsonOpt = False,
