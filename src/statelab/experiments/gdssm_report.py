@@ -205,7 +205,9 @@ def write_report(config: Any, results: dict[str, Any], root: Path) -> Path:
         "## GD-SSM trained from random initialisation",
         "",
         f"Init scale {g.init_scale:g} (factor on the public code's initial standard deviations of W_q and C) unless "
-        "the row says otherwise. 'Seeds at GD' counts seeds whose loss is at most 1.02 × the L-step GD loss.",
+        "the row says otherwise. 'Seeds at GD' counts seeds whose loss is at most 1.02 × the L-step GD loss. "
+        "Prediction cosine: cosine between all test-set query predictions of the model and of GD (flattened); "
+        "sensitivity cosine: mean over tasks and output rows of cos(∂ŷ/∂x_q, W_GD), von Oswald et al.'s measure.",
         "",
         "| layers L | init scale | test loss | seeds at GD | L-step GD | loss / L-step GD | pred. cosine to 1-step "
         "GD | pred. cosine to L-step GD | sensitivity cosine to 1-step GD | steps/s |",
