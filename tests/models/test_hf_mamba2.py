@@ -47,8 +47,16 @@ def _hf(name, seed=0):
     return m
 
 
+def _hf_version() -> tuple[int, int]:
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 @pytest.fixture(scope="module", params=list(SHAPES))
 def pair(request, tmp_path_factory):
+    if SHAPES[request.param]["n_groups"] > 1 and _hf_version() < (5, 23):
+        # seen with 5.17 (the GPU machine's): its logits differ from 5.23's and ours when n_groups > 1
+        pytest.skip(f"transformers {transformers.__version__} < 5.23 disagrees with 5.23 for n_groups > 1")
     ref = _hf(request.param)
     d = tmp_path_factory.mktemp(request.param)
     with warnings.catch_warnings():

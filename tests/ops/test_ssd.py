@@ -21,27 +21,37 @@ def make_inputs(B=2, T=65, H=4, P=8, G=2, N=16, dtype=torch.float32, seed=0, dec
     return [t.to(dtype) for t in (x, dt, A, Bm, Cm, D, h0)]
 
 
-def run_with_grads(fn, inputs, positions):
-    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+def run_with_grads(fn, inputs, positions, device="cpu"):
+    """Run ``fn`` on ``device`` with a fixed random loss over y and the final state; results back on the CPU."""
+    leaves = [t.detach().clone().to(device).requires_grad_(True) for t in inputs]
     out = fn(*leaves, output_final_state=True, return_states_at=positions)
     g = torch.Generator().manual_seed(1)
-    wy = torch.randn(out.y.shape, generator=g).to(out.y.dtype)
-    ws = torch.randn(out.final_state.shape, generator=g)
-    loss = (out.y.float() * wy.float()).sum() + (out.final_state * ws).sum()
+    wy = torch.randn(out.y.shape, generator=g).to(device)
+    ws = torch.randn(out.final_state.shape, generator=g).to(device)
+    loss = (out.y.float() * wy).sum() + (out.final_state * ws).sum()
     loss.backward()
-    return out, [t.grad for t in leaves]
+    cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+    out.y, out.final_state, out.sum_delta = cpu(out.y), cpu(out.final_state), cpu(out.sum_delta)
+    out.states_at = [cpu(t) for t in out.states_at]
+    out.sum_delta_at = [cpu(t) for t in out.sum_delta_at]
+    return out, [cpu(t.grad) for t in leaves]
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 NAMES = ["x", "dt", "A", "Bm", "Cm", "D", "initial_state"]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 500], ids=lambda t: f"T{t}")
-def test_chunk_equals_naive(T, dtype):
+def test_chunk_equals_naive(T, dtype, device):
     inputs = make_inputs(T=T, dtype=dtype)
     positions = sorted({1, (T + 1) // 2, T})
     ref, ref_grads = run_with_grads(ssd_scan_naive, inputs, positions)
-    got, got_grads = run_with_grads(lambda *a, **k: ssd_scan_chunk(*a, **k, chunk_size=64), inputs, positions)
+    chunked = lambda *a, **k: ssd_scan_chunk(*a, **k, chunk_size=64)  # noqa: E731
+    got, got_grads = run_with_grads(chunked, inputs, positions, device)
     tol = {} if dtype == torch.float32 else {"rtol": 5e-2, "atol": 5e-2}
     assert got.y.dtype == dtype
     assert_close("y", ref.y, got.y, **tol)
