@@ -93,16 +93,19 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def decode_time(prefill: Callable[[], tuple], step: Callable[[object, object], tuple], steps: int, repeats: int):
-    """Best per-token time of ``steps`` one-token calls after an untimed prefill (``prefill() -> (tok, cache)``)."""
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first round warms up
-        tok, cache = prefill()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            tok, cache = step(tok, cache)
-        best = min(best, (time.perf_counter() - t0) / steps)
-    return best
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def decode_round(prefill: Callable[[], tuple], step: Callable[[object, object], tuple], steps: int) -> float:
+    """Per-token time of ``steps`` one-token calls after an untimed prefill (``prefill() -> (tok, cache)``)."""
+    tok, cache = prefill()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tok, cache = step(tok, cache)
+    return (time.perf_counter() - t0) / steps
 
 
 def hf_fns(hf, prompt: torch.Tensor):
@@ -168,12 +171,21 @@ def bench_arch(arch: str, args, rates: dict[str, float], progress) -> list[dict]
         for T in args.lengths:
             x = torch.randint(0, 50000, (1, T), generator=g)
             reps = 1 if T > 2048 else args.repeats
-            t_fwd = best_time(lambda x=x: model(x), reps, warmup=0 if T > 2048 else 1)
-            t_enc = best_time(lambda x=x: model.encode(x), reps, warmup=0)
+            with_hf = hf is not None and args.hf_max_len >= T
+            if T <= 512:  # warm-up (allocator, weights in cache)
+                model(x)
+                if with_hf:
+                    hf(x, use_cache=False)
+            # interleaved rounds: load from other jobs hits both sides alike
+            t_fwd = t_enc = t_hf = float("inf")
+            for _ in range(reps):
+                t_fwd = min(t_fwd, timed(lambda x=x: model(x)))
+                if with_hf:
+                    t_hf = min(t_hf, timed(lambda x=x: hf(x, use_cache=False)))
+                t_enc = min(t_enc, timed(lambda x=x: model.encode(x)))
             row = {"arch": arch, "what": f"prefill {T}", "ours_tok_s": T / t_fwd, "ours_encode_tok_s": T / t_enc}
             row["mfu"] = flops_tok * T / t_fwd / (rates["matmul_gflops"] * 1e9)
-            if hf is not None and args.hf_max_len >= T:
-                t_hf = best_time(lambda x=x: hf(x, use_cache=False), reps, warmup=0 if T > 512 else 1)
+            if with_hf:
                 row["hf_tok_s"] = T / t_hf
                 row["ratio"] = t_hf / t_fwd
             rows.append(row)
@@ -181,13 +193,20 @@ def bench_arch(arch: str, args, rates: dict[str, float], progress) -> list[dict]
             gc.collect()
         prompt = torch.randint(0, 50000, (1, 8), generator=g)
         steps = args.decode_steps
-        t_ours = decode_time(*ours_fns(model, prompt), steps, args.repeats)
+        fns = {"ours": ours_fns(model, prompt)}
+        if hf is not None:
+            fns["hf"] = hf_fns(hf, prompt)
+        best = {k: float("inf") for k in fns}
+        for r in range(args.repeats + 1):  # round 0 warms up; rounds alternate between the two
+            for k, f in fns.items():
+                t = decode_round(*f, steps)
+                best[k] = min(best[k], t) if r else best[k]
+        t_ours = best["ours"]
         floor = weight_bytes(model) / (rates["copy_gbs"] * 1e9)
         row = {"arch": arch, "what": "decode ms/token", "ours_ms": t_ours * 1e3, "floor_ms": floor * 1e3}
         if hf is not None:
-            t_hf = decode_time(*hf_fns(hf, prompt), steps, args.repeats)
-            row["hf_ms"] = t_hf * 1e3
-            row["ratio"] = t_hf / t_ours
+            row["hf_ms"] = best["hf"] * 1e3
+            row["ratio"] = best["hf"] / t_ours
         rows.append(row)
         progress(f"{arch} decode: {row['ours_ms']:.1f} ms/token (hf {row.get('hf_ms', float('nan')):.1f})")
 
@@ -197,12 +216,15 @@ def bench_arch(arch: str, args, rates: dict[str, float], progress) -> list[dict]
         nxt = torch.randint(0, 50000, (1, 1), generator=g)
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "prefix.safetensors"
-            save_state_file(model.encode(prefix), path)
-
-            def from_disk() -> None:
-                model(nxt, load_state_file(path, model))
-
-            t_disk = best_time(from_disk, args.repeats)
+            in_memory = model.encode(prefix)
+            save_state_file(in_memory, path)
+            # interleaved: first token from the file vs one decode step from the state already in memory
+            t_disk = t_step = float("inf")
+            for r in range(args.repeats * 2 + 1):
+                a = timed(lambda: model(nxt, load_state_file(path, model)))
+                b = timed(lambda: model(nxt, in_memory))
+                if r:
+                    t_disk, t_step = min(t_disk, a), min(t_step, b)
         t_reread = best_time(lambda: model(torch.cat([prefix, nxt], 1)), 1, warmup=0)
         rows.append(
             {
@@ -210,7 +232,8 @@ def bench_arch(arch: str, args, rates: dict[str, float], progress) -> list[dict]
                 "what": f"first token after {P}",
                 "disk_ms": t_disk * 1e3,
                 "reread_ms": t_reread * 1e3,
-                "vs_decode": t_disk / t_ours,
+                "step_ms": t_step * 1e3,
+                "vs_decode": t_disk / t_step,
             }
         )
         progress(f"{arch} TTFT: state from disk {t_disk * 1e3:.1f} ms vs re-read {t_reread * 1e3:.0f} ms")
@@ -244,7 +267,7 @@ def table(rows: list[dict]) -> str:
             out.append(
                 f"| {r['arch']} | {r['what']} ms | {r['disk_ms']:.1f} (state from disk) | "
                 f"{r['reread_ms']:.0f} (re-read prefix, statelab) | {r['reread_ms'] / r['disk_ms']:.0f} | "
-                f"{r['vs_decode']:.2f}x one decode step |"
+                f"{r['vs_decode']:.2f}x one decode step ({r['step_ms']:.1f} ms) |"
             )
     return "\n".join(out)
 
