@@ -1,0 +1,832 @@
+"""The State Soup experiment (arXiv 2406.08423): skills as states, retrieved from a few examples, mixed.
+
+``statelab soup run [--model PATH_OR_embedded] [--config FILE] [key=value ...]`` runs five studies on any statelab
+model (the embedded one by default) and writes ``<out_dir>/<name>/`` with ``report.md``, PNG plots,
+``results.json`` and the config:
+
+1. **Skill library.** For every task, ``library_sets`` disjoint ``library_shots``-shot prompts from the task's
+   train split are encoded from the zero state and added to a :class:`statelab.StateStore` (task name as label).
+2. **Retrieval.** Held-out ``k``-shot queries (test split) are encoded the same way; the task of the top-1 store
+   hit (cosine of SSM states) is the prediction. Accuracy vs ``k`` for the store's default layer choice and for
+   every single layer.
+3. **Few-shot accuracy per task**, greedy exact match of the answer and its terminator, from these states:
+   zero state (0-shot); the item's own ``icl_shots``-shot prompt; the retrieved skill (top-1 library state for
+   that prompt's state); that prompt's state mixed with the soup of the retrieved task's library states; a
+   ``library_shots``-shot prompt; the mean of the same number of one-shot states; their norm-matched mean.
+4. **Ordered composition.** Long sequences are cut into equal chunks encoded independently from zero; the
+   continuation's perplexity is measured from ``adecay`` of the chunk states, their ``mean``, the last chunk
+   alone, the full pass and no context (and ``adecay`` of chunks encoded with conv context).
+5. **Cross-task mixing.** For pairs of related tasks, accuracy on each task from either task's state and from
+   their mixtures.
+
+Greedy exact match is computed by teacher forcing: greedy decoding emits the answer iff the argmax at every answer
+position (given the correct prefix) is the answer token, so one batched forward pass per prompt scores it exactly.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import typer
+
+from statelab.errors import ConfigError, StatelabError
+from statelab.state.core import State
+from statelab.train.config import apply_overrides, from_dict, read_config_file, to_dict
+
+__all__ = [
+    "SoupConfig",
+    "load_soup_config",
+    "TaskData",
+    "Prompter",
+    "SoupRunner",
+    "run_soup",
+    "ICL_METHODS",
+    "app",
+]
+
+#: the few-shot conditions, in report order
+ICL_METHODS = (
+    "0-shot",
+    "k-shot prompt",
+    "retrieved skill",
+    "query + retrieved soup",
+    "32-shot prompt",
+    "mean of one-shot states",
+    "norm-matched mean",
+)
+
+
+@dataclass(frozen=True)
+class SoupConfig:
+    """Everything one State Soup run depends on (saved as ``config.json`` beside the report).
+
+    Attributes:
+        name: run name; results go to ``<out_dir>/<name>/``.
+        out_dir: parent directory of runs.
+        model: checkpoint directory, hub id or ``"embedded"``.
+        tokenizer: ``""`` for the checkpoint's own tokenizer, else ``"byte"`` or a tokenizer path.
+        seed: seed of every random choice (examples, prompts, sequences).
+        tasks: word-function tasks to use; empty for every task of the suite.
+        max_tasks: keep only the first this many tasks (0: all).
+        template: demonstration template with ``{x}`` and ``{y}``; empty for the suite's default.
+        library_sets: disjoint prompts per task in the skill library.
+        library_shots: demonstrations per library prompt (also the "32-shot" baseline).
+        retrieval_shots: the ``k`` of the retrieval queries.
+        retrieval_queries: queries per task and ``k``.
+        retrieval_layers: layers for the "default" retrieval; empty for the store's default (middle third).
+        icl_shots: demonstrations in the per-item prompt (the "k-shot prompt" condition and the retrieval query).
+        icl_items: test items per task.
+        icl_prompts: distinct ``icl_shots``-shot prompts per task, each used for an equal share of the items.
+        query_weight: weight of the query state when mixed with the retrieved soup (the soup gets the rest).
+        composition_source: ``"tasks"`` (long runs of demonstrations) or a UTF-8 text file (``.gz`` allowed).
+        composition_sequences: sequences in the composition study.
+        composition_chunks: chunks per sequence.
+        composition_chunk_tokens: tokens per chunk.
+        composition_continuation_tokens: tokens of the scored continuation.
+        cross_pairs: pairs of related tasks for cross-task mixing (pairs naming absent tasks are skipped).
+        cross_items: test items per task in the cross-task study.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        threads: torch threads (0 leaves the default).
+        progress: show progress bars.
+    """
+
+    name: str = "soup"
+    out_dir: str = "runs"
+    model: str = "embedded"
+    tokenizer: str = ""
+    seed: int = 0
+    tasks: tuple[str, ...] = ()
+    max_tasks: int = 0
+    template: str = ""
+    library_sets: int = 4
+    library_shots: int = 32
+    retrieval_shots: tuple[int, ...] = (1, 2, 4, 8)
+    retrieval_queries: int = 10
+    retrieval_layers: tuple[int, ...] = ()
+    icl_shots: int = 2
+    icl_items: int = 20
+    icl_prompts: int = 4
+    query_weight: float = 0.5
+    composition_source: str = "tasks"
+    composition_sequences: int = 16
+    composition_chunks: int = 4
+    composition_chunk_tokens: int = 96
+    composition_continuation_tokens: int = 96
+    cross_pairs: tuple[tuple[str, str], ...] = ()
+    cross_items: int = 20
+    device: str = "cpu"
+    threads: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.library_sets >= 1, "library_sets must be >= 1", self.library_sets),
+            (self.library_shots >= 1, "library_shots must be >= 1", self.library_shots),
+            (len(self.retrieval_shots) > 0 and min(self.retrieval_shots) >= 1, "retrieval_shots must be >= 1",
+             self.retrieval_shots),
+            (self.retrieval_queries >= 1, "retrieval_queries must be >= 1", self.retrieval_queries),
+            (self.icl_shots >= 1, "icl_shots must be >= 1", self.icl_shots),
+            (self.icl_items >= 1, "icl_items must be >= 1", self.icl_items),
+            (self.icl_prompts >= 1, "icl_prompts must be >= 1", self.icl_prompts),
+            (0.0 <= self.query_weight <= 1.0, "query_weight must lie in [0, 1]", self.query_weight),
+            (self.composition_sequences >= 0, "composition_sequences must be >= 0", self.composition_sequences),
+            (self.composition_chunks >= 1, "composition_chunks must be >= 1", self.composition_chunks),
+            (self.composition_chunk_tokens >= 1, "composition_chunk_tokens must be >= 1",
+             self.composition_chunk_tokens),
+            (self.composition_continuation_tokens >= 2, "composition_continuation_tokens must be >= 2",
+             self.composition_continuation_tokens),
+            (self.max_tasks >= 0, "max_tasks must be >= 0", self.max_tasks),
+            (self.device in ("cpu", "cuda", "auto"), "device must be 'cpu', 'cuda' or 'auto'", self.device),
+            (self.template == "" or ("{x}" in self.template and "{y}" in self.template),
+             "template must contain {x} and {y}", self.template),
+            (bool(self.name) and "/" not in self.name, "name must be a plain directory name", self.name),
+        ]
+        for ok, msg, got in checks:
+            if not ok:
+                raise ConfigError(f"soup config: {msg}, got {got!r}")
+
+
+def load_soup_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> SoupConfig:
+    """A :class:`SoupConfig` from a TOML/JSON file (or the defaults) and ``key=value`` overrides."""
+    data = read_config_file(path) if path is not None else {}
+    return from_dict(SoupConfig, apply_overrides(data, overrides))
+
+
+# ---- tasks and prompts -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One word-function task: its ``(input, answer)`` pairs in seeded order, train and test disjoint."""
+
+    name: str
+    train: tuple[tuple[str, str], ...]
+    test: tuple[tuple[str, str], ...]
+    library: tuple[tuple[tuple[str, str], ...], ...] = ()
+
+
+def load_task_data(cfg: SoupConfig) -> list[TaskData]:
+    """The word-function tasks of :mod:`statelab.tasks` that ``cfg`` names.
+
+    With ``cfg.tasks`` empty: every task with enough train items for the library's disjoint sets.
+    """
+    from statelab import tasks as suite
+
+    need = cfg.library_sets * cfg.library_shots
+    if cfg.tasks:
+        names = list(cfg.tasks)
+        known = suite.word_task_names()
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ConfigError(f"soup config: unknown task(s) {unknown}; known: {', '.join(known)}")
+    else:
+        names = [n for n in suite.word_task_names() if len(suite.get_word_task(n).pool("train")) >= need]
+    if cfg.max_tasks:
+        names = names[: cfg.max_tasks]
+    out = []
+    for name in names:
+        task = suite.get_word_task(name)
+        library = task.disjoint_sets("train", cfg.library_sets, cfg.library_shots, seed=cfg.seed)
+        out.append(
+            TaskData(
+                name,
+                task.split("train", seed=cfg.seed),
+                task.split("test", seed=cfg.seed),
+                tuple(tuple(s) for s in library),
+            )
+        )
+    if len(out) < 2:
+        raise ConfigError(f"soup config: retrieval needs at least 2 tasks, got {[t.name for t in out]}")
+    return out
+
+
+@torch.no_grad()
+def exact_match(model: Any, state: State | None, items: Sequence[tuple[list[int], list[int]]]) -> list[bool]:
+    """Greedy exact match of each item's answer when ``model`` continues from ``state`` (``None``: zero state).
+
+    ``items``: ``(query tokens, answer tokens)``; ``state`` has batch 1 (shared by every item) or one row per item.
+    Greedy decoding emits the answer iff the argmax at every answer position, given the correct prefix, is the
+    answer token, so one right-padded teacher-forced pass ``[B, T]`` decides it; padding follows every scored
+    position and cannot change it (the model is causal).
+    """
+    device = model.device
+    seqs = [list(q) + list(a) for q, a in items]
+    T = max(len(s) for s in seqs)
+    x = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        x[i, : len(s)] = torch.tensor(s)
+    st = None if state is None else state.expand(len(seqs)) if state.batch_size == 1 else state
+    logits, _ = model(x, st)
+    pred = logits.argmax(-1)
+    out = []
+    for i, (q, a) in enumerate(items):
+        pos = torch.arange(len(q) - 1, len(q) + len(a) - 1, device=device)
+        out.append(bool((pred[i, pos] == x[i, pos + 1]).all()))
+    return out
+
+
+class Prompter:
+    """Turns examples into demonstration text and tokens with a template ``"...{x}...{y}<terminator>..."``.
+
+    Example:
+        >>> p = Prompter("Q: {x}\\nA: {y}\\n\\n", tokenizer=None)
+        >>> p.demos([("cat", "CAT")]), p.query("dog"), p.answer("DOG")
+        ('Q: cat\\nA: CAT\\n\\n', 'Q: dog\\nA:', ' DOG\\n')
+    """
+
+    def __init__(self, template: str, tokenizer: Any) -> None:
+        if template.count("{y}") != 1 or template.count("{x}") != 1 or template.index("{x}") > template.index("{y}"):
+            raise ConfigError(f"template must hold one {{x}} before one {{y}}, got {template!r}")
+        self.template = template
+        pre, self._post = template.split("{y}")
+        # the answer starts with the whitespace the template puts before {y}, so the query ends on a non-space
+        # (a space-prefixed answer token is how most tokenizers see it)
+        stripped = pre.rstrip(" ")
+        self._lead = pre[len(stripped) :]
+        self._pre = stripped
+        self.tokenizer = tokenizer
+
+    def demos(self, examples: Sequence[tuple[str, str]]) -> str:
+        return "".join(self.template.replace("{x}", x).replace("{y}", y) for x, y in examples)
+
+    def query(self, x: str) -> str:
+        return self._pre.replace("{x}", x)
+
+    def answer(self, y: str) -> str:
+        """The answer as the model must produce it: leading space, the answer, and the first terminator char."""
+        return self._lead + y + self._post[:1]
+
+    def ids(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def item(self, x: str, y: str) -> tuple[list[int], list[int]]:
+        """``(query tokens, answer tokens)``; the answer split off the jointly tokenized text when possible."""
+        q = self.ids(self.query(x))
+        full = self.ids(self.query(x) + self.answer(y))
+        if full[: len(q)] == q and len(full) > len(q):
+            return q, full[len(q) :]
+        return q, self.ids(self.answer(y))
+
+
+# ---- the runner ------------------------------------------------------------------------------------------------
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([seed & 0xFFFFFFFF, *keys])
+
+
+def _pick(rng: np.random.Generator, pool: Sequence[Any], n: int, what: str) -> list[Any]:
+    if n > len(pool):
+        raise ConfigError(f"{what}: needs {n} examples but only {len(pool)} exist")
+    return [pool[i] for i in rng.choice(len(pool), size=n, replace=False)]
+
+
+@dataclass
+class SoupResults:
+    """Everything measured, JSON-able (written to ``results.json``)."""
+
+    model: str
+    fingerprint: str
+    tasks: list[str]
+    layers_default: list[int]
+    retrieval_by_k: dict[str, float] = field(default_factory=dict)
+    retrieval_by_layer: dict[str, dict[str, float]] = field(default_factory=dict)
+    icl: dict[str, dict[str, float]] = field(default_factory=dict)
+    icl_mean: dict[str, float] = field(default_factory=dict)
+    composition: dict[str, float] = field(default_factory=dict)
+    cross: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class SoupRunner:
+    """Runs the studies of one :class:`SoupConfig` on one model."""
+
+    def __init__(self, cfg: SoupConfig, model: Any, tokenizer: Any, tasks: list[TaskData], template: str) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.tasks = tasks
+        self.prompter = Prompter(template, tokenizer)
+        self.device = model.device
+        self.A = model.decay_A()
+        self.run_dir = Path(cfg.out_dir) / cfg.name
+        self.library: dict[str, list[State]] = {}
+        self.store: Any = None
+        self.results = SoupResults(
+            model=cfg.model,
+            fingerprint=model.fingerprint,
+            tasks=[t.name for t in tasks],
+            layers_default=[],
+        )
+
+    # -- primitives ----------------------------------------------------------------------------------------------
+    def tokens(self, ids: Sequence[int]) -> torch.Tensor:
+        return torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+
+    def encode(self, text: str) -> State:
+        """The state after ``text``, from the zero state (batch 1)."""
+        return self.model.encode(self.tokens(self.prompter.ids(text)))
+
+    def exact_match(self, state: State | None, items: Sequence[tuple[list[int], list[int]]]) -> list[bool]:
+        return exact_match(self.model, state, items)
+
+    def top1(self, query: State, layers: Sequence[int] | None) -> tuple[str, str]:
+        """``(entry name, task)`` of the best library match of ``query``."""
+        hits = self.store.search(query, k=1, layers=None if layers is None else list(layers))
+        if not hits:
+            raise StatelabError("the skill library returned no hit")
+        return hits[0].name, hits[0].task or ""
+
+    # -- 1. library ----------------------------------------------------------------------------------------------
+    def build_library(self, progress: Any) -> None:
+        from statelab.state.store import StateStore
+
+        cfg = self.cfg
+        lib_dir = self.run_dir / "library"
+        if lib_dir.exists():
+            shutil.rmtree(lib_dir)
+        self.store = StateStore(lib_dir, layers=list(cfg.retrieval_layers) or None)
+        bar = progress.add_task("skill library", total=len(self.tasks) * cfg.library_sets)
+        for task in self.tasks:
+            states = []
+            for s, demos in enumerate(task.library):
+                text = self.prompter.demos(demos)
+                state = self.encode(text)
+                name = f"{task.name}/{s}"
+                self.store.add(
+                    state, name=name, task=task.name, tags=("soup", "skill"), prompt=text, shots=len(demos)
+                )
+                states.append(state)
+                progress.advance(bar)
+            self.library[task.name] = states
+
+    # -- 2. retrieval --------------------------------------------------------------------------------------------
+    def retrieval(self, progress: Any) -> None:
+        cfg = self.cfg
+        L = self.model.zero_state(1, device="meta").num_layers
+        from statelab.state.search import resolve_layers
+
+        default = list(cfg.retrieval_layers) if cfg.retrieval_layers else None
+        self.results.layers_default = resolve_layers(default, L)
+        n = len(self.tasks) * len(cfg.retrieval_shots) * cfg.retrieval_queries
+        bar = progress.add_task("retrieval", total=n)
+        hits_default: dict[int, list[bool]] = {k: [] for k in cfg.retrieval_shots}
+        hits_layer: dict[int, dict[int, list[bool]]] = {
+            layer: {k: [] for k in cfg.retrieval_shots} for layer in range(L)
+        }
+        self.query_states: dict[tuple[str, int], list[State]] = {}
+        for ti, task in enumerate(self.tasks):
+            for k in cfg.retrieval_shots:
+                rng = _rng(cfg.seed, 2, ti, k)
+                for _ in range(cfg.retrieval_queries):
+                    q = self.encode(self.prompter.demos(_pick(rng, task.test, k, f"query of task {task.name}")))
+                    self.query_states.setdefault((task.name, k), []).append(q)
+                    hits_default[k].append(self.top1(q, default)[1] == task.name)
+                    for layer in range(L):
+                        hits_layer[layer][k].append(self.top1(q, [layer])[1] == task.name)
+                    progress.advance(bar)
+        self.results.retrieval_by_k = {str(k): float(np.mean(v)) for k, v in hits_default.items()}
+        self.results.retrieval_by_layer = {
+            str(layer): {str(k): float(np.mean(v)) for k, v in by_k.items()} for layer, by_k in hits_layer.items()
+        }
+
+    # -- 3. few-shot accuracy ------------------------------------------------------------------------------------
+    def icl(self, progress: Any) -> None:
+        from statelab.state.mix import mix
+
+        cfg = self.cfg
+        default = list(cfg.retrieval_layers) if cfg.retrieval_layers else None
+        bar = progress.add_task("few-shot accuracy", total=len(self.tasks))
+        for ti, task in enumerate(self.tasks):
+            rng = _rng(cfg.seed, 3, ti)
+            test = _pick(rng, task.test, min(cfg.icl_items, len(task.test)), f"test items of {task.name}")
+            items = [self.prompter.item(x, y) for x, y in test]
+            acc: dict[str, list[bool]] = {m: [] for m in ICL_METHODS}
+            acc["0-shot"] = self.exact_match(None, items)
+            n_prompts = min(cfg.icl_prompts, len(items))
+            for p in range(n_prompts):
+                group = items[p::n_prompts]  # each prompt serves an equal share of the items
+                demos = _pick(rng, task.train, cfg.icl_shots, f"demonstrations of {task.name}")
+                q = self.encode(self.prompter.demos(demos))
+                acc["k-shot prompt"] += self.exact_match(q, group)
+                hit_name, hit_task = self.top1(q, default)
+                skill = self.library[hit_task][int(hit_name.rsplit("/", 1)[1])]
+                acc["retrieved skill"] += self.exact_match(skill, group)
+                soup = mix(self.library[hit_task], method="mean")
+                mixed = mix([q, soup], method="mean", weights=[cfg.query_weight, 1.0 - cfg.query_weight])
+                acc["query + retrieved soup"] += self.exact_match(mixed, group)
+            many = _pick(rng, task.train, cfg.library_shots, f"{cfg.library_shots}-shot prompt of {task.name}")
+            acc["32-shot prompt"] = self.exact_match(self.encode(self.prompter.demos(many)), items)
+            ones = [self.encode(self.prompter.demos([ex])) for ex in many]
+            acc["mean of one-shot states"] = self.exact_match(mix(ones, method="mean"), items)
+            acc["norm-matched mean"] = self.exact_match(mix(ones, method="norm_matched"), items)
+            self.results.icl[task.name] = {m: float(np.mean(v)) for m, v in acc.items()}
+            progress.advance(bar)
+        self.results.icl_mean = {
+            m: float(np.mean([self.results.icl[t.name][m] for t in self.tasks])) for m in ICL_METHODS
+        }
+
+    # -- 4. ordered composition ----------------------------------------------------------------------------------
+    def _composition_sequences(self) -> list[list[int]]:
+        cfg = self.cfg
+        need = cfg.composition_chunks * cfg.composition_chunk_tokens + cfg.composition_continuation_tokens
+        seqs = []
+        if cfg.composition_source == "tasks":
+            for i in range(cfg.composition_sequences):
+                rng = _rng(cfg.seed, 4, i)
+                task = self.tasks[int(rng.integers(len(self.tasks)))]
+                ids: list[int] = []
+                while len(ids) < need:
+                    ex = task.train[int(rng.integers(len(task.train)))]
+                    ids += self.prompter.ids(self.prompter.demos([ex]))
+                seqs.append(ids[:need])
+            return seqs
+        path = Path(cfg.composition_source)
+        if not path.is_file():
+            raise ConfigError(f"composition_source {cfg.composition_source!r} is neither 'tasks' nor a text file")
+        raw = path.read_bytes()
+        text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
+        ids = self.prompter.ids(text)
+        if len(ids) < need + 1:
+            raise ConfigError(f"{path} has {len(ids)} tokens; a composition sequence needs {need}")
+        for i in range(cfg.composition_sequences):
+            start = int(_rng(cfg.seed, 4, i).integers(0, len(ids) - need))
+            seqs.append(ids[start : start + need])
+        return seqs
+
+    @torch.no_grad()
+    def composition(self, progress: Any) -> None:
+        from statelab.state.mix import mix
+
+        cfg = self.cfg
+        seqs = self._composition_sequences()
+        if not seqs:
+            return
+        n, c = cfg.composition_chunks, cfg.composition_chunk_tokens
+        methods = ["full pass", "adecay", "adecay (conv context)", "mean", "last chunk", "no context"]
+        nll: dict[str, list[float]] = {m: [] for m in methods}
+        bar = progress.add_task("ordered composition", total=len(seqs))
+        for ids in seqs:
+            x = torch.tensor(ids, dtype=torch.long, device=self.device)
+            context, cont = x[: n * c], x[n * c :][None]
+            chunks = context.view(n, c)
+            batch = self.model.encode(chunks)  # n chunks, each from zero, in one batched pass
+            parts = [batch.select(i) for i in range(n)]
+            # the previous chunk's tail as conv context: exact for a single layer (State Soup §2.4)
+            tails = torch.cat([torch.zeros_like(chunks[:1]), chunks[:-1]])
+            with_ctx = self.model.encode(chunks, conv_context=tails)
+            with_ctx_parts = [parts[0]] + [with_ctx.select(i) for i in range(1, n)]
+            states: dict[str, State | None] = {
+                "full pass": self.model.encode(context[None]),
+                "adecay": mix(parts, method="adecay", A=self.A),
+                "adecay (conv context)": mix(with_ctx_parts, method="adecay", A=self.A),
+                "mean": mix(parts, method="mean"),
+                "last chunk": parts[-1],
+                "no context": None,
+            }
+            for m, st in states.items():
+                nll[m].append(-float(self.model.score(cont, st).logprobs.double().mean()))
+            progress.advance(bar)
+        self.results.composition = {m: math.exp(float(np.mean(v))) for m, v in nll.items()}
+
+    # -- 5. cross-task mixing ------------------------------------------------------------------------------------
+    def cross(self, progress: Any) -> None:
+        from statelab.state.mix import mix
+
+        cfg = self.cfg
+        by_name = {t.name: (i, t) for i, t in enumerate(self.tasks)}
+        pairs = [(a, b) for a, b in cfg.cross_pairs if a in by_name and b in by_name]
+        if not pairs:
+            return
+        bar = progress.add_task("cross-task mixing", total=len(pairs))
+        for a, b in pairs:
+            items = {}
+            for name in (a, b):
+                ti, task = by_name[name]
+                test = _pick(_rng(cfg.seed, 5, ti), task.test, min(cfg.cross_items, len(task.test)), name)
+                items[name] = [self.prompter.item(x, y) for x, y in test]
+            sa, sb = self.library[a][0], self.library[b][0]
+            states = {
+                f"{a} skill": sa,
+                f"{b} skill": sb,
+                "mean": mix([sa, sb], method="mean"),
+                "norm-matched": mix([sa, sb], method="norm_matched"),
+                "sum": mix([sa, sb], method="sum"),
+            }
+            rows = []
+            for label, st in states.items():
+                rows.append(
+                    {
+                        "state": label,
+                        a: float(np.mean(self.exact_match(st, items[a]))),
+                        b: float(np.mean(self.exact_match(st, items[b]))),
+                    }
+                )
+            self.results.cross.append({"pair": [a, b], "rows": rows})
+            progress.advance(bar)
+
+    # -- all -----------------------------------------------------------------------------------------------------
+    def run(self) -> SoupResults:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        steps = [
+            ("library", self.build_library),
+            ("retrieval", self.retrieval),
+            ("icl", self.icl),
+            ("composition", self.composition),
+            ("cross", self.cross),
+        ]
+        with Progress(
+            TextColumn("{task.description:<22}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            disable=not self.cfg.progress,
+        ) as progress:
+            for name, fn in steps:
+                t0 = time.perf_counter()
+                fn(progress)
+                self.results.seconds[name] = time.perf_counter() - t0
+        return self.results
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _plots(runner: SoupRunner, res: SoupResults, run_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from statelab.state.search import layer_features
+
+    made = []
+    cfg = runner.cfg
+    ks = [int(k) for k in res.retrieval_by_k]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for layer, by_k in res.retrieval_by_layer.items():
+        ax.plot(ks, [100 * by_k[str(k)] for k in ks], marker=".", lw=1, alpha=0.6, label=f"layer {layer}")
+    ax.plot(ks, [100 * res.retrieval_by_k[str(k)] for k in ks], marker="o", lw=2.5, color="black",
+            label=f"default (layers {res.layers_default})")
+    ax.axhline(100 / len(res.tasks), color="grey", ls=":", label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("shots in the query (k)")
+    ax.set_ylabel("top-1 task retrieval accuracy (%)")
+    ax.set_ylim(0, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Skill retrieval from k-shot query states")
+    fig.tight_layout()
+    fig.savefig(run_dir / "retrieval_vs_k.png", dpi=110)
+    plt.close(fig)
+    made.append("retrieval_vs_k.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    vals = [100 * res.icl_mean[m] for m in ICL_METHODS]
+    labels = [m.replace("k-shot", f"{cfg.icl_shots}-shot").replace("32-shot", f"{cfg.library_shots}-shot")
+              for m in ICL_METHODS]
+    bars = ax.bar(range(len(vals)), vals, color=plt.cm.tab10(np.arange(len(vals))))
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(range(len(vals)), labels, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel(f"exact-match accuracy (%), mean over {len(res.tasks)} tasks")
+    ax.set_ylim(0, 105)
+    ax.set_title("Few-shot accuracy by state")
+    fig.tight_layout()
+    fig.savefig(run_dir / "accuracy_by_method.png", dpi=110)
+    plt.close(fig)
+    made.append("accuracy_by_method.png")
+
+    feats, labels_t = [], []
+    for t in res.tasks:
+        for st in runner.library[t]:
+            feats.append(layer_features(st, res.layers_default)[0])
+            labels_t.append(t)
+    qk = 2 if 2 in cfg.retrieval_shots else cfg.retrieval_shots[0]
+    qfeats, qlabels = [], []
+    for t in res.tasks:
+        for st in runner.query_states.get((t, qk), []):
+            qfeats.append(layer_features(st, res.layers_default)[0])
+            qlabels.append(t)
+    X = torch.stack(feats + qfeats).double()
+    X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-30)  # retrieval compares directions (cosine)
+    Xc = X - X[: len(feats)].mean(0)
+    _, _, V = torch.linalg.svd(Xc[: len(feats)], full_matrices=False)
+    P = (Xc @ V[:2].T).numpy()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab20")
+    for i, t in enumerate(res.tasks):
+        col = cmap(i % 20)
+        lib = [j for j, lt in enumerate(labels_t) if lt == t]
+        qs = [len(feats) + j for j, lt in enumerate(qlabels) if lt == t]
+        ax.scatter(P[lib, 0], P[lib, 1], color=col, s=40, label=t)
+        ax.scatter(P[qs, 0], P[qs, 1], facecolors="none", edgecolors=[col], s=18, lw=0.8)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(f"Library states (filled) and {qk}-shot queries (hollow), layers {res.layers_default}, PCA")
+    ax.legend(fontsize=6, ncol=2, loc="best")
+    fig.tight_layout()
+    fig.savefig(run_dir / "library_pca.png", dpi=110)
+    plt.close(fig)
+    made.append("library_pca.png")
+
+    if res.composition:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        names = list(res.composition)
+        bars = ax.barh(names, [res.composition[m] for m in names], color="tab:green")
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        ax.set_xlabel("continuation perplexity (lower is better)")
+        ax.invert_yaxis()
+        ax.set_title("Ordered composition of independently encoded chunks")
+        fig.tight_layout()
+        fig.savefig(run_dir / "composition.png", dpi=110)
+        plt.close(fig)
+        made.append("composition.png")
+    return made
+
+
+def write_report(runner: SoupRunner, res: SoupResults, run_dir: Path) -> Path:
+    """``report.md``, ``results.json``, ``config.json`` and the PNG plots in ``run_dir``."""
+    cfg = runner.cfg
+    plots = _plots(runner, res, run_dir)
+    (run_dir / "results.json").write_text(json.dumps(res.__dict__, indent=1), encoding="utf-8")
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1), encoding="utf-8")
+    k_lbl = f"{cfg.icl_shots}-shot"
+    lines = [
+        f"# State Soup report: {cfg.name}",
+        "",
+        f"Model `{cfg.model}` (fingerprint `{res.fingerprint[:16]}`), {len(res.tasks)} tasks, seed {cfg.seed}. "
+        f"Config: `config.json`; raw numbers: `results.json`. Times (s): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in res.seconds.items()) + ".",
+        "",
+        "## Skill library",
+        "",
+        f"{cfg.library_sets} disjoint {cfg.library_shots}-shot prompts per task (train split), encoded from the zero "
+        f"state, stored in a StateStore ({len(res.tasks) * cfg.library_sets} entries).",
+        "",
+        "## Retrieval: top-1 task accuracy (%) from k-shot query states",
+        "",
+        f"Queries: {cfg.retrieval_queries} per task and k, from the test split; cosine of SSM states. "
+        f"Default layers: {res.layers_default}. Chance: {100 / len(res.tasks):.1f}%.",
+        "",
+        "| layers | " + " | ".join(f"k={k}" for k in res.retrieval_by_k) + " |",
+        "|---|" + "---|" * len(res.retrieval_by_k),
+        "| **default** | " + " | ".join(f"**{_pct(v)}**" for v in res.retrieval_by_k.values()) + " |",
+    ]
+    for layer, by_k in res.retrieval_by_layer.items():
+        lines.append(f"| {layer} | " + " | ".join(_pct(v) for v in by_k.values()) + " |")
+    lines += ["", "![retrieval accuracy vs k](retrieval_vs_k.png)", "", "![library states, PCA](library_pca.png)", ""]
+    heads = [m.replace("k-shot", k_lbl).replace("32-shot", f"{cfg.library_shots}-shot") for m in ICL_METHODS]
+    lines += [
+        "## Few-shot accuracy (%) by state",
+        "",
+        f"Greedy exact match of the answer and its terminator, {cfg.icl_items} test items per task. "
+        f"\"{k_lbl} prompt\": {cfg.icl_prompts} prompts per task from the train split, each for an equal share "
+        "of the items; each is also the retrieval query for "
+        f"\"retrieved skill\" (the top-1 library state) and \"query + retrieved soup\" (weight {cfg.query_weight} "
+        f"on the query, the rest on the mean of the retrieved task's library states). The one-shot states use the "
+        f"same {cfg.library_shots} examples as the {cfg.library_shots}-shot prompt.",
+        "",
+        "| task | " + " | ".join(heads) + " |",
+        "|---|" + "---|" * len(heads),
+        "| **mean** | " + " | ".join(f"**{_pct(res.icl_mean[m])}**" for m in ICL_METHODS) + " |",
+    ]
+    for t in res.tasks:
+        lines.append(f"| {t} | " + " | ".join(_pct(res.icl[t][m]) for m in ICL_METHODS) + " |")
+    lines += ["", "![accuracy by method](accuracy_by_method.png)", ""]
+    if res.composition:
+        n, c = cfg.composition_chunks, cfg.composition_chunk_tokens
+        lines += [
+            "## Ordered composition: continuation perplexity",
+            "",
+            f"{cfg.composition_sequences} sequences from `{cfg.composition_source}`, {n} chunks of {c} tokens encoded "
+            f"independently from zero, then a {cfg.composition_continuation_tokens}-token continuation scored from "
+            "the combined state. \"adecay (conv context)\" encodes each chunk with the previous chunk's tail as conv "
+            "context (zero SSM state).",
+            "",
+            "| state | perplexity |",
+            "|---|---|",
+        ]
+        lines += [f"| {m} | {v:.4f} |" for m, v in res.composition.items()]
+        lines += ["", "![composition](composition.png)", ""]
+    if res.cross:
+        lines += ["## Cross-task mixing: accuracy (%) on each task of a pair", ""]
+        for block in res.cross:
+            a, b = block["pair"]
+            lines += [f"**{a} + {b}** (first library state of each)", "", f"| state | {a} | {b} |", "|---|---|---|"]
+            lines += [f"| {r['state']} | {_pct(r[a])} | {_pct(r[b])} |" for r in block["rows"]]
+            lines.append("")
+    lines += ["## Targets", ""] + [f"- {line}" for line in targets(res, cfg)] + [""]
+    lines += ["Plots: " + ", ".join(f"`{p}`" for p in plots), ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def targets(res: SoupResults, cfg: SoupConfig) -> list[str]:
+    """The issue's three targets, each with the measured figures and whether it holds."""
+    out = []
+    if "2" in res.retrieval_by_k:
+        v = res.retrieval_by_k["2"]
+        out.append(f"retrieval top-1 at k=2 >= 90%: {_pct(v)}% ({'met' if v >= 0.9 else 'not met'})")
+    if res.icl_mean:
+        a, b = res.icl_mean["mean of one-shot states"], res.icl_mean["32-shot prompt"]
+        ok = a >= b - 0.02
+        out.append(
+            f"mean of {cfg.library_shots} one-shot states within 2 points of the {cfg.library_shots}-shot prompt: "
+            f"{_pct(a)}% vs {_pct(b)}% ({'met' if ok else 'not met'})"
+        )
+    if res.composition:
+        c = res.composition
+        ok = c["adecay"] < c["mean"] and c["adecay"] < c["last chunk"]
+        out.append(
+            f"adecay perplexity below mean and last chunk: {c['adecay']:.4f} vs {c['mean']:.4f} and "
+            f"{c['last chunk']:.4f} ({'met' if ok else 'not met'})"
+        )
+    return out
+
+
+def run_soup(cfg: SoupConfig, model: Any = None, tokenizer: Any = None) -> tuple[SoupResults, Path]:
+    """Load the model (unless given), run every study, write the report; returns results and the report path."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if model is None:
+        from statelab.models.loading import load_model
+
+        device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+        model = load_model(cfg.model).to(device)
+    model.eval()
+    if tokenizer is None:
+        from statelab.models.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    from statelab import tasks as suite
+
+    template = cfg.template or suite.DEFAULT_TEMPLATE
+    runner = SoupRunner(cfg, model, tokenizer, load_task_data(cfg), template)
+    res = runner.run()
+    return res, write_report(runner, res, runner.run_dir)
+
+
+def print_summary(res: SoupResults, cfg: SoupConfig, report: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"State Soup: {cfg.model}, {len(res.tasks)} tasks")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    for k, v in res.retrieval_by_k.items():
+        t.add_row(f"retrieval top-1, k={k}", f"{_pct(v)}%")
+    for m in ICL_METHODS:
+        t.add_row(f"accuracy: {m}", f"{_pct(res.icl_mean[m])}%")
+    for m, v in res.composition.items():
+        t.add_row(f"perplexity: {m}", f"{v:.3f}")
+    console.print(t)
+    for line in targets(res, cfg):
+        console.print(f"  {line}")
+    console.print(f"report: {report}")
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+
+app = typer.Typer(
+    name="soup",
+    help="The State Soup experiment: skill library, retrieval, soups, ordered composition.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command("run")
+def run_cmd(
+    overrides: list[str] = typer.Argument(None, help="key=value config overrides, e.g. icl_items=10 name=quick"),
+    model: str = typer.Option(None, "--model", help="checkpoint directory, hub id or 'embedded' (the default)"),
+    config: str = typer.Option(None, "--config", help="a soup config file (.toml or .json)"),
+) -> None:
+    """Run the experiment and write <out_dir>/<name>/report.md.
+
+    Example: statelab soup run --model embedded name=demo icl_items=10
+    """
+    try:
+        cfg = load_soup_config(config, (overrides or []) + ([f"model={json.dumps(model)}"] if model else []))
+        res, report = run_soup(cfg)
+    except StatelabError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    print_summary(res, cfg, report)
