@@ -30,13 +30,20 @@ def test_continuation(mixer, t):
         assert_close("y", whole.y, torch.cat([a.y, b.y], 1))
         for name in ("conv", "ssm", "sum_delta"):
             assert_close(name, getattr(whole.state, name), getattr(b.state, name))
+
+
+def test_token_by_token(mixer):
+    x = _x(11)
+    with torch.no_grad():
+        whole = mixer(x)
         s, ys = None, []
         for i in range(11):
             o = mixer(x[:, i : i + 1], s)
             ys.append(o.y)
             s = o.state
-        assert_close("y_steps", whole.y, torch.cat(ys, 1))
-        assert_close("ssm_steps", whole.state.ssm, s.ssm)
+    assert_close("y_steps", whole.y, torch.cat(ys, 1))
+    assert_close("ssm_steps", whole.state.ssm, s.ssm)
+    assert_close("conv_steps", whole.state.conv, s.conv)
 
 
 def test_positions_equal_prefix_states(mixer):

@@ -40,13 +40,19 @@ def test_continuation(model, t):
         l2, s2 = model(x[:, t:], state=s1)
         assert_close("prefix+suffix", whole, torch.cat([l1, l2], 1))
         _close_states(s_whole, s2)
+    assert s_whole.n_tokens == 12 and s_whole.ssm.shape == (3, 2, 32, 4) and s_whole.conv.shape == (3, 2, 32, 3)
+
+
+def test_token_by_token(model):
+    x = _ids(12)
+    with torch.no_grad():
+        whole, s_whole = model(x)
         s, steps = None, []
         for i in range(12):
             lo, s = model(x[:, i : i + 1], state=s)
             steps.append(lo)
-        assert_close("token-by-token", whole, torch.cat(steps, 1))
-        _close_states(s_whole, s)
-    assert s_whole.n_tokens == 12 and s_whole.ssm.shape == (3, 2, 32, 4) and s_whole.conv.shape == (3, 2, 32, 3)
+    assert_close("token-by-token", whole, torch.cat(steps, 1))
+    _close_states(s_whole, s)
 
 
 def test_vocab_padding_and_decay(model):
