@@ -185,6 +185,23 @@ class Mamba2LM(StatefulLM):
         self.norm_f = RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.backend = backend
+        if self.embedding.weight.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialisation for training from scratch (mamba_ssm's ``_init_weights``): embeddings and head
+        ``N(0, 0.02)``, projection biases zero, ``out_proj`` scaled by ``1 / sqrt(L)`` (GPT-2's residual scaling).
+        Mixer decay parameters keep their own initialisation (:meth:`Mamba2Mixer.reset_parameters`)."""
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
+        for block in self.layers:
+            mixer = block.mixer
+            for lin in (mixer.in_proj, mixer.out_proj):
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            mixer.out_proj.weight.div_(math.sqrt(self.config.n_layer))
 
     # ---- backend -----------------------------------------------------------------------------------------
     @property
