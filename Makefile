@@ -19,6 +19,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m statelab.demo
 
+embedded: $(STAMP)
+	$(BIN)/python -m statelab.train.embedded
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_models.py
 	$(BIN)/python benchmarks/bench_store.py

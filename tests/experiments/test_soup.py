@@ -88,7 +88,7 @@ def test_exact_match_agrees_with_greedy_generation(hf_dir):
     prefix = model.encode(torch.tensor([tok.encode("Q: cat\nA: CAT\n\n")]))
     items = []
     for word in ("dog", "sunflower", "a"):
-        q = tok.encode(f"Q: {word}\nA:")
+        q = tok.encode(f"Q: {word}\nA: ")
         gen, _ = model.generate(torch.tensor([q]), max_new_tokens=3, state=prefix)
         items.append((q, gen[0].tolist()))
     # the model's own greedy continuation is an exact match; changing its last token breaks it
@@ -106,7 +106,7 @@ def test_prompter_splits_the_template():
 
     p = Prompter("Q: {x}\nA: {y}\n\n", ByteTokenizer())
     assert p.demos([("cat", "CAT")]) == "Q: cat\nA: CAT\n\n"
-    assert p.query("dog") == "Q: dog\nA:" and p.answer("DOG") == " DOG\n"
+    assert p.query("dog") == "Q: dog\nA: " and p.answer("DOG") == "DOG\n"
     q, a = p.item("dog", "DOG")
     assert bytes(q + a) == b"Q: dog\nA: DOG\n"
     with pytest.raises(ConfigError):

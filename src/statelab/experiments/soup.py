@@ -241,19 +241,15 @@ class Prompter:
     Example:
         >>> p = Prompter("Q: {x}\\nA: {y}\\n\\n", tokenizer=None)
         >>> p.demos([("cat", "CAT")]), p.query("dog"), p.answer("DOG")
-        ('Q: cat\\nA: CAT\\n\\n', 'Q: dog\\nA:', ' DOG\\n')
+        ('Q: cat\\nA: CAT\\n\\n', 'Q: dog\\nA: ', 'DOG\\n')
     """
 
     def __init__(self, template: str, tokenizer: Any) -> None:
         if template.count("{y}") != 1 or template.count("{x}") != 1 or template.index("{x}") > template.index("{y}"):
             raise ConfigError(f"template must hold one {{x}} before one {{y}}, got {template!r}")
         self.template = template
-        pre, self._post = template.split("{y}")
-        # the answer starts with the whitespace the template puts before {y}, so the query ends on a non-space
-        # (a space-prefixed answer token is how most tokenizers see it)
-        stripped = pre.rstrip(" ")
-        self._lead = pre[len(stripped) :]
-        self._pre = stripped
+        # the query is everything before {y} (as training documents render it, trailing space included)
+        self._pre, self._post = template.split("{y}")
         self.tokenizer = tokenizer
 
     def demos(self, examples: Sequence[tuple[str, str]]) -> str:
@@ -263,8 +259,8 @@ class Prompter:
         return self._pre.replace("{x}", x)
 
     def answer(self, y: str) -> str:
-        """The answer as the model must produce it: leading space, the answer, and the first terminator char."""
-        return self._lead + y + self._post[:1]
+        """The answer as the model must produce it: the answer and the first character of the separator."""
+        return y + self._post[:1]
 
     def ids(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
