@@ -96,9 +96,7 @@ def test_exact_match_agrees_with_greedy_generation(hf_dir):
     broken = [(q, a[:-1] + [(a[-1] + 1) % 256]) for q, a in items]
     assert exact_match(model, prefix, broken) == [False, False, False]
     # right padding in a batch changes nothing: batched == one by one
-    assert exact_match(model, prefix, items + broken) == [
-        exact_match(model, prefix, [it])[0] for it in items + broken
-    ]
+    assert exact_match(model, prefix, items + broken) == [exact_match(model, prefix, [it])[0] for it in items + broken]
 
 
 def test_prompter_splits_the_template():

@@ -25,7 +25,7 @@ def test_toml_file_and_overrides(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text(
         '[model]\narch = "mamba1"\nconfig = { d_model = 32, n_layer = 2, vocab_size = 259 }\n'
-        '[optim]\nlr = 1e-3\nbetas = [0.8, 0.9]\n[run]\nmax_steps = 7\n'
+        "[optim]\nlr = 1e-3\nbetas = [0.8, 0.9]\n[run]\nmax_steps = 7\n"
     )
     cfg = load_train_config(f, ["optim.lr=2e-3", "run.out_dir=runs/x", "model.config.n_layer=3", "run.resume=false"])
     assert cfg.optim.lr == 2e-3 and cfg.optim.betas == (0.8, 0.9)
@@ -61,8 +61,17 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         (["optim.lr"], "must look like key=value"),
         (["optim=3", "optim.lr=1"], "is a value, not a table"),
     ],
-    ids=["unknown-key", "unknown-section", "bad-int", "bad-bool", "short-tuple", "negative-lr", "bad-device",
-         "no-equals", "value-not-table"],
+    ids=[
+        "unknown-key",
+        "unknown-section",
+        "bad-int",
+        "bad-bool",
+        "short-tuple",
+        "negative-lr",
+        "bad-device",
+        "no-equals",
+        "value-not-table",
+    ],
 )
 def test_bad_configs_raise_config_error(overrides, message):
     with pytest.raises(ConfigError, match=message):

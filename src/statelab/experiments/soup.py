@@ -132,8 +132,11 @@ class SoupConfig:
         checks = [
             (self.library_sets >= 1, "library_sets must be >= 1", self.library_sets),
             (self.library_shots >= 1, "library_shots must be >= 1", self.library_shots),
-            (len(self.retrieval_shots) > 0 and min(self.retrieval_shots) >= 1, "retrieval_shots must be >= 1",
-             self.retrieval_shots),
+            (
+                len(self.retrieval_shots) > 0 and min(self.retrieval_shots) >= 1,
+                "retrieval_shots must be >= 1",
+                self.retrieval_shots,
+            ),
             (self.retrieval_queries >= 1, "retrieval_queries must be >= 1", self.retrieval_queries),
             (self.icl_shots >= 1, "icl_shots must be >= 1", self.icl_shots),
             (self.icl_items >= 1, "icl_items must be >= 1", self.icl_items),
@@ -141,14 +144,23 @@ class SoupConfig:
             (0.0 <= self.query_weight <= 1.0, "query_weight must lie in [0, 1]", self.query_weight),
             (self.composition_sequences >= 0, "composition_sequences must be >= 0", self.composition_sequences),
             (self.composition_chunks >= 1, "composition_chunks must be >= 1", self.composition_chunks),
-            (self.composition_chunk_tokens >= 1, "composition_chunk_tokens must be >= 1",
-             self.composition_chunk_tokens),
-            (self.composition_continuation_tokens >= 2, "composition_continuation_tokens must be >= 2",
-             self.composition_continuation_tokens),
+            (
+                self.composition_chunk_tokens >= 1,
+                "composition_chunk_tokens must be >= 1",
+                self.composition_chunk_tokens,
+            ),
+            (
+                self.composition_continuation_tokens >= 2,
+                "composition_continuation_tokens must be >= 2",
+                self.composition_continuation_tokens,
+            ),
             (self.max_tasks >= 0, "max_tasks must be >= 0", self.max_tasks),
             (self.device in ("cpu", "cuda", "auto"), "device must be 'cpu', 'cuda' or 'auto'", self.device),
-            (self.template == "" or ("{x}" in self.template and "{y}" in self.template),
-             "template must contain {x} and {y}", self.template),
+            (
+                self.template == "" or ("{x}" in self.template and "{y}" in self.template),
+                "template must contain {x} and {y}",
+                self.template,
+            ),
             (bool(self.name) and "/" not in self.name, "name must be a plain directory name", self.name),
         ]
         for ok, msg, got in checks:
@@ -358,9 +370,7 @@ class SoupRunner:
                 text = self.prompter.demos(demos)
                 state = self.encode(text)
                 name = f"{task.name}/{s}"
-                self.store.add(
-                    state, name=name, task=task.name, tags=("soup", "skill"), prompt=text, shots=len(demos)
-                )
+                self.store.add(state, name=name, task=task.name, tags=("soup", "skill"), prompt=text, shots=len(demos))
                 states.append(state)
                 progress.advance(bar)
             self.library[task.name] = states
@@ -577,8 +587,14 @@ def _plots(runner: SoupRunner, res: SoupResults, run_dir: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for layer, by_k in res.retrieval_by_layer.items():
         ax.plot(ks, [100 * by_k[str(k)] for k in ks], marker=".", lw=1, alpha=0.6, label=f"layer {layer}")
-    ax.plot(ks, [100 * res.retrieval_by_k[str(k)] for k in ks], marker="o", lw=2.5, color="black",
-            label=f"default (layers {res.layers_default})")
+    ax.plot(
+        ks,
+        [100 * res.retrieval_by_k[str(k)] for k in ks],
+        marker="o",
+        lw=2.5,
+        color="black",
+        label=f"default (layers {res.layers_default})",
+    )
     ax.axhline(100 / len(res.tasks), color="grey", ls=":", label="chance")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
@@ -595,8 +611,10 @@ def _plots(runner: SoupRunner, res: SoupResults, run_dir: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     vals = [100 * res.icl_mean[m] for m in ICL_METHODS]
-    labels = [m.replace("k-shot", f"{cfg.icl_shots}-shot").replace("32-shot", f"{cfg.library_shots}-shot")
-              for m in ICL_METHODS]
+    labels = [
+        m.replace("k-shot", f"{cfg.icl_shots}-shot").replace("32-shot", f"{cfg.library_shots}-shot")
+        for m in ICL_METHODS
+    ]
     bars = ax.bar(range(len(vals)), vals, color=plt.cm.tab10(np.arange(len(vals))))
     ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_xticks(range(len(vals)), labels, rotation=25, ha="right", fontsize=8)
@@ -668,7 +686,8 @@ def write_report(runner: SoupRunner, res: SoupResults, run_dir: Path) -> Path:
         "",
         f"Model `{cfg.model}` (fingerprint `{res.fingerprint[:16]}`), {len(res.tasks)} tasks, seed {cfg.seed}. "
         f"Config: `config.json`; raw numbers: `results.json`. Times (s): "
-        + ", ".join(f"{k} {v:.1f}" for k, v in res.seconds.items()) + ".",
+        + ", ".join(f"{k} {v:.1f}" for k, v in res.seconds.items())
+        + ".",
         "",
         "## Skill library",
         "",
@@ -692,9 +711,9 @@ def write_report(runner: SoupRunner, res: SoupResults, run_dir: Path) -> Path:
         "## Few-shot accuracy (%) by state",
         "",
         f"Greedy exact match of the answer and its terminator, {cfg.icl_items} test items per task. "
-        f"\"{k_lbl} prompt\": {cfg.icl_prompts} prompts per task from the train split, each for an equal share "
+        f'"{k_lbl} prompt": {cfg.icl_prompts} prompts per task from the train split, each for an equal share '
         "of the items; each is also the retrieval query for "
-        f"\"retrieved skill\" (the top-1 library state) and \"query + retrieved soup\" (weight {cfg.query_weight} "
+        f'"retrieved skill" (the top-1 library state) and "query + retrieved soup" (weight {cfg.query_weight} '
         f"on the query, the rest on the mean of the retrieved task's library states). The one-shot states use the "
         f"same {cfg.library_shots} examples as the {cfg.library_shots}-shot prompt.",
         "",
@@ -712,7 +731,7 @@ def write_report(runner: SoupRunner, res: SoupResults, run_dir: Path) -> Path:
             "",
             f"{cfg.composition_sequences} sequences from `{cfg.composition_source}`, {n} chunks of {c} tokens encoded "
             f"independently from zero, then a {cfg.composition_continuation_tokens}-token continuation scored from "
-            "the combined state. \"adecay (conv context)\" encodes each chunk with the previous chunk's tail as conv "
+            'the combined state. "adecay (conv context)" encodes each chunk with the previous chunk\'s tail as conv '
             "context (zero SSM state).",
             "",
             "| state | perplexity |",

@@ -123,7 +123,7 @@ def write_model_card(
         "",
         "A small byte-level Mamba-1 language model trained by statelab's own training loop to learn word-function "
         "tasks in context. It ships with the package so that the State Soup demo (`make demo`) runs anywhere "
-        "without downloading anything: `statelab.load_model(\"embedded\")`. It is a toy for demonstrations and "
+        'without downloading anything: `statelab.load_model("embedded")`. It is a toy for demonstrations and '
         "tests, not a general language model.",
         "",
         "## Model",

@@ -393,9 +393,7 @@ def _train(
             for g in optimizer.param_groups:
                 g["lr"] = lr
             batches = [
-                make_batch(
-                    source, step_rows(step, m, ctx.rank, run.global_batch_size, run.micro_batch_size, ctx.world)
-                )
+                make_batch(source, step_rows(step, m, ctx.rank, run.global_batch_size, run.micro_batch_size, ctx.world))
                 for m in range(accum)
             ]
             n_local = torch.tensor(float(sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)))
@@ -406,7 +404,7 @@ def _train(
             for m, (x, y) in enumerate(batches):
                 x, y = x.to(ctx.device), y.to(ctx.device)
                 sync = ctx.world == 1 or m == accum - 1
-                with (contextlib.nullcontext() if sync else net.no_sync()), autocast:
+                with contextlib.nullcontext() if sync else net.no_sync(), autocast:
                     out = net(x)
                     logits = out[0] if isinstance(out, tuple) else out
                     part = F.cross_entropy(
