@@ -202,3 +202,14 @@ def test_checkpoint_errors(tmp_path, model):
     save_file(bad, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="unexpected weights"):
         load_model(tmp_path)
+
+
+def test_new_state_shares_no_memory_with_the_given_one(model):
+    s = model.encode(_ids(5))
+    before = s.clone()
+    with torch.no_grad():
+        _, s1 = model(_ids(1, seed=7), s)
+        _, s2 = model(_ids(3, seed=7), s)
+    assert s.equal(before)
+    for new in (s1, s2):
+        assert new.ssm.data_ptr() != s.ssm.data_ptr() and new.conv.data_ptr() != s.conv.data_ptr()

@@ -177,3 +177,14 @@ def test_bad_shapes_and_backend_raise_clear_errors():
         ssd_scan_chunk(x, dt, A, Bm, Cm, return_states_at=[0])
     with pytest.raises(ValueError, match="unknown SSD backend"):
         ssd_scan(x, dt, A, Bm, Cm, backend="fast")
+
+
+def test_step_into_a_buffer_equals_the_plain_step():
+    x, dt, A, Bm, Cm, D, h0 = make_inputs(T=1)
+    y, h = ssd_step(x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D, h0)
+    buf = torch.full_like(h0, float("nan"))
+    y2, h2 = ssd_step(x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D, h0, out=buf)
+    assert h2.data_ptr() == buf.data_ptr()
+    assert torch.equal(y, y2) and torch.equal(h, h2)
+    with pytest.raises(ValueError, match="separate fp32 buffer"):
+        ssd_step(x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D, h0, out=h0)

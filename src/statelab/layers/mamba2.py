@@ -128,12 +128,17 @@ class Mamba2Mixer(nn.Module):
         return y, new_state
 
     def forward_with_states(
-        self, x: torch.Tensor, state: Mamba2LayerState | None, positions: Sequence[int] | None
+        self,
+        x: torch.Tensor,
+        state: Mamba2LayerState | None,
+        positions: Sequence[int] | None,
+        ssm_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Mamba2LayerState, list[Mamba2LayerState] | None]:
         """Like ``forward``, plus the states after each of ``positions`` (``t`` in ``[1, T]``), from one pass.
 
         Returned states have the dtype of ``state`` (fp32 when ``state`` is ``None``); ΣΔ accumulates on top of
-        the given state's.
+        the given state's. ``ssm_out``: optional fresh ``[B, H, P, N]`` buffer (the state's dtype) that receives
+        the new SSM state, so that a model can stack its layers without a copy; used only without autograd.
         """
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2Mixer expects x [B, T, {self.d_model}], got {tuple(x.shape)}")
@@ -153,9 +158,19 @@ class Mamba2Mixer(nn.Module):
         xs, Bm, Cm = xBC_c.split([D, G * N, G * N], dim=-1)
         if T == 1 and positions is None and self.backend != "naive":
             # decode: one step of the recurrence, no chunk machinery
+            direct = ssm_out is not None and ssm_out.dtype == torch.float32 and not torch.is_grad_enabled()
             y1, ssm_new = ssd_step(
-                xs.reshape(Bsz, H, P), delta[:, 0], A, Bm.reshape(Bsz, G, N), Cm.reshape(Bsz, G, N), self.D, state.ssm
+                xs.reshape(Bsz, H, P),
+                delta[:, 0],
+                A,
+                Bm.reshape(Bsz, G, N),
+                Cm.reshape(Bsz, G, N),
+                self.D,
+                state.ssm,
+                out=ssm_out if direct else None,
             )
+            if ssm_out is not None and not direct:
+                ssm_new = ssm_out.copy_(ssm_new)
             new_state = Mamba2LayerState(conv_new.to(sdtype), ssm_new.to(sdtype), state.sum_delta + delta[:, 0])
             return self.out_proj(self.norm(y1.reshape(Bsz, 1, D), z).to(x.dtype)), new_state, None
 
@@ -174,7 +189,10 @@ class Mamba2Mixer(nn.Module):
         )
         y = self.out_proj(self.norm(scan.y.reshape(Bsz, T, D), z).to(x.dtype))
         assert scan.final_state is not None
-        new_state = Mamba2LayerState(conv_new.to(sdtype), scan.final_state.to(sdtype), state.sum_delta + scan.sum_delta)
+        ssm_new = scan.final_state.to(sdtype)
+        if ssm_out is not None:
+            ssm_new = ssm_out.copy_(ssm_new)
+        new_state = Mamba2LayerState(conv_new.to(sdtype), ssm_new, state.sum_delta + scan.sum_delta)
         states_at = None
         if positions is not None:
             assert scan.states_at is not None and scan.sum_delta_at is not None

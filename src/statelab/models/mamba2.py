@@ -262,11 +262,14 @@ class Mamba2LM(StatefulLM):
         h = self.embedding(input_ids)
         ssm, conv, sd = [], [], []
         at: list[list[Mamba2LayerState]] = []
+        # without autograd every layer writes its new SSM state straight into one fresh [L, ...] tensor
+        ssm_all = None if torch.is_grad_enabled() else torch.empty_like(state.ssm)
         for i, block in enumerate(self.layers):
             residual = h.float() if c.residual_in_fp32 else h
             x = block.norm(h.to(block.norm.weight.dtype))
             layer_state = Mamba2LayerState(state.conv[i], state.ssm[i], state.sum_delta[i])
-            y, new, states_at = block.mixer.forward_with_states(x, layer_state, pos)
+            out_i = None if ssm_all is None else ssm_all[i]
+            y, new, states_at = block.mixer.forward_with_states(x, layer_state, pos, out_i)
             h = residual + y
             ssm.append(new.ssm)
             conv.append(new.conv)
@@ -279,7 +282,8 @@ class Mamba2LM(StatefulLM):
             w = self.embedding.weight if self.lm_head is None else self.lm_head.weight
             logits = F.linear(hn.to(w.dtype), w).float()
         fp = self.fingerprint
-        new_state = State(self.arch, torch.stack(ssm), torch.stack(conv), torch.stack(sd), state.n_tokens + T, fp)
+        ssm_state = ssm_all if ssm_all is not None else torch.stack(ssm)
+        new_state = State(self.arch, ssm_state, torch.stack(conv), torch.stack(sd), state.n_tokens + T, fp)
         states_at_out = None
         if pos is not None:
             states_at_out = [

@@ -18,15 +18,18 @@ def ssd_step(
     Cm: torch.Tensor,
     D: torch.Tensor | None,
     state: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of ``h = exp(Δ A) h + (Δ x) ⊗ B``, ``y = h C + D x`` (arXiv 2405.21060, eq. for the SSM).
 
     Args:
         x: ``[B, H, P]``; dt: ``[B, H]`` (post-softplus, clamped); A: ``[H]``; Bm, Cm: ``[B, G, N]``;
         D: ``[H]`` or ``None``; state: ``[B, H, P, N]``, the state before this token (not modified).
+        out: optional fp32 ``[B, H, P, N]`` buffer that receives the new state (a fresh buffer of the caller's,
+            never ``state`` itself; not differentiable). Saves one copy per layer when a model stacks layers.
 
     Returns:
-        ``(y [B, H, P] in x's dtype, new_state [B, H, P, N] fp32)``.
+        ``(y [B, H, P] in x's dtype, new_state [B, H, P, N] fp32)`` (``new_state`` is ``out`` when given).
     """
     Bsz, H, P = x.shape
     G, N = Bm.shape[1:]
@@ -40,7 +43,12 @@ def ssd_step(
     Bh = Bm.float()[:, :, None].expand(Bsz, G, R, N).reshape(Bsz, H, 1, N)
     Ch = Cm.float()[:, :, None].expand(Bsz, G, R, N).reshape(Bsz, H, N, 1)
     u = (xf * dtf[..., None])[..., None]  # [B, H, P, 1]
-    new = torch.addcmul(state.float() * decay[..., None, None], u, Bh)
+    if out is not None:
+        if out.dtype != torch.float32 or out.shape != state.shape or out.data_ptr() == state.data_ptr():
+            raise ValueError("ssd_step: out must be a separate fp32 buffer shaped like state")
+        new = torch.mul(state, decay[..., None, None], out=out).addcmul_(u, Bh)
+    else:
+        new = torch.addcmul(state.float() * decay[..., None, None], u, Bh)
     y = (new @ Ch).squeeze(-1)  # [B, H, P]
     if D is not None:
         y = y + xf * D.float()[:, None]
