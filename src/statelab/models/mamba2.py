@@ -216,6 +216,10 @@ class Mamba2LM(StatefulLM):
         for block in self.layers:
             block.mixer.backend = value
 
+    def set_backend(self, backend: str) -> None:
+        """SSD backend of every layer: ``"chunk"`` (default), ``"naive"`` or ``"cuda"`` (as ``model.backend = b``)."""
+        self.backend = backend
+
     # ---- StatefulLM contract -----------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
         return {"arch": self.arch, **self.config.to_dict()}
