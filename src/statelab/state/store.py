@@ -49,7 +49,6 @@ from statelab.state.io import TMP_PREFIX, atomic_write, decode_state, encode_sta
 from statelab.state.search import (
     CountSketch,
     VectorIndex,
-    cosine_scores,
     layer_features,
     load_index,
     make_index,
@@ -765,22 +764,22 @@ class StateStore:
         return hits
 
     def _features(self, blob: str, layers: list[int], label: str) -> torch.Tensor:
+        """Unit-normalised raw features ``[F]`` of a blob's layers (kept in memory up to ``cache_mb``)."""
         key = (blob, tuple(layers))
         f = self._feature_cache.get(key)
         if f is None:
             f = layer_features(self._load_blob(blob, label), layers)[0]
+            f = f / f.norm().clamp_min(torch.finfo(torch.float32).tiny)
             used = sum(t.numel() * 4 for t in self._feature_cache.values())
             if used + f.numel() * 4 <= self._cache_limit:
                 self._feature_cache[key] = f
         return f
 
     def _exact(self, query: State, rows: Sequence[tuple], layers: list[int], k: int) -> list[Hit]:
-        q = layer_features(query, layers)
-        scores: list[float] = []
-        for start in range(0, len(rows), 64):
-            part = rows[start : start + 64]
-            keys = torch.stack([self._features(r[3], layers, repr(r[1])) for r in part])
-            scores += cosine_scores(q, keys)[0].tolist()
+        """Exact cosine against every row's raw features: one dot product per entry, no copy of the features."""
+        q = layer_features(query, layers)[0]
+        q = q / q.norm().clamp_min(torch.finfo(torch.float32).tiny)
+        scores = [float(torch.dot(q, self._features(r[3], layers, repr(r[1])))) for r in rows]
         order = sorted(range(len(rows)), key=lambda i: -scores[i])[:k]
         return [Hit(rows[i][1], rows[i][0], scores[i], rows[i][2]) for i in order]
 
