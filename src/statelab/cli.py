@@ -47,5 +47,10 @@ from statelab.experiments.soup import app as soup_app  # noqa: E402
 app.add_typer(soup_app, name="soup")
 
 
+from statelab.experiments.birdie_cli import app as birdie_app  # noqa: E402
+
+app.add_typer(birdie_app, name="birdie")
+
+
 def main() -> None:
     app()

@@ -57,7 +57,7 @@ class BirdieModelConfig:
     mlp_mult: float = 8 / 3
     n_heads: int = 4
     conv_kernel: int = 4
-    chunk: int = 32
+    chunk: int = 16
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHES:

@@ -1,0 +1,579 @@
+"""The Birdie study at laptop scale: next-token vs a fixed mixture vs the Birdie controller, causal and bidirectional.
+
+``statelab birdie run --config configs/birdie/quick.toml`` trains every arm for every seed at an equal budget of
+counted tokens (context plus target, paper A.11) on Tiny Shakespeare (bytes), then evaluates:
+
+* perplexity: bits per byte of held-out text (next-token, causal);
+* copying, selective copying and span infilling: teacher-forced token accuracy on held-out objective samples;
+* phonebook lookup and multi-query associative recall (MQAR), as text: after the same short fine-tune for every arm
+  (spec §9 protocol), teacher-forced accuracy on the digits / values of held-out prompts; the prompt is the prefix
+  and the answer the suffix, as in training.
+
+Arms (all on the same architecture and optimiser; only the mixture and the bidirectional layers differ):
+
+| arm             | mixture                                            | layers                      |
+|-----------------|----------------------------------------------------|-----------------------------|
+| ``ntp``         | next-token only                                    | causal                      |
+| ``fixed``       | uniform over the 7 classes, even within each class | causal                      |
+| ``birdie_causal``| reward-driven controller over the 96 configs      | causal                      |
+| ``birdie``      | reward-driven controller over the 96 configs       | alternating bidirectional   |
+
+The training function here is compact on purpose: it needs packed rows with prefix masks, per-config validation
+losses and the controller's evaluation hook, which the generic loop of :mod:`statelab.train` does not carry.
+Writes ``runs/<name>/report.md``, ``results.json``, per-run controller logs (JSONL) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from statelab.errors import ConfigError
+from statelab.models.birdie_models import BirdieLM, BirdieModelConfig
+from statelab.objectives.base import (
+    VOCAB,
+    CopyingConfig,
+    Example,
+    InfillingConfig,
+    ObjectiveConfig,
+    SelectiveCopyingConfig,
+)
+from statelab.objectives.controller import (
+    BirdieController,
+    ControllerConfig,
+    FixedPolicy,
+    MixturePolicy,
+    eval_schedule,
+    plot_action_log,
+)
+from statelab.objectives.corruption import apply_objective
+from statelab.objectives.grid import birdie_grid, class_uniform_probs
+from statelab.objectives.packing import IGNORE, PackedBatch, pack_rows
+from statelab.objectives.sampler import ObjectiveSampler, per_config_loss, validation_batch
+
+__all__ = [
+    "ARMS",
+    "BirdieExperimentConfig",
+    "load_corpus",
+    "phonebook_example",
+    "mqar_example",
+    "train_arm",
+    "run_experiment",
+]
+
+ARMS: dict[str, dict[str, Any]] = {
+    "ntp": {"mixture": "next_token", "bidirectional": False},
+    "fixed": {"mixture": "fixed", "bidirectional": False},
+    "birdie_causal": {"mixture": "birdie", "bidirectional": False},
+    "birdie": {"mixture": "birdie", "bidirectional": True},
+}
+
+CORPUS = "tinyshakespeare.txt.gz"
+
+
+def load_corpus() -> np.ndarray:
+    """Tiny Shakespeare as UTF-8 byte ids ``[n]`` int64, read from statelab's package data (no download)."""
+    raw = resources.files("statelab").joinpath("data", CORPUS).read_bytes()
+    return np.frombuffer(gzip.decompress(raw), dtype=np.uint8).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class BirdieExperimentConfig:
+    """Everything a Birdie study run depends on (saved with its results).
+
+    Attributes:
+        name, out_dir: results go to ``out_dir/name``.
+        arch, d_model, n_layer, d_state: the model (:class:`BirdieModelConfig`).
+        seq_len, batch_size: packed rows per step; token_budget: counted tokens per run.
+        lr, weight_decay, warmup_frac: AdamW with linear warmup and cosine decay over the token budget.
+        seeds, arms: the runs.
+        n_val_per_config: held-out samples per objective config for the controller's validation loss.
+        n_evals: controller evaluations (the paper's schedule, thinned to at most this many).
+        controller_*: reward model size and fit (the paper's 256 hidden / 200 steps / lr 5e-4 are for 35
+            evaluations of a 1.4B run; a small run refits a small model faster).
+        finetune_steps, finetune_lr: the per-task fine-tune before phonebook / MQAR (same for every arm).
+        phonebook_entries, phonebook_queries, mqar_pairs, mqar_queries: task sizes; n_eval_examples: per task.
+        threads: torch CPU threads; chunk: chunk length of the recurrent scans.
+    """
+
+    name: str = "quick"
+    out_dir: str = "runs"
+    arch: str = "gated_ssm"
+    d_model: int = 64
+    n_layer: int = 2
+    d_state: int = 80
+    seq_len: int = 256
+    batch_size: int = 8
+    token_budget: int = 300_000
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    warmup_frac: float = 0.05
+    seeds: tuple[int, ...] = (0, 1)
+    arms: tuple[str, ...] = ("ntp", "fixed", "birdie_causal", "birdie")
+    n_val_per_config: int = 2
+    n_evals: int = 12
+    controller_hidden: int = 64
+    controller_state: int = 64
+    controller_fit_steps: int = 50
+    controller_candidates: int = 512
+    controller_lr: float = 3e-3
+    finetune_steps: int = 40
+    finetune_lr: float = 1e-3
+    phonebook_entries: int = 5
+    phonebook_queries: int = 2
+    mqar_pairs: int = 8
+    mqar_queries: int = 4
+    n_eval_examples: int = 48
+    threads: int = 2
+    chunk: int = 16
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad:
+            raise ConfigError(f"unknown arms {bad}; known: {sorted(ARMS)}")
+        if self.token_budget < self.seq_len * self.batch_size:
+            raise ConfigError("token_budget must cover at least one batch")
+
+
+# ---- evaluation tasks (pure functions of their sizes and a generator) --------------------------------------
+
+_SYL = ["ka", "lo", "mi", "ra", "ten", "vos", "el", "dan", "ur", "is", "po", "fe", "gar", "nu", "shi", "bo"]
+
+
+def _name(rng: np.random.Generator) -> str:
+    first = "".join(rng.choice(_SYL, size=1)).capitalize()
+    last = "".join(rng.choice(_SYL, size=2)).capitalize()
+    return f"{first} {last}"
+
+
+def _ids(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode(), dtype=np.uint8).astype(np.int64)
+
+
+def phonebook_example(n_entries: int, n_queries: int, rng: np.random.Generator) -> tuple[Example, np.ndarray]:
+    """The multi-number phonebook of Birdie §4 (Fig. 1) as text.
+
+    Input: the question (``Find: A, B``), ``Phonebook:``, ``n_entries`` lines ``First Last: ddd-ddd-dddd``, the
+    question again (a short form of the paper's "What are the phone numbers for ...? Answer below/above.").
+    Target: the queried numbers joined by ``", "``, then ``<eos>``. Also returns the mask of digit positions of
+    the target (the scored positions).
+    """
+    names: list[str] = []
+    while len(names) < n_entries:
+        nm = _name(rng)
+        if nm not in names:
+            names.append(nm)
+    numbers = ["-".join("".join(map(str, rng.integers(0, 10, n))) for n in (3, 3, 4)) for _ in names]
+    q = rng.choice(n_entries, size=n_queries, replace=False)
+    who = ", ".join(names[i] for i in q)
+    book = "".join(f"{n}: {p}\n" for n, p in zip(names, numbers, strict=True))
+    prompt = f"Find: {who}\nPhonebook:\n{book}Find: {who}\n"
+    answer = ", ".join(numbers[i] for i in q)
+    tgt = np.concatenate([_ids(answer), [VOCAB.eos]])
+    mask = np.array([chr(c).isdigit() if c < 128 else False for c in tgt[:-1]] + [False])
+    return Example(input=_ids(prompt), target=tgt), mask
+
+
+def mqar_example(n_pairs: int, n_queries: int, rng: np.random.Generator) -> tuple[Example, np.ndarray]:
+    """Multi-query associative recall (Zoology, arXiv 2312.04927) as text: ``ab:37 cd:12 ...`` then the queried
+    keys; the target lists their values. Returns the example and the mask of value digits in the target."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    keys: list[str] = []
+    while len(keys) < n_pairs:
+        k = "".join(rng.choice(list(letters), size=2))
+        if k not in keys:
+            keys.append(k)
+    vals = [f"{int(v):02d}" for v in rng.integers(0, 100, n_pairs)]
+    q = rng.choice(n_pairs, size=n_queries, replace=False)
+    prompt = "pairs: " + " ".join(f"{k}:{v}" for k, v in zip(keys, vals, strict=True))
+    prompt += "\nquery: " + " ".join(keys[i] for i in q) + "\n"
+    answer = " ".join(vals[i] for i in q)
+    tgt = np.concatenate([_ids(answer), [VOCAB.eos]])
+    mask = np.array([chr(c).isdigit() for c in tgt[:-1]] + [False])
+    return Example(input=_ids(prompt), target=tgt), mask
+
+
+def _task_examples(task: str, cfg: BirdieExperimentConfig, seed: int, n: int) -> list[tuple[Example, np.ndarray]]:
+    out = []
+    for j in range(n):
+        rng = np.random.default_rng([seed, j])
+        if task == "phonebook":
+            out.append(phonebook_example(cfg.phonebook_entries, cfg.phonebook_queries, rng))
+        else:
+            out.append(mqar_example(cfg.mqar_pairs, cfg.mqar_queries, rng))
+    return out
+
+
+# ---- training -----------------------------------------------------------------------------------------------
+
+
+def _loss(model: BirdieLM, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean token loss over the target positions, and the per-position losses ``[B, T]``."""
+    logits, _ = model(batch.tokens, None, batch.seq_start, batch.is_prefix)
+    tok = F.cross_entropy(logits.float().transpose(1, 2), batch.labels, ignore_index=IGNORE, reduction="none")
+    n = (batch.labels != IGNORE).sum().clamp_min(1)
+    return tok.sum() / n, tok
+
+
+def _lr(frac: float, cfg: BirdieExperimentConfig, base: float) -> float:
+    if frac < cfg.warmup_frac:
+        return base * max(frac / cfg.warmup_frac, 0.02)
+    p = (frac - cfg.warmup_frac) / max(1e-9, 1 - cfg.warmup_frac)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def _thin(schedule: list[int], n: int) -> list[int]:
+    if len(schedule) <= n:
+        return schedule
+    idx = np.unique(np.round(np.linspace(0, len(schedule) - 1, n)).astype(int))
+    return [schedule[i] for i in idx]
+
+
+def _make_policy(arm: str, configs: list[ObjectiveConfig], cfg: BirdieExperimentConfig, seed: int,
+                 est_steps: int, log: Path) -> MixturePolicy:
+    mix = ARMS[arm]["mixture"]
+    if mix == "next_token":
+        p = np.array([1.0 if c.class_name == "next_token" else 0.0 for c in configs])
+        return FixedPolicy(configs, p, log)
+    if mix == "fixed":
+        return FixedPolicy(configs, class_uniform_probs(configs), log)
+    cc = ControllerConfig(
+        total_steps=est_steps,
+        n_candidates=cfg.controller_candidates,
+        hidden=cfg.controller_hidden,
+        n_state=cfg.controller_state,
+        fit_steps=cfg.controller_fit_steps,
+        lr=cfg.controller_lr,
+        seed=seed,
+    )
+    return BirdieController(configs, cc, log)
+
+
+def train_arm(
+    arm: str, seed: int, cfg: BirdieExperimentConfig, train_text: np.ndarray, val_text: np.ndarray, run_dir: Path,
+    progress: Any = None,
+) -> tuple[BirdieLM, dict[str, Any]]:
+    """Train one arm for one seed until ``cfg.token_budget`` counted tokens; returns the model and a record."""
+    torch.manual_seed(seed)
+    mcfg = BirdieModelConfig(
+        arch=cfg.arch, vocab_size=VOCAB.size, d_model=cfg.d_model, n_layer=cfg.n_layer, d_state=cfg.d_state,
+        bidirectional=ARMS[arm]["bidirectional"], chunk=cfg.chunk,
+    )
+    model = BirdieLM(mcfg)
+    configs = birdie_grid(cfg.seq_len)
+    est_steps = max(1, round(cfg.token_budget / (0.8 * cfg.seq_len * cfg.batch_size)))
+    log = run_dir / f"mixture_{arm}_s{seed}.jsonl"
+    log.unlink(missing_ok=True)
+    policy = _make_policy(arm, configs, cfg, seed, est_steps, log)
+    sampler = ObjectiveSampler(configs, train_text, cfg.seq_len, seed=seed, probs=policy.action)
+    controlled = isinstance(policy, BirdieController)
+    val = None
+    if controlled:
+        val = validation_batch(configs, val_text, cfg.seq_len, cfg.n_val_per_config, seed=10_000 + seed)
+    schedule = set(_thin(eval_schedule(est_steps), cfg.n_evals))
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "Lambda" in n]
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "Lambda" not in n]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95),
+    )
+    counted, step, losses = 0, 0, []
+    t_train = t_eval = 0.0
+    task = progress.add_task(f"{arm} seed {seed}", total=cfg.token_budget) if progress is not None else None
+    while counted < cfg.token_budget:
+        t0 = time.perf_counter()
+        batch = sampler.next_batch(cfg.batch_size)
+        for g in opt.param_groups:
+            g["lr"] = _lr(counted / cfg.token_budget, cfg, cfg.lr)
+        model.train()
+        loss, _ = _loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        counted += batch.counted_tokens
+        step += 1
+        losses.append((step, counted, float(loss.detach())))
+        t_train += time.perf_counter() - t0
+        if controlled and (step in schedule or step == 1):
+            t1 = time.perf_counter()
+            model.eval()
+            with torch.no_grad():
+                _, tok = _loss(model, val)
+            per = per_config_loss(tok, val, len(configs)).numpy()
+            t_eval += time.perf_counter() - t1
+            sampler.set_probs(policy.update(step, per))
+        if task is not None:
+            progress.update(task, completed=min(counted, cfg.token_budget),
+                            description=f"{arm} seed {seed} loss {float(loss.detach()):.3f}")
+    rec = {
+        "arm": arm, "seed": seed, "steps": step, "counted_tokens": counted, "train_s": t_train,
+        "val_eval_s": t_eval, "controller_s": getattr(policy, "overhead_s", 0.0),
+        "step_s": t_train / max(step, 1), "losses": losses, "n_params": model.num_parameters(),
+        "class_tokens": _class_tokens(configs, sampler), "sampler_failures": sampler.stats.failures,
+    }
+    if controlled and policy.records:
+        plot_action_log(policy.records, [c.class_name for c in configs], run_dir / f"mixture_{arm}_s{seed}.png",
+                        title=f"{arm} seed {seed}: objective mixture")
+        rec["final_mixture"] = _class_share(configs, policy.action)
+    return model, rec
+
+
+def _class_share(configs: list[ObjectiveConfig], p: np.ndarray) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for c, pi in zip(configs, p, strict=True):
+        out[c.class_name] = out.get(c.class_name, 0.0) + float(pi)
+    return out
+
+
+def _class_tokens(configs: list[ObjectiveConfig], sampler: ObjectiveSampler) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c, n in zip(configs, sampler.stats.tokens, strict=True):
+        out[c.class_name] = out.get(c.class_name, 0) + int(n)
+    return out
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _accuracy(model: BirdieLM, items: list[tuple[Example, np.ndarray]], seq_len: int) -> float:
+    """Teacher-forced accuracy of argmax predictions on the masked target positions (examples longer than a row
+    are left out; NaN when none fits)."""
+    items = [it for it in items if it[0].packed_length <= seq_len]
+    if not items:
+        return float("nan")
+    model.eval()
+    batch, _ = pack_rows(((ex, i) for i, (ex, _) in enumerate(items)), seq_len)
+    logits, _ = model(batch.tokens, None, batch.seq_start, batch.is_prefix)
+    lab = batch.labels != IGNORE
+    correct = (logits.argmax(-1) == batch.labels)[lab].numpy()
+    mask = np.concatenate([m for _, m in items])
+    return float(correct[mask].mean())
+
+
+def _objective_items(config: ObjectiveConfig, text: np.ndarray, n: int, seed: int, seq_len: int):
+    items = []
+    for j in range(n):
+        rng = np.random.default_rng([seed, j])
+        L = int(rng.integers(max(config.length[0], config.min_length()), config.length[1] + 1))
+        off = int(rng.integers(0, text.shape[0] - L))
+        ex = apply_objective(text[off : off + L], config, rng)
+        items.append((ex, np.ones(ex.target.shape[0], dtype=bool)))
+    return items
+
+
+@torch.no_grad()
+def _bits_per_byte(model: BirdieLM, text: np.ndarray, seq_len: int, n_rows: int = 16) -> float:
+    model.eval()
+    step = max(1, (text.shape[0] - seq_len) // n_rows)
+    exs = [(Example(np.zeros(0, np.int64), text[i * step : i * step + seq_len]), 0) for i in range(n_rows)]
+    batch, _ = pack_rows(iter(exs), seq_len)
+    loss, _ = _loss(model, batch)
+    return float(loss) / math.log(2)
+
+
+def _finetune(model: BirdieLM, cfg: BirdieExperimentConfig, seed: int) -> BirdieLM:
+    """The same short fine-tune for every arm: phonebook and MQAR prompts (prefix) -> answers (suffix)."""
+    m = copy.deepcopy(model)
+    if cfg.finetune_steps <= 0:
+        return m
+    opt = torch.optim.AdamW(m.parameters(), lr=cfg.finetune_lr, weight_decay=0.0)
+    m.train()
+    for s in range(cfg.finetune_steps):
+        items = []
+        for j in range(cfg.batch_size * 2):
+            rng = np.random.default_rng([777, seed, s, j])
+            f = phonebook_example if j % 2 == 0 else mqar_example
+            pb = j % 2 == 0
+            args = (cfg.phonebook_entries, cfg.phonebook_queries) if pb else (cfg.mqar_pairs, cfg.mqar_queries)
+            ex = f(*args, rng)[0]
+            if ex.packed_length <= cfg.seq_len:
+                items.append((ex, j))
+        if not items:
+            raise ValueError(f"no phonebook / MQAR example fits rows of {cfg.seq_len} tokens: make the tasks smaller")
+        batch, _ = pack_rows(iter(items), cfg.seq_len)
+        loss, _ = _loss(m, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+    return m
+
+
+def evaluate(model: BirdieLM, cfg: BirdieExperimentConfig, val_text: np.ndarray, seed: int) -> dict[str, float]:
+    """All metrics of one trained model (held-out text and held-out task seeds)."""
+    T, n = cfg.seq_len, cfg.n_eval_examples
+    s = T / 2048
+    copy_cfg = CopyingConfig(length=(max(8, round(64 * s)), max(16, round(256 * s))))
+    sel_cfg = SelectiveCopyingConfig(
+        length=(max(64, round(384 * s)), max(96, round(768 * s))), n_spans=2, span_length=(4, 8), delimiter=(1, 4)
+    )
+    inf_cfg = InfillingConfig(length=(max(16, round(256 * s)), max(32, round(512 * s))), rate=0.15, mean_span=3.0)
+    out = {
+        "bits_per_byte": _bits_per_byte(model, val_text, T),
+        "copying": _accuracy(model, _objective_items(copy_cfg, val_text, n, 50_000 + seed, T), T),
+        "selective_copying": _accuracy(model, _objective_items(sel_cfg, val_text, n, 60_000 + seed, T), T),
+        "infilling": _accuracy(model, _objective_items(inf_cfg, val_text, n, 70_000 + seed, T), T),
+    }
+    ft = _finetune(model, cfg, seed)
+    out["phonebook"] = _accuracy(ft, _task_examples("phonebook", cfg, 90_000 + seed, n), T)
+    out["mqar"] = _accuracy(ft, _task_examples("mqar", cfg, 91_000 + seed, n), T)
+    return out
+
+
+# ---- the whole study ----------------------------------------------------------------------------------------
+
+METRICS = ("phonebook", "mqar", "selective_copying", "copying", "infilling", "bits_per_byte")
+
+
+def run_experiment(cfg: BirdieExperimentConfig, show_progress: bool = True) -> Path:
+    """Train and evaluate every (arm, seed); write ``results.json``, plots and ``report.md``. Returns the run dir."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+
+    torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = load_corpus()
+    cut = int(0.9 * text.shape[0])
+    train_text, val_text = text[:cut], text[cut:]
+    results: list[dict[str, Any]] = []
+    failures: list[str] = []
+    t0 = time.perf_counter()
+    cols = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,.0f} tok"),
+            TransferSpeedColumn(), TimeElapsedColumn()]
+    with Progress(*cols, disable=not show_progress) as progress:
+        for seed in cfg.seeds:
+            for arm in cfg.arms:
+                try:
+                    model, rec = train_arm(arm, seed, cfg, train_text, val_text, run_dir, progress)
+                    rec["metrics"] = evaluate(model, cfg, val_text, seed)
+                except (RuntimeError, ValueError) as e:  # one failing run is recorded, the study continues
+                    failures.append(f"{arm} seed {seed}: {type(e).__name__}: {e}")
+                    continue
+                results.append(rec)
+                (run_dir / "results.json").write_text(
+                    json.dumps({"config": asdict(cfg), "runs": results, "failures": failures}, indent=1)
+                )
+    wall = time.perf_counter() - t0
+    (run_dir / "results.json").write_text(
+        json.dumps({"config": asdict(cfg), "runs": results, "failures": failures, "wall_s": wall}, indent=1)
+    )
+    write_report(cfg, results, failures, wall, run_dir)
+    return run_dir
+
+
+def _summary(results: list[dict[str, Any]], arms: tuple[str, ...]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for arm in arms:
+        rs = [r for r in results if r["arm"] == arm]
+        if not rs:
+            continue
+        out[arm] = {}
+        for m in METRICS:
+            v = np.array([r["metrics"][m] for r in rs])
+            out[arm][m] = (float(v.mean()), float(v.std()), len(v))
+        for k in ("counted_tokens", "steps", "step_s", "controller_s", "val_eval_s", "train_s"):
+            v = np.array([r[k] for r in rs], dtype=float)
+            out[arm][k] = (float(v.mean()), float(v.std()), len(v))
+    return out
+
+
+def write_report(
+    cfg: BirdieExperimentConfig, results: list[dict[str, Any]], failures: list[str], wall: float, run_dir: Path
+) -> None:
+    """``report.md`` with the tables, and the PNG plots it links."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summ = _summary(results, cfg.arms)
+    arms = list(summ)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.0 * len(METRICS), 3.2))
+    for ax, m in zip(axes, METRICS, strict=True):
+        mu = [summ[a][m][0] for a in arms]
+        sd = [summ[a][m][1] for a in arms]
+        ax.bar(range(len(arms)), mu, yerr=sd, color=[f"C{i}" for i in range(len(arms))], capsize=3)
+        ax.set_xticks(range(len(arms)), arms, rotation=45, ha="right", fontsize=8)
+        ax.set_title(m + (" (lower better)" if m == "bits_per_byte" else " acc"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(run_dir / "metrics.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, a in enumerate(arms):
+        for r in (r for r in results if r["arm"] == a):
+            ls = np.array(r["losses"])
+            k = max(1, len(ls) // 50)
+            sm = np.convolve(ls[:, 2], np.ones(k) / k, mode="valid")
+            ax.plot(ls[k - 1 :, 1], sm, color=f"C{i}", alpha=0.8, label=a if r["seed"] == cfg.seeds[0] else None)
+    ax.set_xlabel("counted tokens")
+    ax.set_ylabel("training loss (own mixture)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "train_loss.png", dpi=110)
+    plt.close(fig)
+
+    def fmt(arm: str, m: str) -> str:
+        mu, sd, _ = summ[arm][m]
+        return f"{mu:.3f} ± {sd:.3f}"
+
+    n_params = results[0]["n_params"] if results else 0
+    lines = [
+        f"# Birdie study: {cfg.name}",
+        "",
+        f"{cfg.arch}, d_model {cfg.d_model}, {cfg.n_layer} layers, d_state {cfg.d_state} ({n_params:,} "
+        f"parameters); rows of {cfg.seq_len} × {cfg.batch_size}; {cfg.token_budget:,} counted tokens per run; "
+        f"seeds {list(cfg.seeds)}; Tiny Shakespeare bytes. Wall time {wall / 60:.1f} min on {cfg.threads} CPU "
+        "threads.",
+        "",
+        "Mean ± std over seeds. Accuracies are teacher-forced token accuracies on held-out samples (phonebook: "
+        f"digits of {cfg.phonebook_queries} numbers among {cfg.phonebook_entries} entries; MQAR: values of "
+        f"{cfg.mqar_queries} of {cfg.mqar_pairs} pairs; both after the same {cfg.finetune_steps}-step fine-tune). "
+        "bits_per_byte: held-out next-token loss.",
+        "",
+        "| arm | " + " | ".join(METRICS) + " | counted tokens | steps |",
+        "|---|" + "---|" * (len(METRICS) + 2),
+    ]
+    for a in arms:
+        lines.append(
+            f"| {a} | " + " | ".join(fmt(a, m) for m in METRICS)
+            + f" | {summ[a]['counted_tokens'][0]:,.0f} | {summ[a]['steps'][0]:.0f} |"
+        )
+    lines += ["", "![metrics](metrics.png)", "", "![training loss](train_loss.png)", ""]
+    lines += ["## Cost", "", "| arm | step (s) | controller (s) | controller / training | validation evals (s) |",
+              "|---|---|---|---|---|"]
+    for a in arms:
+        ctrl, tr = summ[a]["controller_s"][0], summ[a]["train_s"][0]
+        lines.append(f"| {a} | {summ[a]['step_s'][0]:.3f} | {ctrl:.2f} | {100 * ctrl / max(tr, 1e-9):.2f}% | "
+                     f"{summ[a]['val_eval_s'][0]:.1f} |")
+    mix = [r for r in results if "final_mixture" in r]
+    if mix:
+        classes = list(mix[0]["final_mixture"])
+        lines += ["", "## Final mixtures (probability per class)", "",
+                  "| run | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+        for r in mix:
+            vals = " | ".join(f"{r['final_mixture'][c]:.2f}" for c in classes)
+            lines.append(f"| {r['arm']} s{r['seed']} | {vals} |")
+        lines += [""] + [f"![{r['arm']} s{r['seed']}](mixture_{r['arm']}_s{r['seed']}.png)" for r in mix]
+    if failures:
+        lines += ["", "## Failed runs", ""] + [f"- {f}" for f in failures]
+    lines += ["", "## Config", "", "```json", json.dumps(asdict(cfg), indent=1), "```", ""]
+    (run_dir / "report.md").write_text("\n".join(lines))
+
+
+def quick_config(**changes: Any) -> BirdieExperimentConfig:
+    """The default (quick) config with some fields replaced."""
+    return replace(BirdieExperimentConfig(), **changes)

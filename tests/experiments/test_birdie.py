@@ -1,0 +1,68 @@
+import json
+
+import numpy as np
+import pytest
+
+from statelab.errors import ConfigError
+from statelab.experiments.birdie import (
+    BirdieExperimentConfig,
+    load_corpus,
+    mqar_example,
+    phonebook_example,
+    run_experiment,
+)
+from statelab.objectives import VOCAB, pack_example
+
+
+def decode(ids):
+    return bytes(int(i) for i in ids if i < 256).decode()
+
+
+def test_corpus_is_real_text_from_package_data():
+    text = load_corpus()
+    assert text.shape[0] > 1_000_000 and text.max() < 256
+    assert decode(text[:14]) == "First Citizen:"
+
+
+def test_phonebook_answers_are_in_the_prompt():
+    ex, mask = phonebook_example(5, 2, np.random.default_rng(0))
+    prompt, answer = decode(ex.input), decode(ex.target)
+    assert prompt.startswith("Find: ") and "Phonebook:\n" in prompt and ex.target[-1] == VOCAB.eos
+    nums = answer.split(", ")
+    assert len(nums) == 2 and all(f": {n}\n" in prompt for n in nums)
+    assert mask.sum() == 20  # ten digits per number
+    assert len(pack_example(ex)[0]) < 256
+
+
+def test_mqar_values_match_their_keys():
+    ex, mask = mqar_example(8, 4, np.random.default_rng(1))
+    prompt, answer = decode(ex.input), decode(ex.target)
+    pairs = dict(p.split(":") for p in prompt.split("\n")[0][len("pairs: ") :].split())
+    keys = prompt.split("\n")[1][len("query: ") :].split()
+    assert answer.split() == [pairs[k] for k in keys]
+    assert mask.sum() == 8
+
+
+def test_config_rejects_unknown_arms():
+    with pytest.raises(ConfigError, match="unknown arms"):
+        BirdieExperimentConfig(arms=("ntp", "magic"))
+
+
+def test_tiny_study_writes_a_report(tmp_path):
+    cfg = BirdieExperimentConfig(
+        name="t", out_dir=str(tmp_path), d_model=16, n_layer=2, d_state=16, seq_len=128, batch_size=2,
+        token_budget=600, seeds=(0,), arms=("ntp", "birdie"), n_val_per_config=1, n_evals=2,
+        controller_hidden=8, controller_state=8, controller_fit_steps=2, controller_candidates=16,
+        finetune_steps=1, n_eval_examples=2, phonebook_entries=2, phonebook_queries=1, mqar_pairs=4,
+    )
+    out = run_experiment(cfg, show_progress=False)
+    res = json.loads((out / "results.json").read_text())
+    assert res["failures"] == [] and len(res["runs"]) == 2
+    for r in res["runs"]:
+        assert r["counted_tokens"] >= 600
+        assert all(0 <= r["metrics"][m] <= 1 for m in ("phonebook", "mqar", "copying"))
+    birdie = [r for r in res["runs"] if r["arm"] == "birdie"][0]
+    assert abs(sum(birdie["final_mixture"].values()) - 1) < 1e-6
+    report = (out / "report.md").read_text()
+    assert "| birdie |" in report and "| ntp |" in report
+    assert (out / "metrics.png").stat().st_size > 0 and (out / "mixture_birdie_s0.png").exists()
