@@ -237,7 +237,39 @@ def bench_arch(arch: str, args, rates: dict[str, float], progress) -> list[dict]
             }
         )
         progress(f"{arch} TTFT: state from disk {t_disk * 1e3:.1f} ms vs re-read {t_reread * 1e3:.0f} ms")
+
+        if hf is not None and args.cpu_time_len:
+            # CPU time of one thread: what each side computes, whatever else runs on the machine
+            T = args.cpu_time_len
+            x = torch.randint(0, 50000, (1, T), generator=g)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                c_ours = cpu_time(lambda: model(x))
+                c_hf = cpu_time(lambda: hf(x, use_cache=False))
+                d_ours = cpu_time(lambda: decode_round(*ours_fns(model, prompt), steps)) / (steps + 1)
+                d_hf = cpu_time(lambda: decode_round(*hf_fns(hf, prompt), steps)) / (steps + 1)
+            finally:
+                torch.set_num_threads(threads)
+            rows.append(
+                {
+                    "arch": arch,
+                    "what": f"1-thread CPU time, prefill {T} + decode",
+                    "prefill_ratio": c_hf / c_ours,
+                    "ours_prefill_s": c_ours,
+                    "hf_prefill_s": c_hf,
+                    "decode_ratio": d_hf / d_ours,
+                }
+            )
+            progress(f"{arch} 1-thread CPU time: prefill x{c_hf / c_ours:.2f}, decode x{d_hf / d_ours:.2f}")
     return rows
+
+
+def cpu_time(fn: Callable[[], object]) -> float:
+    """Process CPU seconds of one call (meaningful with one intra-op thread)."""
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
@@ -262,6 +294,11 @@ def table(rows: list[dict]) -> str:
             out.append(
                 f"| {r['arch']} | {r['what']} | {r['ours_ms']:.1f} | {fmt(r.get('hf_ms'), '.1f')} | "
                 f"{fmt(r.get('ratio'), '.2f')} | {note} |"
+            )
+        elif r["what"].startswith("1-thread"):
+            out.append(
+                f"| {r['arch']} | {r['what']} | prefill {r['ours_prefill_s']:.1f} s | {r['hf_prefill_s']:.1f} s | "
+                f"prefill {r['prefill_ratio']:.2f}, decode {r['decode_ratio']:.2f} | CPU seconds, robust to load |"
             )
         else:
             out.append(
@@ -320,11 +357,15 @@ def main() -> None:
     p.add_argument("--ttft-prefix", type=int, default=2048)
     p.add_argument("--hf-max-len", type=int, default=2048, help="longest prefill also run through transformers")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (statelab only)")
+    p.add_argument(
+        "--cpu-time-len", type=int, default=2048, help="prefill length of the 1-thread CPU-time check (0: skip)"
+    )
     p.add_argument("--quick", action="store_true", help="4 layers, 512 tokens, short decode: a smoke run")
     p.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
     args = p.parse_args()
     if args.quick:
         args.layers, args.lengths, args.decode_steps, args.ttft_prefix, args.repeats = 4, "512", 4, 512, 1
+        args.cpu_time_len = 256
     args.lengths = [int(x) for x in args.lengths.split(",")]
     torch.set_num_threads(args.threads)
     from rich.console import Console
