@@ -38,7 +38,7 @@ TINY = [
     "composition_sequences=2",
     "composition_chunks=2",
     "composition_chunk_tokens=12",
-    "composition_continuation_tokens=6",
+    "composition_continuation_tokens=16",
     "cross_pairs=[['uppercase', 'first_letter'], ['uppercase', 'no_such_task']]",
     "cross_items=2",
     "progress=false",
@@ -64,6 +64,7 @@ def test_soup_cli_runs_on_a_hf_checkpoint(hf_dir, tmp_path):
     comp = res["composition"]
     assert set(comp) == {"full pass", "adecay", "adecay (conv context)", "mean", "last chunk", "no context"}
     assert all(v > 1.0 for v in comp.values())
+    assert res["composition_scored_tokens"] >= 2
     assert [c["pair"] for c in res["cross"]] == [["uppercase", "first_letter"]]  # the pair with an absent task skipped
     for png in ("retrieval_vs_k.png", "accuracy_by_method.png", "library_pca.png", "composition.png"):
         assert (run / png).stat().st_size > 1000, png

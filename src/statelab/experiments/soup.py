@@ -312,6 +312,7 @@ class SoupResults:
     icl: dict[str, dict[str, float]] = field(default_factory=dict)
     icl_mean: dict[str, float] = field(default_factory=dict)
     composition: dict[str, float] = field(default_factory=dict)
+    composition_scored_tokens: int = 0
     cross: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -442,31 +443,41 @@ class SoupRunner:
         }
 
     # -- 4. ordered composition ----------------------------------------------------------------------------------
-    def _composition_sequences(self) -> list[list[int]]:
+    def _composition_sequences(self) -> list[tuple[list[int], list[int]]]:
+        """``(tokens, scored)`` per sequence: ``scored[t] = 1`` where token ``t`` counts in the perplexity.
+
+        Task sequences score the answer tokens (and the terminator after each answer), the tokens a context can
+        predict (and the only ones a model meta-trained on answers learned to predict); text scores every token.
+        """
         cfg = self.cfg
         need = cfg.composition_chunks * cfg.composition_chunk_tokens + cfg.composition_continuation_tokens
         seqs = []
+        p = self.prompter
         if cfg.composition_source == "tasks":
             for i in range(cfg.composition_sequences):
                 rng = _rng(cfg.seed, 4, i)
                 task = self.tasks[int(rng.integers(len(self.tasks)))]
                 ids: list[int] = []
+                mask: list[int] = []
                 while len(ids) < need:
-                    ex = task.train[int(rng.integers(len(task.train)))]
-                    ids += self.prompter.ids(self.prompter.demos([ex]))
-                seqs.append(ids[:need])
+                    x, y = task.train[int(rng.integers(len(task.train)))]
+                    q, a = p.item(x, y)
+                    rest = p.ids(p.demos([(x, y)]))[len(q) + len(a) :]
+                    ids += q + a + rest
+                    mask += [0] * len(q) + [1] * len(a) + [0] * len(rest)
+                seqs.append((ids[:need], mask[:need]))
             return seqs
         path = Path(cfg.composition_source)
         if not path.is_file():
             raise ConfigError(f"composition_source {cfg.composition_source!r} is neither 'tasks' nor a text file")
         raw = path.read_bytes()
         text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
-        ids = self.prompter.ids(text)
+        ids = p.ids(text)
         if len(ids) < need + 1:
             raise ConfigError(f"{path} has {len(ids)} tokens; a composition sequence needs {need}")
         for i in range(cfg.composition_sequences):
             start = int(_rng(cfg.seed, 4, i).integers(0, len(ids) - need))
-            seqs.append(ids[start : start + need])
+            seqs.append((ids[start : start + need], [1] * need))
         return seqs
 
     @torch.no_grad()
@@ -479,15 +490,17 @@ class SoupRunner:
             return
         n, c = cfg.composition_chunks, cfg.composition_chunk_tokens
         methods = ["full pass", "adecay", "adecay (conv context)", "mean", "last chunk", "no context"]
-        nll: dict[str, list[float]] = {m: [] for m in methods}
+        nll_sum = dict.fromkeys(methods, 0.0)
+        count = 0.0
         bar = progress.add_task("ordered composition", total=len(seqs))
-        for ids in seqs:
+        for ids, mask in seqs:
             x = torch.tensor(ids, dtype=torch.long, device=self.device)
             context, cont = x[: n * c], x[n * c :][None]
+            scored = torch.tensor(mask[n * c + 1 :], dtype=torch.float64)  # score() predicts cont[1:]
             chunks = context.view(n, c)
             batch = self.model.encode(chunks)  # n chunks, each from zero, in one batched pass
             parts = [batch.select(i) for i in range(n)]
-            # the previous chunk's tail as conv context: exact for a single layer (State Soup §2.4)
+            # the previous chunk as conv context (zero SSM state): exact for a single layer (State Soup §2.4)
             tails = torch.cat([torch.zeros_like(chunks[:1]), chunks[:-1]])
             with_ctx = self.model.encode(chunks, conv_context=tails)
             with_ctx_parts = [parts[0]] + [with_ctx.select(i) for i in range(1, n)]
@@ -500,9 +513,14 @@ class SoupRunner:
                 "no context": None,
             }
             for m, st in states.items():
-                nll[m].append(-float(self.model.score(cont, st).logprobs.double().mean()))
+                lp = self.model.score(cont, st).logprobs[0].double().cpu()
+                nll_sum[m] -= float((lp * scored).sum())
+            count += float(scored.sum())
             progress.advance(bar)
-        self.results.composition = {m: math.exp(float(np.mean(v))) for m, v in nll.items()}
+        if count == 0:
+            raise ConfigError("the composition continuations hold no scored token; lengthen them")
+        self.results.composition = {m: math.exp(v / count) for m, v in nll_sum.items()}
+        self.results.composition_scored_tokens = int(count)
 
     # -- 5. cross-task mixing ------------------------------------------------------------------------------------
     def cross(self, progress: Any) -> None:
@@ -731,8 +749,10 @@ def write_report(runner: SoupRunner, res: SoupResults, run_dir: Path) -> Path:
             "",
             f"{cfg.composition_sequences} sequences from `{cfg.composition_source}`, {n} chunks of {c} tokens encoded "
             f"independently from zero, then a {cfg.composition_continuation_tokens}-token continuation scored from "
-            'the combined state. "adecay (conv context)" encodes each chunk with the previous chunk\'s tail as conv '
-            "context (zero SSM state).",
+            f"the combined state ({res.composition_scored_tokens} scored tokens"
+            + (": answer tokens and their terminators" if cfg.composition_source == "tasks" else "")
+            + '). "adecay (conv context)" encodes each chunk with the previous chunk as conv context (zero SSM '
+            "state); the other chunk states start from zero.",
             "",
             "| state | perplexity |",
             "|---|---|",
