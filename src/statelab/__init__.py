@@ -42,6 +42,11 @@ _EXPORTS: dict[str, str] = {
     "EpisodeConfig": "statelab.tasks.base",
     "make_episode": "statelab.tasks.base",
     "build_prompt": "statelab.tasks.base",
+    "BirdieLM": "statelab.models.birdie_models",
+    "BirdieModelConfig": "statelab.models.birdie_models",
+    "BirdieController": "statelab.objectives.controller",
+    "ObjectiveSampler": "statelab.objectives.sampler",
+    "birdie_grid": "statelab.objectives.grid",
 }
 
 __all__ = ["__version__", *_EXPORTS]
