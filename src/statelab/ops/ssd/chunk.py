@@ -123,11 +123,19 @@ def pass_states(
         ``(entering [B, Nc, H, P, N], final [B, H, P, N])``: the state before each chunk and after the last.
     """
     h = initial_state.float() if initial_state is not None else torch.zeros_like(states[:, 0])
-    entering = []
+    decay = chunk_decay[..., None, None]  # [B, Nc, H, 1, 1]
+    if torch.is_grad_enabled() and (states.requires_grad or h.requires_grad or decay.requires_grad):
+        entering = []
+        for c in range(states.shape[1]):
+            entering.append(h)
+            h = torch.addcmul(states[:, c], decay[:, c], h)
+        return torch.stack(entering, dim=1), h
+    # inference: fill one buffer in place (no per-chunk temporaries, no final stack copy)
+    out = torch.empty_like(states)
     for c in range(states.shape[1]):
-        entering.append(h)
-        h = chunk_decay[:, c, :, None, None] * h + states[:, c]
-    return torch.stack(entering, dim=1), h
+        out[:, c] = h
+        h = torch.addcmul(states[:, c], decay[:, c], out[:, c])
+    return out, h
 
 
 def state_output(Cc: torch.Tensor, entering: torch.Tensor, acs: torch.Tensor) -> torch.Tensor:
