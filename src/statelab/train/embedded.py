@@ -103,7 +103,12 @@ def _plot_shots(acc: dict[str, dict[str, float]], path: Path) -> None:
 
 
 def write_model_card(
-    dest: Path, cfg: TrainConfig, metrics: list[dict[str, Any]], acc: dict[str, dict[str, float]], template: str
+    dest: Path,
+    cfg: TrainConfig,
+    metrics: list[dict[str, Any]],
+    acc: dict[str, dict[str, float]],
+    template: str,
+    note: str = "",
 ) -> Path:
     """``README.md``: what the model is, how it was made (config, data, seed), its curve and its accuracy."""
     mc = cfg.model.config
@@ -151,6 +156,7 @@ def write_model_card(
         f"- Trained: {last.get('step', '?')} steps, {last.get('tokens', 0):,} tokens, "
         f"{last.get('elapsed', 0) / 60:.1f} minutes of training on the build machine; final training loss "
         f"{last.get('loss', float('nan')):.3f} nats per answer byte.",
+        *([f"- Note: {note}"] if note else []),
         "",
         "![training curve](training_curve.png)",
         "",
@@ -179,7 +185,9 @@ def write_model_card(
     return path
 
 
-def build_embedded(overrides: Sequence[str] = (), dest: Path | None = None, skip_train: bool = False) -> Path:
+def build_embedded(
+    overrides: Sequence[str] = (), dest: Path | None = None, skip_train: bool = False, note: str = ""
+) -> Path:
     """Train (unless ``skip_train``), copy into ``dest`` (default: the package's ``embedded/``), evaluate, card."""
     from statelab.models.loading import load_model
     from statelab.models.tokenizer import load_tokenizer
@@ -208,15 +216,20 @@ def build_embedded(overrides: Sequence[str] = (), dest: Path | None = None, skip
     acc = accuracy_by_shots(model, tokenizer, tasks, template)
     (dest / "accuracy_by_shots.json").write_text(json.dumps(acc, indent=1) + "\n", encoding="utf-8")
     _plot_shots(acc, dest / "accuracy_by_shots.png")
-    return write_model_card(dest, cfg, read_metrics(run_dir / "metrics.jsonl"), acc, template)
+    return write_model_card(dest, cfg, read_metrics(run_dir / "metrics.jsonl"), acc, template, note)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m statelab.train.embedded [--skip-train] [key=value ...]``"""
+    """``python -m statelab.train.embedded [--skip-train] [--note=TEXT] [key=value ...]``
+
+    ``--skip-train`` only copies, evaluates and writes the card from a finished run; ``--note`` adds a line about
+    how this build differed from the recipe (e.g. the machine).
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     skip = "--skip-train" in args
-    args = [a for a in args if a != "--skip-train"]
-    card = build_embedded(args, skip_train=skip)
+    note = next((a.split("=", 1)[1] for a in args if a.startswith("--note=")), "")
+    args = [a for a in args if a != "--skip-train" and not a.startswith("--note=")]
+    card = build_embedded(args, skip_train=skip, note=note)
     print(f"embedded model written; model card: {card}")
 
 

@@ -1,0 +1,54 @@
+"""The embedded model: the shipped artifacts load and match their recipe; the builder works end to end (tiny)."""
+
+import json
+from pathlib import Path
+
+import torch
+
+import statelab
+from statelab.models.loading import embedded_dir
+from statelab.train.config import load_train_config
+from statelab.train.embedded import build_embedded, recipe_path
+
+
+def test_shipped_embedded_model_matches_its_recipe():
+    d = embedded_dir()
+    cfg = load_train_config(recipe_path())
+    model = statelab.load_model("embedded")
+    assert model.arch == cfg.model.arch == "mamba1"
+    for key, value in cfg.model.config.items():
+        assert getattr(model.config, key) == value, key
+    assert (d / "model.safetensors").stat().st_size <= 20 * 2**20
+    tok = statelab.load_tokenizer("embedded")
+    assert tok.encode("Q: cat\nA: ") == list(b"Q: cat\nA: ")
+    card = (d / "README.md").read_text()
+    assert "Accuracy by number of shots" in card and "training_curve.png" in card
+    for f in ("training_curve.png", "accuracy_by_shots.png", "train_config.json", "accuracy_by_shots.json"):
+        assert (d / f).is_file(), f
+    assert json.loads((d / "train_config.json").read_text())["model"] == json.loads(json.dumps(cfg.model.__dict__))
+    logits, state = model(torch.tensor([tok.encode("Q: one\nA: ")]))
+    assert logits.shape[-1] >= 259 and state.n_tokens == 10
+
+
+def test_builder_trains_copies_evaluates_and_writes_a_card(tmp_path):
+    dest = tmp_path / "embedded"
+    card = build_embedded(
+        [
+            "model.config={ d_model = 16, n_layer = 2, vocab_size = 259, d_state = 4 }",
+            "data.seq_len=48",
+            "data.options.tasks=['uppercase', 'first_letter']",
+            "run.max_steps=2",
+            "run.checkpoint_every=0",
+            "run.progress=false",
+            f"run.out_dir={json.dumps(str(tmp_path / 'run'))}",
+        ],
+        dest=dest,
+    )
+    assert card == dest / "README.md"
+    acc = json.loads((dest / "accuracy_by_shots.json").read_text())
+    assert set(acc) == {"uppercase", "first_letter"} and set(acc["uppercase"]) == {"0", "1", "2", "4", "8", "16", "32"}
+    model = statelab.load_model(dest)
+    assert model.config.d_model == 16 and model.config.n_layer == 2
+    text = card.read_text()
+    assert "| d_model | 16 |" in text and "`uppercase`, `first_letter`" in text
+    assert Path(dest / "training_curve.png").stat().st_size > 1000
