@@ -661,13 +661,13 @@ def _plots(runner: SoupRunner, res: SoupResults, run_dir: Path) -> list[str]:
     _, _, V = torch.linalg.svd(Xc[: len(feats)], full_matrices=False)
     P = (Xc @ V[:2].T).numpy()
     fig, ax = plt.subplots(figsize=(7, 6))
-    cmap = plt.get_cmap("tab20")
+    cmap = plt.get_cmap("tab10")
     for i, t in enumerate(res.tasks):
-        col = cmap(i % 20)
+        col, marker = cmap(i % 10), "o^sDvP"[(i // 10) % 6]  # colour and marker: 60 distinguishable tasks
         lib = [j for j, lt in enumerate(labels_t) if lt == t]
         qs = [len(feats) + j for j, lt in enumerate(qlabels) if lt == t]
-        ax.scatter(P[lib, 0], P[lib, 1], color=col, s=40, label=t)
-        ax.scatter(P[qs, 0], P[qs, 1], facecolors="none", edgecolors=[col], s=18, lw=0.8)
+        ax.scatter(P[lib, 0], P[lib, 1], color=col, marker=marker, s=45, label=t)
+        ax.scatter(P[qs, 0], P[qs, 1], facecolors="none", edgecolors=[col], marker=marker, s=18, lw=0.8)
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.set_title(f"Library states (filled) and {qk}-shot queries (hollow), layers {res.layers_default}, PCA")
