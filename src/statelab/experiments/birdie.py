@@ -561,11 +561,14 @@ def write_report(
                      f"{summ[a]['val_eval_s'][0]:.1f} |")
     mix = [r for r in results if "final_mixture" in r]
     if mix:
-        classes = list(mix[0]["final_mixture"])
-        lines += ["", "## Final mixtures (probability per class)", "",
+        classes = list(mix[0]["class_tokens"])
+        lines += ["", "## What the controller trained on", "",
+                  "Share of packed tokens per objective class over the whole run (the mixture actually played; the "
+                  "last action of a run can be an ε-exploration step that trains on nothing).", "",
                   "| run | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
         for r in mix:
-            vals = " | ".join(f"{r['final_mixture'][c]:.2f}" for c in classes)
+            tot = max(1, sum(r["class_tokens"].values()))
+            vals = " | ".join(f"{r['class_tokens'][c] / tot:.2f}" for c in classes)
             lines.append(f"| {r['arm']} s{r['seed']} | {vals} |")
         lines += [""] + [f"![{r['arm']} s{r['seed']}](mixture_{r['arm']}_s{r['seed']}.png)" for r in mix]
     if failures:
