@@ -24,8 +24,12 @@ half of a new token is its own input (the prompt cannot be streamed: a call's re
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from statelab.layers.mamba2 import Mamba2Mixer
 
 __all__ = [
+    "BidirectionalMamba2Mixer",
     "linear_scan",
     "linear_scan_naive",
     "reverse_reset",
@@ -220,3 +224,56 @@ def segment_causal_conv(
         keep = (lags[None] <= age_end[:, None]).to(x.dtype)[..., None]
         tail = tail * keep
     return y, tail.transpose(1, 2).contiguous()
+
+
+class BidirectionalMamba2Mixer(Mamba2Mixer):
+    """The Mamba-2 mixer (:class:`statelab.layers.mamba2.Mamba2Mixer`, same parameters) with Birdie's split: heads
+    ``[:H/2]`` run forward over prefix and suffix, heads ``[H/2:]`` backward over the prefix only.
+
+    ``forward(x [B, T, M], state=None, seq_start=None, is_prefix=None) -> (y, (ssm [B, H', P, N], conv [B, C, K-1]))``
+    with ``H' = H / 2`` (bidirectional) or ``H`` (``bidirectional=False``: the plain causal mixer, with segment
+    resets). The per-head recurrence ``h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_tᵀ``, ``y_t = h_t C_t + D x_t`` runs
+    through :func:`split_scan` on the flattened ``[H · P · N]`` state, so it is meant for small models (the memory
+    is ``T · H · P · N`` per row); the conv window is cut at sample starts.
+    """
+
+    def __init__(self, *args, bidirectional: bool = True, chunk: int = 16, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if bidirectional and self.n_heads % 2:
+            raise ValueError(f"a bidirectional Mamba-2 mixer needs an even number of heads, got {self.n_heads}")
+        self.bidirectional, self.chunk = bidirectional, chunk
+
+    @property
+    def state_heads(self) -> int:
+        return self.n_heads // 2 if self.bidirectional else self.n_heads
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        seq_start: torch.Tensor | None = None,
+        is_prefix: torch.Tensor | None = None,
+        naive: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        Bsz, T, _ = x.shape
+        D, C, H, P, G, N = self.d_inner, self.conv_dim, self.n_heads, self.head_dim, self.n_groups, self.d_state
+        h0, conv0 = (None, None) if state is None else state
+        if h0 is not None and h0.shape != (Bsz, self.state_heads, P, N):
+            raise ValueError(f"Mamba-2 split state must be {(Bsz, self.state_heads, P, N)}, got {tuple(h0.shape)}")
+        z, xBC, dt = self.in_proj(x).split([D, C, H], dim=-1)
+        xBC, conv_new = segment_causal_conv(xBC, self.conv_weight, self.conv_bias, conv0, seq_start)
+        xs, Bm, Cm = F.silu(xBC).split([D, G * N, G * N], dim=-1)
+        delta = self._delta(dt)  # [B, T, H] fp32
+        A = -torch.exp(self.A_log.float())
+        xs = xs.reshape(Bsz, T, H, P).float()
+        Bh = Bm.reshape(Bsz, T, G, N).repeat_interleave(H // G, dim=2).float()
+        Ch = Cm.reshape(Bsz, T, G, N).repeat_interleave(H // G, dim=2).float()
+        log_a = (delta * A)[..., None, None].expand(Bsz, T, H, P, N).reshape(Bsz, T, H * P * N)
+        u = (delta[..., None, None] * xs[..., None] * Bh[:, :, :, None, :]).reshape(Bsz, T, H * P * N)
+        h, h_last = split_scan(
+            log_a, u, None if h0 is None else h0.reshape(Bsz, -1).float(), seq_start, is_prefix,
+            self.bidirectional, self.chunk, naive=naive,
+        )
+        y = (h.reshape(Bsz, T, H, P, N) * Ch[:, :, :, None, :]).sum(-1) + self.D.float()[:, None] * xs
+        out = self.out_proj(self.norm(y.reshape(Bsz, T, D).to(x.dtype), z))
+        return out, (h_last.reshape(Bsz, self.state_heads, P, N), conv_new)
