@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -134,14 +136,21 @@ def test_index_errors():
 
 
 # ---- store search ------------------------------------------------------------------------------------------
-@pytest.fixture
-def library(tmp_path):
-    """A store of 5 tasks x 6 states each."""
-    store = StateStore(tmp_path / "lib", sketch_dim=128)
+@pytest.fixture(scope="module")
+def library_template(tmp_path_factory):
+    """A store of 5 tasks x 6 states each, built once per module."""
+    store = StateStore(tmp_path_factory.mktemp("template") / "lib", sketch_dim=128)
     for task in range(5):
         for shot in range(6):
             store.add(task_state(task, 100 * task + shot), name=f"t{task}-{shot}", task=f"t{task}")
-    return store
+    return store.path
+
+
+@pytest.fixture
+def library(tmp_path, library_template):
+    """A private copy of the template store (tests add and remove entries)."""
+    shutil.copytree(library_template, tmp_path / "lib")
+    return StateStore(tmp_path / "lib")
 
 
 @pytest.mark.parametrize("kind", ["exact", "sketch", "faiss", "faiss-ivf", "usearch"])
