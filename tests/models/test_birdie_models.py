@@ -5,13 +5,14 @@ from statelab.errors import ConfigError, StateMismatchError
 from statelab.models.birdie_models import BirdieLM, BirdieModelConfig
 from statelab.testing import assert_close
 
-ARCH = ["gated_ssm", "hawk", "transformer"]
+ARCH = ["gated_ssm", "hawk", "transformer", "mamba2"]
 
 
 def model(arch, bidirectional=False):
     torch.manual_seed(0)
     cfg = BirdieModelConfig(arch=arch, vocab_size=40, d_model=16, n_layer=3, d_state=12, n_heads=2,
-                            bidirectional=bidirectional, chunk=8)
+                            bidirectional=bidirectional, chunk=8, mamba2_state=4,
+                            mamba2_head_dim=8)
     return BirdieLM(cfg).eval()
 
 

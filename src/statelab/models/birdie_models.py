@@ -4,6 +4,8 @@
 
 * ``gated_ssm``: fused pre-norm residual blocks ``x + GatedSSM(RMSNorm(x))``.
 * ``hawk``: ``x + RG-LRU block(RMSNorm(x))`` then ``x + MLP(RMSNorm(x))`` (gated GeLU, 8/3 expansion).
+* ``mamba2``: ``x + Mamba2Mixer(RMSNorm(x))`` with the mixer of :mod:`statelab.layers.mamba2`; bidirectional
+  layers split its heads (:class:`statelab.layers.bidirectional.BidirectionalMamba2Mixer`).
 * ``transformer``: causal attention with RoPE and the same MLP; with ``bidirectional`` every layer attends
   bidirectionally inside the prefix (prefix-LM attention), as the paper's Transformer "Birdie".
 
@@ -12,7 +14,8 @@ With ``bidirectional`` the recurrent models alternate bidirectional-prefix layer
 packer (:mod:`statelab.objectives.packing`); packed samples never see each other.
 
 The state (:class:`BirdieState`) is "after the last token": per layer a tuple of tensors (gated SSM: ``(h,)``;
-Hawk: ``(h, conv)``; Transformer: ``(k, v)`` caches ``[B, heads, S, head_dim]``). A call never modifies the state
+Hawk: ``(h, conv)``; Mamba-2: ``(ssm, conv)``; Transformer: ``(k, v)`` caches ``[B, heads, S, head_dim]``).
+A call never modifies the state
 it is given. Generation runs the prompt in parallel (as the prefix) and then decodes recurrently from the state.
 """
 
@@ -27,12 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from statelab.errors import ConfigError, StateMismatchError
+from statelab.layers.bidirectional import BidirectionalMamba2Mixer
 from statelab.layers.gated_ssm import GatedSSMLayer
 from statelab.layers.hawk import HawkLayer
 
 __all__ = ["BirdieModelConfig", "BirdieState", "BirdieLM", "ARCHES"]
 
-ARCHES = ("gated_ssm", "hawk", "transformer")
+ARCHES = ("gated_ssm", "hawk", "transformer", "mamba2")
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,9 @@ class BirdieModelConfig:
         vocab_size: ``V``; d_model: ``M``; n_layer: blocks.
         d_state: recurrent channels ``D`` of the SSM layers (paper: 1.25 · d_model).
         bidirectional: alternate bidirectional-prefix layers (SSMs) / prefix-LM attention (Transformer).
-        mlp_mult: MLP expansion of Hawk and the Transformer; n_heads: attention heads; conv_kernel: Hawk's conv.
+        mlp_mult: MLP expansion of Hawk and the Transformer; n_heads: attention heads; conv_kernel: Hawk's and
+            Mamba-2's conv.
+        mamba2_state, mamba2_head_dim: N and P of the Mamba-2 mixers (d_inner = 2 · d_model, one group).
         chunk: chunk length of the recurrent scans.
     """
 
@@ -58,6 +64,8 @@ class BirdieModelConfig:
     n_heads: int = 4
     conv_kernel: int = 4
     chunk: int = 16
+    mamba2_state: int = 16
+    mamba2_head_dim: int = 16
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHES:
@@ -149,9 +157,14 @@ class _Block(nn.Module):
             self.mixer = GatedSSMLayer(cfg.d_model, cfg.d_state, bidirectional=bi, chunk=cfg.chunk)
         elif cfg.arch == "hawk":
             self.mixer = HawkLayer(cfg.d_model, cfg.d_state, cfg.conv_kernel, bidirectional=bi, chunk=cfg.chunk)
+        elif cfg.arch == "mamba2":
+            self.mixer = BidirectionalMamba2Mixer(
+                cfg.d_model, 2 * cfg.d_model, cfg.mamba2_state, 1, cfg.mamba2_head_dim, cfg.conv_kernel,
+                bidirectional=bi, chunk=cfg.chunk,
+            )
         else:
             self.mixer = _Attention(cfg.d_model, cfg.n_heads, prefix_lm=bi)
-        if cfg.arch != "gated_ssm":
+        if cfg.arch in ("hawk", "transformer"):
             self.norm2 = nn.RMSNorm(cfg.d_model, eps=1e-5)
             self.mlp = _MLP(cfg.d_model, cfg.mlp_mult)
         self.arch = cfg.arch
@@ -160,7 +173,7 @@ class _Block(nn.Module):
         h = self.norm(x)
         if self.arch == "transformer":
             y, new = self.mixer(h, state, seq_start, is_prefix, offset)
-        elif self.arch == "hawk":
+        elif self.arch in ("hawk", "mamba2"):
             y, new = self.mixer(h, state, seq_start, is_prefix)
         else:
             y, s = self.mixer(h, None if state is None else state[0], seq_start, is_prefix)
