@@ -15,8 +15,8 @@ packer (:mod:`statelab.objectives.packing`); packed samples never see each other
 
 The state (:class:`BirdieState`) is "after the last token": per layer a tuple of tensors (gated SSM: ``(h,)``;
 Hawk: ``(h, conv)``; Mamba-2: ``(ssm, conv)``; Transformer: ``(k, v)`` caches ``[B, heads, S, head_dim]``).
-A call never modifies the state
-it is given. Generation runs the prompt in parallel (as the prefix) and then decodes recurrently from the state.
+A call never modifies the state it is given. Generation runs the prompt in parallel (as the prefix) and then
+decodes recurrently from the state.
 """
 
 from __future__ import annotations
