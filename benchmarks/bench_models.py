@@ -23,6 +23,7 @@ import argparse
 import datetime as dt
 import gc
 import json
+import os
 import platform
 import re
 import tempfile
@@ -48,6 +49,16 @@ def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else the platform's machine type."""
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 def machine_rates(quick: bool) -> dict[str, float]:
@@ -388,14 +399,24 @@ def main() -> None:
     with console.status("benchmarking") as status:
         for arch in archs:
             rows += bench_arch(arch, args, rates, lambda msg: (status.update(msg), console.print(msg)))
+            again = machine_rates(args.quick)  # other jobs lower any one measurement: keep the best seen
+            for k, v in again.items():
+                if v > rates[k]:
+                    scale = rates[k] / v
+                    rates[k] = v
+                    for r in rows:  # MFU is relative to the matmul rate; the floor to the copy rate
+                        if k == "matmul_gflops" and "mfu" in r:
+                            r["mfu"] *= scale
+                        if k == "copy_gbs" and "floor_ms" in r:
+                            r["floor_ms"] *= scale
             report(rows, args, rates, console)  # after each architecture, so a long run leaves results behind
 
 
 def report(rows: list[dict], args, rates: dict[str, float], console) -> None:
     text = table(rows)
-    load = " / ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     header = (
-        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()} {platform.processor() or ''}, "
+        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {cpu_name()} ({os.cpu_count()} cores), "
         f"torch {torch.__version__}, {args.threads} threads, fp32, random 130m-sized weights "
         f"({args.layers} layers{', quick run' if args.quick else ''}). Machine: matmul "
         f"{rates['matmul_gflops']:.0f} GFLOP/s, copy {rates['copy_gbs']:.1f} GB/s (read + write). Load average at "
