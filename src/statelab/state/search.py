@@ -332,9 +332,9 @@ class FaissIVFIndex(VectorIndex):
     Builds much faster than HNSW (one k-means on a sample, then one assignment per vector), which is what makes
     1e6-entry stores practical on a small machine. The cells are trained lazily on the first search and retrained
     whenever the index has grown 4x since, so a store that starts small and grows keeps balanced cells. ``nlist``
-    is ``sqrt(n)`` cells trained on ``40 · nlist`` sampled vectors; ``nprobe`` defaults to
-    ``max(nlist / 20, cells holding ~20,000 vectors)``. Keeps a copy of the vectors for retraining. Needs
-    ``faiss-cpu``.
+    is ``sqrt(n)`` cells trained on ``40 · nlist`` sampled vectors (below 1,000 vectors: one flat list, exact);
+    ``nprobe`` defaults to ``max(nlist / 20, cells holding ~20,000 vectors)``. Keeps a copy of the vectors for
+    retraining. Needs ``faiss-cpu``.
     """
 
     kind = "faiss-ivf"
@@ -370,6 +370,11 @@ class FaissIVFIndex(VectorIndex):
 
         self._flush()
         n = len(self._ids)
+        if n < 1000:  # too few to train cells on; brute force is faster at this size anyway
+            flat = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+            flat.add_with_ids(self._vecs, self._ids)
+            self._index, self._trained_n = flat, n
+            return
         nlist = max(1, min(int(np.sqrt(n)), n // 40))
         rng = np.random.default_rng(0)
         sample = self._vecs[rng.choice(n, min(n, 40 * nlist), replace=False)]
@@ -389,11 +394,12 @@ class FaissIVFIndex(VectorIndex):
             self._build()
         import faiss
 
-        nlist = self._index.nlist
+        nlist = getattr(self._index, "nlist", 1)
         # Scan at least ~20,000 vectors (cheap, and small stores have clusters spread over many cells), and at
         # least 1/20 of the cells in large ones.
         auto = max(nlist // 20, math.ceil(20_000 * nlist / max(1, len(self))))
-        self._index.nprobe = min(nlist, self.nprobe or auto)
+        if nlist > 1:
+            self._index.nprobe = min(nlist, self.nprobe or auto)
         threads = faiss.omp_get_max_threads()
         if q.shape[0] < 8:
             faiss.omp_set_num_threads(1)
