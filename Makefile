@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
 	$(BIN)/python -m statelab.demo
@@ -25,6 +25,8 @@ embedded: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_models.py
 	$(BIN)/python benchmarks/bench_store.py
+	$(BIN)/python benchmarks/bench_gdssm.py
+	$(BIN)/python benchmarks/bench_birdie.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
