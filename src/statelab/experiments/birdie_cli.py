@@ -19,8 +19,8 @@ def run_command(
     quiet: bool = typer.Option(False, help="no progress bar"),
 ) -> None:
     """Train every arm for every seed at equal counted tokens, evaluate, write runs/<name>/report.md."""
+    from statelab.config import apply_overrides, from_dict, read_config_file
     from statelab.experiments.birdie import BirdieExperimentConfig, run_experiment
-    from statelab.train.config import apply_overrides, from_dict, read_config_file
 
     data = apply_overrides(read_config_file(config), overrides or [])
     cfg = from_dict(BirdieExperimentConfig, data)

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 import typer
 
+from statelab.config import apply_overrides, from_dict, read_config_file, to_dict
 from statelab.errors import ConfigError, StatelabError
 from statelab.state.core import State
-from statelab.train.config import apply_overrides, from_dict, read_config_file, to_dict
 
 __all__ = [
     "SoupConfig",

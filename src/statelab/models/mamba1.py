@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import types
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,43 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from statelab.config import from_dict
 from statelab.errors import CheckpointError, ConfigError, StateMismatchError
 from statelab.layers.mamba1 import Mamba1Mixer, MixerState
 from statelab.layers.norm import RMSNorm
 from statelab.models.base import RunOutput, StatefulLM
 from statelab.state.core import State
 
-__all__ = ["Mamba1Config", "Mamba1LM", "config_from_dict"]
-
-
-def config_from_dict(cls: type, d: dict[str, Any]):
-    """Build the frozen dataclass ``cls`` from ``d``; unknown keys and wrong types are ``ConfigError``."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"{cls.__name__}: expected a dict, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown keys {unknown}; known: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    for k, v in d.items():
-        if not _type_ok(v, hints[k]):
-            raise ConfigError(f"{cls.__name__}.{k}: expected {hints[k]}, got {v!r} ({type(v).__name__})")
-    return cls(**d)
-
-
-def _type_ok(v: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(v, h) for h in typing.get_args(hint))
-    if origin is typing.Literal:
-        return v in typing.get_args(hint)
-    if hint is type(None):
-        return v is None
-    if hint is float:
-        return isinstance(v, int | float) and not isinstance(v, bool)
-    if hint is int:
-        return isinstance(v, int) and not isinstance(v, bool)
-    return isinstance(v, hint)
+__all__ = ["Mamba1Config", "Mamba1LM"]
 
 
 @dataclass(frozen=True)
@@ -112,7 +81,7 @@ class Mamba1Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Mamba1Config:
-        return config_from_dict(cls, d)
+        return from_dict(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from statelab.config import from_dict
 from statelab.errors import CheckpointError, ConfigError
 from statelab.layers.mamba2 import Mamba2LayerState, Mamba2Mixer
 from statelab.layers.norm import RMSNorm
@@ -111,15 +112,8 @@ class Mamba2Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Mamba2Config:
-        """Build from a dict; an unknown key is a ``ConfigError`` naming it."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown Mamba2Config keys {unknown}; known: {sorted(known)}")
-        try:
-            return cls(**d)
-        except TypeError as e:  # a required key is missing
-            raise ConfigError(f"Mamba2Config: {e}") from e
+        """Build from a dict; unknown keys and wrong types are a ``ConfigError`` naming the key."""
+        return from_dict(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from statelab.config import from_dict
 from statelab.errors import ConfigError
 
 __all__ = [
@@ -313,10 +314,4 @@ def config_from_dict(data: dict[str, Any]) -> ObjectiveConfig:
     cls_name = data.pop("class", None)
     if cls_name not in CONFIG_CLASSES:
         raise ConfigError(f"objective class must be one of {sorted(CONFIG_CLASSES)}, got {cls_name!r}")
-    cls = CONFIG_CLASSES[cls_name]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        raise ConfigError(f"unknown keys for objective {cls_name}: {sorted(unknown)}; known: {sorted(known)}")
-    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return cls(**fixed)
+    return from_dict(CONFIG_CLASSES[cls_name], data, where=f"objective {cls_name}")
