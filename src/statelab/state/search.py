@@ -251,17 +251,12 @@ class ExactIndex(VectorIndex):
 
     def save(self, path) -> None:
         self._flush()
-        with open(path, "wb") as f:
-            np.save(f, self._ids, allow_pickle=False)
-            np.save(f, self._vecs.numpy(), allow_pickle=False)
+        _save_ids_and_vectors(path, self._ids, self._vecs.numpy())
 
     @classmethod
     def load(cls, path, dim):
         index = cls(dim)
-        with open(path, "rb") as f:
-            ids = np.load(f, allow_pickle=False)
-            vecs = np.load(f, allow_pickle=False)
-        index.add(ids, vecs)
+        index.add(*_load_ids_and_vectors(path))
         return index
 
 
@@ -411,17 +406,12 @@ class FaissIVFIndex(VectorIndex):
 
     def save(self, path) -> None:
         self._flush()
-        with open(path, "wb") as f:
-            np.save(f, self._ids, allow_pickle=False)
-            np.save(f, self._vecs, allow_pickle=False)
+        _save_ids_and_vectors(path, self._ids, self._vecs)
 
     @classmethod
     def load(cls, path, dim):
         index = cls(dim)
-        with open(path, "rb") as f:
-            ids = np.load(f, allow_pickle=False)
-            vecs = np.load(f, allow_pickle=False)
-        index.add(ids, vecs)
+        index.add(*_load_ids_and_vectors(path))
         return index
 
 
@@ -511,3 +501,16 @@ def load_index(kind: str, path: Path, dim: int) -> VectorIndex:
     if kind not in INDEX_KINDS:
         raise StoreError(f"unknown index kind {kind!r}; known: {sorted(INDEX_KINDS)}")
     return INDEX_KINDS[kind].load(path, dim)
+
+
+def _save_ids_and_vectors(path, ids: np.ndarray, vecs: np.ndarray) -> None:
+    """Write an index's ids and vectors as two consecutive ``.npy`` arrays (no pickle)."""
+    with open(path, "wb") as f:
+        np.save(f, ids, allow_pickle=False)
+        np.save(f, vecs, allow_pickle=False)
+
+
+def _load_ids_and_vectors(path) -> tuple[np.ndarray, np.ndarray]:
+    """Read what :func:`_save_ids_and_vectors` wrote."""
+    with open(path, "rb") as f:
+        return np.load(f, allow_pickle=False), np.load(f, allow_pickle=False)
