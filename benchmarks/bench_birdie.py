@@ -43,14 +43,14 @@ def main() -> None:
     configs = birdie_grid(cfg.seq_len)
     torch.manual_seed(0)
     model = BirdieLM(BirdieModelConfig(vocab_size=VOCAB.size, d_model=cfg.d_model, n_layer=cfg.n_layer,
-                                       d_state=cfg.d_state, chunk=cfg.chunk))
+                                       d_state=cfg.d_state))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sampler = ObjectiveSampler(configs, text, cfg.seq_len, seed=0)
     batch = sampler.next_batch(cfg.batch_size)
 
     def train_step():
         logits, _ = model(batch.tokens, None, batch.seq_start, batch.is_prefix)
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.labels, ignore_index=IGNORE)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE)
         opt.zero_grad()
         loss.backward()
         opt.step()

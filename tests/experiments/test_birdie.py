@@ -2,10 +2,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from statelab.errors import ConfigError
 from statelab.experiments.birdie import (
     BirdieExperimentConfig,
+    generated_accuracy,
     load_corpus,
     mqar_example,
     phonebook_example,
@@ -48,21 +50,52 @@ def test_config_rejects_unknown_arms():
         BirdieExperimentConfig(arms=("ntp", "magic"))
 
 
-def test_tiny_study_writes_a_report(tmp_path):
-    cfg = BirdieExperimentConfig(
-        name="t", out_dir=str(tmp_path), d_model=16, n_layer=2, d_state=16, seq_len=128, batch_size=2,
-        token_budget=600, seeds=(0,), arms=("ntp", "birdie"), n_val_per_config=1, n_evals=2,
+def tiny(tmp_path, **changes):
+    base = dict(
+        name="t", out_dir=str(tmp_path), d_model=16, n_layer=2, d_state=16, seq_len=160, batch_size=2,
+        token_budget=600, seeds=(0,), arms=("ntp", "ul2", "birdie"), n_val_per_config=1, n_evals=2,
         controller_hidden=8, controller_state=8, controller_fit_steps=2, controller_candidates=16,
-        finetune_steps=1, n_eval_examples=2, phonebook_entries=2, phonebook_queries=1, mqar_pairs=4,
+        finetune_steps=1, n_eval_examples=2, phonebook_entries=2, phonebook_queries=(1, 2), mqar_pairs=4,
+        mqar_queries=2, workers=1,
     )
-    out = run_experiment(cfg, show_progress=False)
+    return BirdieExperimentConfig(**{**base, **changes})
+
+
+def test_tiny_study_writes_a_report(tmp_path):
+    out = run_experiment(tiny(tmp_path), show_progress=False)
     res = json.loads((out / "results.json").read_text())
-    assert res["failures"] == [] and len(res["runs"]) == 2
+    assert res["failures"] == [] and [r["arm"] for r in res["runs"]] == ["ntp", "ul2", "birdie"]
     for r in res["runs"]:
         assert r["counted_tokens"] >= 600
-        assert all(0 <= r["metrics"][m] <= 1 for m in ("phonebook", "mqar", "copying"))
+        assert all(0 <= r["metrics"][m] <= 1 for m in ("phonebook_q1", "phonebook_q2", "mqar", "copying"))
+        m = r["metrics"]
+        assert m["phonebook"] == pytest.approx((m["phonebook_q1"] + m["phonebook_q2"]) / 2)
+    ul2 = [r for r in res["runs"] if r["arm"] == "ul2"][0]
+    assert set(ul2["class_tokens"]) == {"infilling", "prefix_lm"}
     birdie = [r for r in res["runs"] if r["arm"] == "birdie"][0]
     assert abs(sum(birdie["final_mixture"].values()) - 1) < 1e-6
     report = (out / "report.md").read_text()
-    assert "| birdie |" in report and "| ntp |" in report
+    assert "| birdie |" in report and "| ntp |" in report and "| ul2 |" in report
     assert (out / "metrics.png").stat().st_size > 0 and (out / "mixture_birdie_s0.png").exists()
+
+
+def test_worker_processes_give_the_same_records_as_one_process(tmp_path):
+    cfg = dict(arms=("ntp", "birdie"), seeds=(0, 1))
+    one = json.loads((run_experiment(tiny(tmp_path / "a", **cfg), False) / "results.json").read_text())
+    two = json.loads((run_experiment(tiny(tmp_path / "b", workers=2, **cfg), False) / "results.json").read_text())
+    assert two["failures"] == []
+    assert [(r["arm"], r["seed"]) for r in two["runs"]] == [("ntp", 0), ("birdie", 0), ("ntp", 1), ("birdie", 1)]
+    for a, b in zip(one["runs"], two["runs"], strict=True):
+        assert a["metrics"] == b["metrics"] and a["losses"] == b["losses"] and a["class_tokens"] == b["class_tokens"]
+
+
+def test_generated_accuracy_scores_what_the_model_generates():
+    """A model that always emits the same digit gets exactly the share of that digit in the answers."""
+    items = [phonebook_example(3, 2, np.random.default_rng(i)) for i in range(4)]
+
+    class Sevens(torch.nn.Module):
+        def generate(self, prompt, n):
+            return torch.full((prompt.shape[0], n), ord("7"))
+
+    digits = np.concatenate([ex.target[m] for ex, m in items])
+    assert generated_accuracy(Sevens(), items, 256) == pytest.approx(np.mean(digits == ord("7")))

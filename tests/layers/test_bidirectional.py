@@ -25,12 +25,12 @@ def rand_scan(B, T, D, seed=0, resets=True):
 
 
 @pytest.mark.parametrize("T", [1, 7, 63, 64, 100])
-def test_chunked_scan_matches_naive_with_gradients(T):
+def test_log_depth_scan_matches_naive_with_gradients(T):
     log_a, u, h0 = rand_scan(2, T, 5, seed=T)
     ref_in = [t.clone().requires_grad_() for t in (log_a, u, h0)]
     got_in = [t.clone().requires_grad_() for t in (log_a, u, h0)]
     hr, sr = linear_scan_naive(*ref_in)
-    hg, sg = linear_scan(*got_in, chunk=16)
+    hg, sg = linear_scan(*got_in)
     assert_close("h", hr, hg)
     assert_close("final state", sr, sg)
     w = torch.randn_like(hr)
@@ -64,7 +64,7 @@ def test_split_scan_matches_its_reference(bidirectional):
     seq_start, is_prefix = masks()
     h0 = torch.randn(2, 3 if bidirectional else 6)
     hr, sr = split_scan_naive(log_a, u, h0, seq_start, is_prefix, bidirectional)
-    hg, sg = split_scan(log_a, u, h0, seq_start, is_prefix, bidirectional, chunk=16)
+    hg, sg = split_scan(log_a, u, h0, seq_start, is_prefix, bidirectional)
     assert_close("h", hr, hg)
     assert_close("state", sr, sg)
 
@@ -95,8 +95,8 @@ def test_conv_window_stops_at_sample_starts_and_continues_from_state():
 def make_layer(kind, bidirectional=True):
     torch.manual_seed(1)
     if kind == "gated_ssm":
-        return GatedSSMLayer(8, 6, bidirectional=bidirectional, chunk=8)
-    return HawkLayer(8, 6, bidirectional=bidirectional, chunk=8)
+        return GatedSSMLayer(8, 6, bidirectional=bidirectional)
+    return HawkLayer(8, 6, bidirectional=bidirectional)
 
 
 @pytest.mark.parametrize("kind", ["gated_ssm", "hawk"])
@@ -144,7 +144,7 @@ def mamba2(bidirectional):
     from statelab.layers.bidirectional import BidirectionalMamba2Mixer
 
     torch.manual_seed(2)
-    return BidirectionalMamba2Mixer(16, 32, 4, 1, 8, bidirectional=bidirectional, chunk=8)
+    return BidirectionalMamba2Mixer(16, 32, 4, 1, 8, bidirectional=bidirectional)
 
 
 def test_split_mamba2_in_causal_mode_equals_the_mamba2_mixer():

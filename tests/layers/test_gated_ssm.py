@@ -9,7 +9,7 @@ from ._recurrent_checks import check_continuation, check_naive_equals_chunked, c
 
 def layer(bidirectional=False):
     torch.manual_seed(0)
-    return GatedSSMLayer(8, 6, bidirectional=bidirectional, chunk=8)
+    return GatedSSMLayer(8, 6, bidirectional=bidirectional)
 
 
 def test_continuation():

@@ -4,9 +4,9 @@ The recurrence shared by the gated SSM and Hawk (RG-LRU) layers, per channel::
 
     h_t = a_t ⊙ h_{t-1} + u_t,        a_t = exp(log_a_t) in [0, 1]
 
-``linear_scan`` computes it chunk by chunk (the pairwise decays of a chunk of ``Q`` tokens as one ``[Q, Q]``
-matrix per channel, built from segment sums so a zeroed decay never meets ``inf - inf``); ``linear_scan_naive``
-is the fp32 loop it is tested against (outputs, final state, gradients including the initial state's).
+``linear_scan`` computes it in ``⌈log2 T⌉`` rounds of whole-tensor operations (a Hillis-Steele scan);
+``linear_scan_naive`` is the fp32 loop it is tested against (outputs, final state, gradients including the
+initial state's).
 
 A **bidirectional-prefix** layer splits the recurrent channels in half without adding parameters:
 
@@ -54,39 +54,30 @@ def linear_scan_naive(
     return hs, h
 
 
-def _segsum(log_a: torch.Tensor) -> torch.Tensor:
-    """``[B, Q, D] -> [B, Q, Q, D]`` with entry ``[t, s] = Σ_{r=s+1..t} log_a_r`` for ``s <= t``, ``-inf`` above.
-
-    Summing the masked matrix directly (not differences of a cumulative sum) keeps zeroed decays (``-inf``)
-    from producing ``-inf - (-inf)``.
-    """
-    Q = log_a.shape[1]
-    x = log_a[:, :, None, :].expand(-1, Q, Q, -1)  # [B, r, s, D]
-    strict = torch.ones(Q, Q, dtype=torch.bool, device=log_a.device).tril(-1)[None, :, :, None]
-    x = x.masked_fill(~strict, 0.0)
-    seg = torch.cumsum(x, dim=1)  # [B, t, s, D] = Σ_{s < r <= t}
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=log_a.device).tril()[None, :, :, None]
-    return seg.masked_fill(~causal, float("-inf"))
-
-
 def linear_scan(
-    log_a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor | None = None, chunk: int = 32
+    log_a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked scan, same contract as :func:`linear_scan_naive`; the decays are applied in fp32."""
+    """Log-depth scan, same contract as :func:`linear_scan_naive`; decays and sums in fp32.
+
+    Hillis-Steele doubling on the pairs ``(a, u)`` with ``(a1, u1) ∘ (a2, u2) = (a1·a2, a2·u1 + u2)``: after the
+    round with offset ``k`` every position holds the recurrence over its last ``2k`` inputs, so ``⌈log2 T⌉``
+    rounds of whole-tensor operations give every ``h_t``. The decays stay as products of numbers in ``[0, 1]``
+    (a zeroed decay is an exact 0, with no ``-inf - (-inf)``); autograd provides the backward.
+    """
     B, T, D = u.shape
-    h = torch.zeros(B, D, dtype=torch.float32, device=u.device) if h0 is None else h0.float()
-    la = log_a.float()
-    uf = u.float()
-    out = []
-    for s in range(0, T, chunk):
-        lc, uc = la[:, s : s + chunk], uf[:, s : s + chunk]
-        w = torch.exp(_segsum(lc))  # [B, Q, Q, D]
-        decay_in = torch.exp(torch.cumsum(lc, dim=1))  # [B, Q, D]: decay from the chunk start to t
-        hc = torch.einsum("btsd,bsd->btd", w, uc) + decay_in * h[:, None]
-        out.append(hc)
-        h = hc[:, -1]
-    hs = torch.cat(out, 1) if out else uf.new_zeros(B, 0, D)
-    return hs, h
+    a = torch.exp(log_a.float())
+    h = u.float()
+    if h0 is not None and T > 0:
+        h = h + F.pad(a[:, :1] * h0.float()[:, None], (0, 0, 0, T - 1))
+    k = 1
+    while k < T:  # h_t += a_t · h_{t-k}; a_t *= a_{t-k} (shifted copies padded with h = 0, a = 1)
+        h = torch.addcmul(h, a, F.pad(h[:, :-k], (0, 0, k, 0)))
+        if 2 * k < T:  # the decay products are needed by the next round only
+            a = a * F.pad(a[:, :-k], (0, 0, k, 0), value=1.0)
+        k *= 2
+    if T == 0:
+        return h, torch.zeros(B, D, device=u.device) if h0 is None else h0.float()
+    return h, h[:, -1]
 
 
 def reverse_reset(seq_start: torch.Tensor, is_prefix: torch.Tensor) -> torch.Tensor:
@@ -120,7 +111,6 @@ def split_scan(
     seq_start: torch.Tensor | None = None,
     is_prefix: torch.Tensor | None = None,
     bidirectional: bool = False,
-    chunk: int = 32,
     naive: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The scan of a (possibly bidirectional) layer with segment resets.
@@ -134,7 +124,7 @@ def split_scan(
         ``h [B, T, D]`` fp32 (forward half then reverse half) and the forward state after the last token.
     """
     seq_start, is_prefix = _masks(u, seq_start, is_prefix)
-    scan = linear_scan_naive if naive else (lambda la, x, h: linear_scan(la, x, h, chunk))
+    scan = linear_scan_naive if naive else linear_scan
     la = log_a.float().masked_fill(seq_start[..., None], float("-inf"))
     if not bidirectional:
         return scan(la, u, h0)
@@ -237,11 +227,11 @@ class BidirectionalMamba2Mixer(Mamba2Mixer):
     is ``T · H · P · N`` per row); the conv window is cut at sample starts.
     """
 
-    def __init__(self, *args, bidirectional: bool = True, chunk: int = 16, **kwargs) -> None:
+    def __init__(self, *args, bidirectional: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if bidirectional and self.n_heads % 2:
             raise ValueError(f"a bidirectional Mamba-2 mixer needs an even number of heads, got {self.n_heads}")
-        self.bidirectional, self.chunk = bidirectional, chunk
+        self.bidirectional = bidirectional
 
     @property
     def state_heads(self) -> int:
@@ -272,7 +262,7 @@ class BidirectionalMamba2Mixer(Mamba2Mixer):
         u = (delta[..., None, None] * xs[..., None] * Bh[:, :, :, None, :]).reshape(Bsz, T, H * P * N)
         h, h_last = split_scan(
             log_a, u, None if h0 is None else h0.reshape(Bsz, -1).float(), seq_start, is_prefix,
-            self.bidirectional, self.chunk, naive=naive,
+            self.bidirectional, naive=naive,
         )
         y = (h.reshape(Bsz, T, H, P, N) * Ch[:, :, :, None, :]).sum(-1) + self.D.float()[:, None] * xs
         out = self.out_proj(self.norm(y.reshape(Bsz, T, D).to(x.dtype), z))

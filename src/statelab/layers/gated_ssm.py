@@ -27,11 +27,11 @@ __all__ = ["GatedSSMLayer"]
 class GatedSSMLayer(nn.Module):
     """``y, state = layer(x [B, T, M], state=None, seq_start=None, is_prefix=None)``."""
 
-    def __init__(self, d_model: int, d_state: int, bidirectional: bool = False, chunk: int = 32) -> None:
+    def __init__(self, d_model: int, d_state: int, bidirectional: bool = False) -> None:
         super().__init__()
         if bidirectional and d_state % 2:
             raise ValueError(f"a bidirectional gated SSM needs an even d_state, got {d_state}")
-        self.d_model, self.d_state, self.bidirectional, self.chunk = d_model, d_state, bidirectional, chunk
+        self.d_model, self.d_state, self.bidirectional = d_model, d_state, bidirectional
         self.in_proj = nn.Linear(d_model, 4 * d_state)
         self.out_proj = nn.Linear(d_state, d_model)
         with torch.no_grad():  # forget gates start near 0.9-0.99: memory from the first step
@@ -62,7 +62,7 @@ class GatedSSMLayer(nn.Module):
         log_f = F.logsigmoid(f.float())  # decays in fp32
         u = torch.sigmoid(i) * z
         h, new = split_scan(
-            log_f, u, state, seq_start, is_prefix, self.bidirectional, self.chunk, naive=naive
+            log_f, u, state, seq_start, is_prefix, self.bidirectional, naive=naive
         )
         y = self.out_proj(F.gelu(o) * h.to(x.dtype))
         return y, new

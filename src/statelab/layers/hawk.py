@@ -51,15 +51,11 @@ def bounded_sqrt(x: torch.Tensor) -> torch.Tensor:
 class HawkLayer(nn.Module):
     """``y, (h, conv) = layer(x [B, T, M], state=None, seq_start=None, is_prefix=None)``."""
 
-    def __init__(
-        self, d_model: int, d_state: int, conv_kernel: int = 4, bidirectional: bool = False, chunk: int = 32
-    ) -> None:
+    def __init__(self, d_model: int, d_state: int, conv_kernel: int = 4, bidirectional: bool = False) -> None:
         super().__init__()
         if bidirectional and d_state % 2:
             raise ValueError(f"a bidirectional Hawk layer needs an even d_state, got {d_state}")
-        self.d_model, self.d_state, self.K, self.bidirectional, self.chunk = (
-            d_model, d_state, conv_kernel, bidirectional, chunk,
-        )
+        self.d_model, self.d_state, self.K, self.bidirectional = d_model, d_state, conv_kernel, bidirectional
         self.in_proj = nn.Linear(d_model, 2 * d_state)
         self.conv_weight = nn.Parameter(torch.randn(d_state, conv_kernel) / math.sqrt(conv_kernel))
         self.conv_bias = nn.Parameter(torch.zeros(d_state))
@@ -101,6 +97,6 @@ class HawkLayer(nn.Module):
         log_a = KAPPA * r.float() * F.logsigmoid(self.Lambda.float())
         mult = bounded_sqrt((1.0 - torch.exp(2.0 * log_a)).clamp_min(0.0))
         u = mult * (i * c).float()
-        h, new_h = split_scan(log_a, u, h0, seq_start, is_prefix, self.bidirectional, self.chunk, naive=naive)
+        h, new_h = split_scan(log_a, u, h0, seq_start, is_prefix, self.bidirectional, naive=naive)
         y = self.out_proj(F.gelu(g) * h.to(x.dtype))
         return y, (new_h, conv)

@@ -51,7 +51,6 @@ class BirdieModelConfig:
         mlp_mult: MLP expansion of Hawk and the Transformer; n_heads: attention heads; conv_kernel: Hawk's and
             Mamba-2's conv.
         mamba2_state, mamba2_head_dim: N and P of the Mamba-2 mixers (d_inner = 2 · d_model, one group).
-        chunk: chunk length of the recurrent scans.
     """
 
     arch: str = "gated_ssm"
@@ -63,7 +62,6 @@ class BirdieModelConfig:
     mlp_mult: float = 8 / 3
     n_heads: int = 4
     conv_kernel: int = 4
-    chunk: int = 16
     mamba2_state: int = 16
     mamba2_head_dim: int = 16
 
@@ -154,13 +152,13 @@ class _Block(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
         self.mlp = None
         if cfg.arch == "gated_ssm":
-            self.mixer = GatedSSMLayer(cfg.d_model, cfg.d_state, bidirectional=bi, chunk=cfg.chunk)
+            self.mixer = GatedSSMLayer(cfg.d_model, cfg.d_state, bidirectional=bi)
         elif cfg.arch == "hawk":
-            self.mixer = HawkLayer(cfg.d_model, cfg.d_state, cfg.conv_kernel, bidirectional=bi, chunk=cfg.chunk)
+            self.mixer = HawkLayer(cfg.d_model, cfg.d_state, cfg.conv_kernel, bidirectional=bi)
         elif cfg.arch == "mamba2":
             self.mixer = BidirectionalMamba2Mixer(
                 cfg.d_model, 2 * cfg.d_model, cfg.mamba2_state, 1, cfg.mamba2_head_dim, cfg.conv_kernel,
-                bidirectional=bi, chunk=cfg.chunk,
+                bidirectional=bi,
             )
         else:
             self.mixer = _Attention(cfg.d_model, cfg.n_heads, prefix_lm=bi)

@@ -34,7 +34,7 @@ from statelab.objectives.base import (
     SelectiveCopyingConfig,
 )
 
-__all__ = ["birdie_grid", "ul2_configs", "class_uniform_probs", "decoder_ul2_probs", "grid_summary"]
+__all__ = ["birdie_grid", "ul2_configs", "ul2_probs", "class_uniform_probs", "decoder_ul2_probs", "grid_summary"]
 
 
 def _scale(rng: tuple[int, int], s: float, cap: int, floor: int = 4) -> tuple[int, int]:
@@ -100,6 +100,23 @@ def ul2_configs(seq_len: int = 2048) -> list[ObjectiveConfig]:
     ]
     out.append(PrefixLMConfig(length=(max(8, seq_len // 2), seq_len - 1), split=(0.75, 0.75)))
     return out
+
+
+def ul2_probs(configs: Sequence[ObjectiveConfig]) -> np.ndarray:
+    """UL2's S:R:X = 1:1:1 over :func:`ul2_configs` (the public code's ratio; the paper's is unpublished), even
+    within each denoiser family. R = infilling at 15% with mean span <= 8, X = the other infillings, S = prefix-LM."""
+
+    def family(c: ObjectiveConfig) -> str:
+        if c.class_name == "prefix_lm":
+            return "S"
+        if c.class_name == "infilling":
+            return "R" if c.rate <= 0.15 and c.mean_span <= 8 else "X"
+        raise ValueError(f"ul2_probs expects infilling and prefix-LM configs, got {c.class_name}")
+
+    fam = [family(c) for c in configs]
+    counts = Counter(fam)
+    p = np.array([1.0 / (len(counts) * counts[f]) for f in fam])
+    return p / p.sum()
 
 
 def class_uniform_probs(configs: Sequence[ObjectiveConfig]) -> np.ndarray:
