@@ -4,11 +4,14 @@ import numpy as np
 import pytest
 import torch
 
+from statelab.errors import ConfigError
 from statelab.objectives import CopyingConfig, DeshufflingConfig, InfillingConfig, birdie_grid
 from statelab.objectives.controller import (
     BirdieController,
     ControllerConfig,
+    ExpWeightsPolicy,
     FixedPolicy,
+    LossProportionalPolicy,
     RewardModel,
     eval_schedule,
     plot_action_log,
@@ -127,3 +130,28 @@ def test_fixed_policy_keeps_its_mixture():
     assert np.array_equal(pol.update(10, np.ones(len(g))), p)
     with pytest.raises(ValueError):
         FixedPolicy(g, np.ones(3))
+
+
+def test_loss_proportional_policy_favours_the_hardest_configs():
+    pol = LossProportionalPolicy(CONFIGS, floor=0.1)
+    loss = np.array([1.0, 4.0, 1.0, 1.0, 1.0, np.nan])
+    a = pol.update(0, loss)
+    assert a.sum() == pytest.approx(1) and a.argmax() == 1
+    assert a[5] > 0  # a NaN loss is replaced by the mean, never dropped
+    with pytest.raises(ConfigError):
+        LossProportionalPolicy(CONFIGS, floor=2.0)
+
+
+def test_exp_weights_policy_moves_toward_the_config_whose_loss_drops_most():
+    """Each config's training lowers its own loss; config 4's loss drops fastest."""
+    pol = ExpWeightsPolicy(CONFIGS, eta=2.0, gamma=0.1)
+    speed = np.array([0.01, 0.01, 0.01, 0.01, 0.2, 0.01])
+    loss = np.full(6, 3.0)
+    first = pol.update(0, loss)
+    for e in range(1, 10):
+        loss = loss * (1 - speed * pol.action * 6)
+        pol.update(10 * e, loss)
+    assert first[4] == pytest.approx(first[0])  # starts class-uniform
+    assert pol.action.argmax() == 4 and pol.action[4] > 0.5
+    assert pol.action.min() >= 0.1 * min(first) - 1e-12  # the gamma floor keeps every config alive
+    assert len(pol.records) == 10 and "reward" in pol.records[-1]

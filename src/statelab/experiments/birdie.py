@@ -19,6 +19,11 @@ Arms (all on the same architecture and optimiser; only the mixture and the bidir
 | ``ul2``         | UL2's R, X and S denoisers at 1:1:1                | causal                      |
 | ``birdie_causal``| reward-driven controller over the 96 configs      | causal                      |
 | ``birdie``      | reward-driven controller over the 96 configs       | alternating bidirectional   |
+| ``loss_prop``   | ablation: configs in proportion to their val. loss | causal                      |
+| ``exp_weights`` | ablation: exponential weights on per-config reward | causal                      |
+
+The two ablations see the same per-config validation losses as the controller but have no reward model, so
+against ``birdie_causal`` they isolate what the reward model adds (spec §9).
 
 The training function here is compact on purpose: it needs packed rows with prefix masks, per-config validation
 losses and the controller's evaluation hook, which the generic loop of :mod:`statelab.train` does not carry.
@@ -39,7 +44,7 @@ import time
 import traceback
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -61,7 +66,9 @@ from statelab.objectives.base import (
 from statelab.objectives.controller import (
     BirdieController,
     ControllerConfig,
+    ExpWeightsPolicy,
     FixedPolicy,
+    LossProportionalPolicy,
     MixturePolicy,
     eval_schedule,
     plot_action_log,
@@ -91,6 +98,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "ul2": {"mixture": "ul2", "bidirectional": False},
     "birdie_causal": {"mixture": "birdie", "bidirectional": False},
     "birdie": {"mixture": "birdie", "bidirectional": True},
+    "loss_prop": {"mixture": "loss_prop", "bidirectional": False},
+    "exp_weights": {"mixture": "exp_weights", "bidirectional": False},
 }
 
 CORPUS = "tinyshakespeare.txt.gz"
@@ -114,8 +123,8 @@ class BirdieExperimentConfig:
         seeds, arms: the runs.
         n_val_per_config: held-out samples per objective config for the controller's validation loss.
         n_evals: controller evaluations (the paper's schedule, thinned to at most this many).
-        controller_*: reward model size and fit (the paper's 256 hidden / 200 steps / lr 5e-4 are for 35
-            evaluations of a 1.4B run; a small run refits a small model faster).
+        controller_*: reward model size and fit (the paper's 4 layers / 256 hidden / 200 steps / lr 5e-4 are for
+            35 evaluations of a 1.4B run; a small run refits a small model: 2 layers, 64 hidden, 30 steps).
         finetune_steps, finetune_lr: the per-task fine-tune before phonebook / MQAR (same for every arm).
         phonebook_entries, mqar_pairs, mqar_queries: task sizes; phonebook_queries: the numbers of queried names
             (the fine-tune cycles through them, each is scored on its own); n_eval_examples: per task and count.
@@ -140,7 +149,8 @@ class BirdieExperimentConfig:
     n_evals: int = 12
     controller_hidden: int = 64
     controller_state: int = 64
-    controller_fit_steps: int = 50
+    controller_layers: int = 2
+    controller_fit_steps: int = 30
     controller_candidates: int = 512
     controller_lr: float = 3e-3
     finetune_steps: int = 40
@@ -282,11 +292,16 @@ def _make_policy(arm: str, configs: list[ObjectiveConfig], cfg: BirdieExperiment
         return FixedPolicy(configs, p, log)
     if mix == "fixed":
         return FixedPolicy(configs, class_uniform_probs(configs), log)
+    if mix == "loss_prop":
+        return LossProportionalPolicy(configs, log_path=log)
+    if mix == "exp_weights":
+        return ExpWeightsPolicy(configs, log_path=log)
     cc = ControllerConfig(
         total_steps=est_steps,
         n_candidates=cfg.controller_candidates,
         hidden=cfg.controller_hidden,
         n_state=cfg.controller_state,
+        n_layers=cfg.controller_layers,
         fit_steps=cfg.controller_fit_steps,
         lr=cfg.controller_lr,
         seed=seed,
@@ -312,7 +327,7 @@ def train_arm(
     log.unlink(missing_ok=True)
     policy = _make_policy(arm, configs, cfg, seed, est_steps, log)
     sampler = ObjectiveSampler(configs, train_text, cfg.seq_len, seed=seed, probs=policy.action)
-    controlled = isinstance(policy, BirdieController)
+    controlled = not isinstance(policy, FixedPolicy)  # it reads per-config validation losses
     val = None
     if controlled:
         val = validation_batch(configs, val_text, cfg.seq_len, cfg.n_val_per_config, seed=10_000 + seed)
@@ -647,6 +662,30 @@ def _summary(
     return out
 
 
+def _comparison_lines(
+    cfg: BirdieExperimentConfig, summ: dict[str, dict[str, tuple[float, float, int]]], metrics: list[str]
+) -> list[str]:
+    """Each arm against next-token: the difference of means in units of the pooled std over seeds (spec §9's
+    acceptance: Birdie ahead of next-token by more than 2 pooled std at the most queries)."""
+    if "ntp" not in summ or len(summ) < 2:
+        return []
+    keys = [f"phonebook_q{max(cfg.phonebook_queries)}", "mqar", "bits_per_byte"]
+    lines = ["", "Against next-token (ntp): difference of means, and in units of the pooled std "
+             "(sqrt of the mean of the two variances over seeds).", "",
+             "| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for arm in summ:
+        if arm == "ntp":
+            continue
+        cells = []
+        for k in keys:
+            (m1, s1, _), (m0, s0, _) = summ[arm][k], summ["ntp"][k]
+            pooled = math.sqrt((s1**2 + s0**2) / 2)
+            z = f"{(m1 - m0) / pooled:+.1f} std" if pooled > 0 else "n/a"
+            cells.append(f"{m1 - m0:+.3f} ({z})")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(
     cfg: BirdieExperimentConfig, results: list[dict[str, Any]], failures: list[str], wall: float, run_dir: Path
 ) -> None:
@@ -711,6 +750,7 @@ def write_report(
             f"| {a} | " + " | ".join(fmt(a, m) for m in metrics)
             + f" | {summ[a]['counted_tokens'][0]:,.0f} | {summ[a]['steps'][0]:.0f} |"
         )
+    lines += _comparison_lines(cfg, summ, metrics)
     lines += ["", "![metrics](metrics.png)", "", "![training loss](train_loss.png)", ""]
     lines += ["## Cost", "", "| arm | step (s) | controller (s) | controller / training | validation evals (s) |",
               "|---|---|---|---|---|"]
@@ -734,8 +774,3 @@ def write_report(
         lines += ["", "## Failed runs", ""] + [f"- {f}" for f in failures]
     lines += ["", "## Config", "", "```json", json.dumps(asdict(cfg), indent=1), "```", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
-
-
-def quick_config(**changes: Any) -> BirdieExperimentConfig:
-    """The default (quick) config with some fields replaced."""
-    return replace(BirdieExperimentConfig(), **changes)

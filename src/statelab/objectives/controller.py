@@ -19,7 +19,9 @@ Every evaluation writes one JSON line (losses, rewards, action, ε, whether it e
 loss and the spread of candidate scores) so the run can be audited and plotted (:func:`plot_action_log`).
 
 All alternatives share the :class:`MixturePolicy` interface: :class:`FixedPolicy` (UL2-style ratios, uniform over
-classes or over configs, next-token only) and :class:`BirdieController`.
+classes or over configs, next-token only), :class:`BirdieController`, and two ablations that use the same
+validation losses without a reward model (spec §9): :class:`LossProportionalPolicy` and
+:class:`ExpWeightsPolicy`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ __all__ = [
     "MixturePolicy",
     "FixedPolicy",
     "BirdieController",
+    "LossProportionalPolicy",
+    "ExpWeightsPolicy",
     "plot_action_log",
 ]
 
@@ -256,6 +260,68 @@ class FixedPolicy(MixturePolicy):
         return self.action
 
 
+def _finite(losses: np.ndarray, n: int) -> np.ndarray:
+    loss = np.asarray(losses, dtype=np.float64)
+    if loss.shape != (n,):
+        raise ValueError(f"losses must have one value per config ({n}), got {loss.shape}")
+    return np.where(np.isfinite(loss), loss, np.nanmean(loss))
+
+
+class LossProportionalPolicy(MixturePolicy):
+    """Ablation: play each config in proportion to its current validation loss (harder configs more often),
+    mixed with ``floor`` of the class-uniform mixture. No reward model, no memory."""
+
+    def __init__(
+        self, configs: Sequence[ObjectiveConfig], floor: float = 0.1, log_path: str | Path | None = None
+    ) -> None:
+        super().__init__(configs, log_path)
+        if not 0.0 <= floor <= 1.0:
+            raise ConfigError(f"floor must lie in [0, 1], got {floor}")
+        self.floor = floor
+
+    def update(self, step: int, losses: np.ndarray) -> np.ndarray:
+        loss = np.clip(_finite(losses, len(self.configs)), 1e-9, None)
+        self.action = (1 - self.floor) * loss / loss.sum() + self.floor * class_uniform_probs(self.configs)
+        self._log({"step": step, "losses": loss.tolist(), "action": self.action.tolist(), "mode": "loss_prop"})
+        return self.action
+
+
+class ExpWeightsPolicy(MixturePolicy):
+    """Ablation: exponential weights on the per-config reward (spec §5's formula), the full-information form of
+    EXP3 (every config's validation loss is observed at each evaluation, so no importance weighting is needed).
+
+    ``log w_i += eta · r_i`` at each evaluation, starting from the class-uniform mixture; the action is
+    ``(1 - gamma) · w / Σ w + gamma · class-uniform``. No reward model: a config is favoured when its own loss
+    drops, whatever caused the drop.
+    """
+
+    def __init__(
+        self, configs: Sequence[ObjectiveConfig], eta: float = 1.0, gamma: float = 0.1,
+        log_path: str | Path | None = None,
+    ) -> None:
+        super().__init__(configs, log_path)
+        if eta <= 0 or not 0.0 <= gamma <= 1.0:
+            raise ConfigError(f"need eta > 0 and gamma in [0, 1], got {eta}, {gamma}")
+        self.eta, self.gamma = eta, gamma
+        self.log_w = np.log(class_uniform_probs(self.configs))
+        self.prev_loss: np.ndarray | None = None
+
+    def update(self, step: int, losses: np.ndarray) -> np.ndarray:
+        loss = _finite(losses, len(self.configs))
+        rec: dict[str, Any] = {"step": step, "losses": loss.tolist(), "mode": "exp_weights"}
+        if self.prev_loss is not None:
+            r = reward(self.prev_loss, loss)
+            self.log_w = self.log_w + self.eta * r
+            rec["reward"] = r.tolist()
+            rec["total_reward"] = total_reward(r, self.class_names)
+        self.prev_loss = loss
+        w = np.exp(self.log_w - self.log_w.max())
+        self.action = (1 - self.gamma) * w / w.sum() + self.gamma * class_uniform_probs(self.configs)
+        rec["action"] = self.action.tolist()
+        self._log(rec)
+        return self.action
+
+
 class BirdieController(MixturePolicy):
     """The reward-driven controller. ``update(step, losses)`` runs the pseudocode of spec §5 and returns the
     action to sample with until the next evaluation."""
@@ -274,7 +340,9 @@ class BirdieController(MixturePolicy):
         with torch.random.fork_rng():
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             self.model = RewardModel(n, config.hidden, config.n_state, config.n_layers)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True
+        )
         counts = Counter(self.class_names)
         self.class_weight = torch.tensor([1.0 / counts[c] for c in self.class_names])
         self.X: list[np.ndarray] = []
@@ -360,10 +428,7 @@ class BirdieController(MixturePolicy):
 
     def _update(self, step: int, losses: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
-        loss_now = np.asarray(losses, dtype=np.float64)
-        if loss_now.shape != (len(self.configs),):
-            raise ValueError(f"losses must have one value per config ({len(self.configs)}), got {loss_now.shape}")
-        loss_now = np.where(np.isfinite(loss_now), loss_now, np.nanmean(loss_now))
+        loss_now = _finite(losses, len(self.configs))
         rec: dict[str, Any] = {"step": step, "losses": loss_now.tolist()}
         if self.prev_loss is not None and self.prev_action is not None:
             r = reward(self.prev_loss, loss_now)
