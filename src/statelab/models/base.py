@@ -9,7 +9,8 @@ A concrete model (Mamba-1, Mamba-2) implements three things:
 * ``zero_state(batch_size, dtype=None, device=None) -> State``;
 * ``decay_A() -> Tensor``: ``A = -exp(A_log)`` of every layer, stacked, fp32 (``[L, D, N]`` or ``[L, H]``).
 
-Everything else (``forward``, ``encode``, ``generate``, ``score``, fingerprints, state checks) lives here.
+Everything else (``forward``, ``encode``, ``generate``, ``score``, fingerprints, state checks, assembling the
+per-layer mixer states of a pass into ``State`` values) lives here.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -27,7 +28,23 @@ from torch import nn
 from statelab.errors import StateMismatchError
 from statelab.state.core import State
 
-__all__ = ["StatefulLM", "RunOutput", "ScoreResult", "fingerprint_module"]
+__all__ = ["StatefulLM", "LayerState", "RunOutput", "ScoreResult", "fingerprint_module"]
+
+
+class LayerState(Protocol):
+    """One layer's mixer state after some token (e.g. ``Mamba1`` ``MixerState``, ``Mamba2LayerState``).
+
+    ``conv [B, C, K - 1]``, ``ssm [B, ...]`` (``[B, D, N]`` or ``[B, H, P, N]``), ``sum_delta [B, D|H]``.
+    """
+
+    @property
+    def conv(self) -> torch.Tensor: ...
+
+    @property
+    def ssm(self) -> torch.Tensor: ...
+
+    @property
+    def sum_delta(self) -> torch.Tensor: ...
 
 
 @dataclass
@@ -116,12 +133,13 @@ class StatefulLM(nn.Module):
         return next(self.parameters()).dtype
 
     def check_state(self, state: State, batch_size: int | None = None) -> None:
-        """Raise ``StateMismatchError`` unless ``state`` was made by this model and fits the batch."""
+        """Raise ``StateMismatchError`` unless ``state`` was made by this model, has the dtype this model makes its
+        states in (``zero_state``'s default: the model dtype for Mamba-1, fp32 for Mamba-2) and fits the batch."""
         if not isinstance(state, State):
             raise StateMismatchError(f"state must be a statelab.State, got {type(state).__name__}")
         if state.arch != self.arch:
             raise StateMismatchError(f"this is a {self.arch} model but the state is from a {state.arch} model")
-        ref = self.zero_state(1, dtype=state.dtype, device="meta")
+        ref = self.zero_state(1, device="meta")
         if state.layout != ref.layout or state.num_layers != ref.num_layers:
             raise StateMismatchError(
                 f"state layout L={state.num_layers} {state.layout} does not fit this model "
@@ -131,11 +149,62 @@ class StatefulLM(nn.Module):
             raise StateMismatchError(
                 f"state was made by model {state.fingerprint[:16]}, not by this model {self.fingerprint[:16]}"
             )
+        # one dtype per model: the one its own states come in (what zero_state gives by default), so that a pass
+        # never silently changes the precision of the state it continues from
+        if state.dtype != ref.dtype:
+            raise StateMismatchError(
+                f"state dtype {state.dtype} differs from the {ref.dtype} this {self.arch} model keeps its states in; "
+                f"use state.to(dtype={ref.dtype})"
+            )
         if batch_size is not None and state.batch_size != batch_size:
             raise StateMismatchError(
                 f"state has batch size {state.batch_size} but input has {batch_size}; "
                 "use state.expand(n) or state.select(rows)"
             )
+
+    def _assemble_states(
+        self,
+        final: Sequence[LayerState],
+        at: Sequence[Sequence[LayerState]],
+        positions: Sequence[int] | None,
+        n_before: int,
+        n_new: int,
+        dtype: torch.dtype,
+        ssm: torch.Tensor | None = None,
+    ) -> tuple[State, list[State] | None]:
+        """The model states of one pass from its per-layer mixer states (shared by every ``_run``).
+
+        Args:
+            final: per layer ``i``, its state after the last of the ``n_new`` tokens.
+            at: ``at[i][k]``: layer ``i``'s state after ``positions[k]`` (read only when ``positions`` is given).
+            positions: 1-based counts of tokens of this pass, or ``None``.
+            n_before: tokens consumed before this pass (the input state's ``n_tokens``, 0 without one).
+            n_new: ``T``, the tokens of this pass.
+            dtype: the dtype of ``ssm`` and ``conv`` in the returned states (the model's state dtype).
+            ssm: ``[L, B, ...]``, the SSM parts of ``final`` already stacked (a model that writes them into one
+                buffer); replaces stacking ``final``.
+
+        Returns:
+            ``(state after token n_before + n_new, [state after token n_before + p for p in positions] or None)``,
+            each stacked over layers ``[L, B, ...]``, with ``ssm``/``conv`` in ``dtype`` and ``sum_delta`` fp32.
+        """
+        fp = self.fingerprint
+
+        def stack(parts: Sequence[LayerState], n_tokens: int, ssm_all: torch.Tensor | None = None) -> State:
+            return State(
+                arch=self.arch,
+                ssm=(torch.stack([p.ssm for p in parts]) if ssm_all is None else ssm_all).to(dtype),
+                conv=torch.stack([p.conv for p in parts]).to(dtype),
+                sum_delta=torch.stack([p.sum_delta for p in parts]).float(),
+                n_tokens=n_tokens,
+                fingerprint=fp,
+            )
+
+        new_state = stack(final, n_before + n_new, ssm)
+        if positions is None:
+            return new_state, None
+        assert len(at) == len(final)
+        return new_state, [stack([a[k] for a in at], n_before + p) for k, p in enumerate(positions)]
 
     def check_input(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor):

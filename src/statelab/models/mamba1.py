@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from statelab.config import from_dict
-from statelab.errors import CheckpointError, ConfigError, StateMismatchError
+from statelab.errors import CheckpointError, ConfigError
 from statelab.layers.mamba1 import Mamba1Mixer, MixerState
 from statelab.layers.norm import RMSNorm
 from statelab.models.base import RunOutput, StatefulLM
@@ -186,51 +186,26 @@ class Mamba1LM(StatefulLM):
         self.check_input(input_ids)
         Bsz, T = input_ids.shape
         if state is not None:
-            self.check_state(state, Bsz)
-            if state.dtype != self.dtype:
-                raise StateMismatchError(
-                    f"state dtype {state.dtype} differs from the model's {self.dtype}; use state.to(dtype=...)"
-                )
+            self.check_state(state, Bsz)  # also refuses a state whose dtype is not the model's
         sdtype = self.dtype if state is None else state.dtype
         pos = None if positions is None else [int(p) for p in positions]
         h = self.embedding(input_ids.long())
         if self.config.residual_in_fp32:
             h = h.float()
-        ssm, conv, sd = [], [], []
-        at: list[MixerState] = []
+        final: list[MixerState] = []
+        at: list[list[MixerState]] = []
         for i, block in enumerate(self.layers):
             ls = None
             if state is not None:
                 ls = MixerState(conv=state.conv[i], ssm=state.ssm[i], sum_delta=state.sum_delta[i])
             out = block.mixer(block.norm(h.to(block.norm.weight.dtype)), ls, pos)
             h = h + out.y.to(h.dtype)
-            ssm.append(out.state.ssm)
-            conv.append(out.state.conv)
-            sd.append(out.state.sum_delta)
+            final.append(out.state)
             if out.states_at is not None:
-                at.append(out.states_at)
+                a = out.states_at  # [B, P, ...] parts: one MixerState per position
+                at.append([MixerState(a.conv[:, j], a.ssm[:, j], a.sum_delta[:, j]) for j in range(a.ssm.shape[1])])
         n0 = 0 if state is None else state.n_tokens
-        new_state = State(
-            arch=self.arch,
-            ssm=torch.stack(ssm).to(sdtype),
-            conv=torch.stack(conv).to(sdtype),
-            sum_delta=torch.stack(sd).float(),
-            n_tokens=n0 + T,
-            fingerprint=self.fingerprint,
-        )
-        states_at = None
-        if pos is not None:
-            states_at = [
-                State(
-                    arch=self.arch,
-                    ssm=torch.stack([a.ssm[:, j] for a in at]).to(sdtype),
-                    conv=torch.stack([a.conv[:, j] for a in at]).to(sdtype),
-                    sum_delta=torch.stack([a.sum_delta[:, j] for a in at]).float(),
-                    n_tokens=n0 + p,
-                    fingerprint=self.fingerprint,
-                )
-                for j, p in enumerate(pos)
-            ]
+        new_state, states_at = self._assemble_states(final, at, pos, n0, T, sdtype)
         logits = self.head(self.norm_f(h)) if with_head else None
         return RunOutput(logits=logits, state=new_state, states_at=states_at)
 

@@ -221,7 +221,8 @@ class Mamba2LM(StatefulLM):
     def zero_state(
         self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> State:
-        """The state before any token, fp32 unless ``dtype`` says otherwise (ΣΔ is always fp32)."""
+        """The state before any token, fp32 unless ``dtype`` says otherwise (ΣΔ is always fp32); the model itself
+        continues only from fp32 states, whatever its own dtype (``check_state``)."""
         c = self.config
         dtype = dtype or torch.float32
         device = device if device is not None else self.device
@@ -258,7 +259,7 @@ class Mamba2LM(StatefulLM):
             raise ValueError(f"positions must lie in [1, {T}], got {pos}")
         c = self.config
         h = self.embedding(input_ids)
-        ssm, conv, sd = [], [], []
+        final: list[Mamba2LayerState] = []
         at: list[list[Mamba2LayerState]] = []
         # without autograd every layer writes its new SSM state straight into one fresh [L, ...] tensor
         ssm_all = None if torch.is_grad_enabled() else torch.empty_like(state.ssm)
@@ -269,9 +270,7 @@ class Mamba2LM(StatefulLM):
             out_i = None if ssm_all is None else ssm_all[i]
             y, new, states_at = block.mixer.forward_with_states(x, layer_state, pos, out_i)
             h = residual + y
-            ssm.append(new.ssm)
-            conv.append(new.conv)
-            sd.append(new.sum_delta)
+            final.append(new)
             if states_at is not None:
                 at.append(states_at)
         logits = None
@@ -279,22 +278,7 @@ class Mamba2LM(StatefulLM):
             hn = self.norm_f(h)
             w = self.embedding.weight if self.lm_head is None else self.lm_head.weight
             logits = F.linear(hn.to(w.dtype), w).float()
-        fp = self.fingerprint
-        ssm_state = ssm_all if ssm_all is not None else torch.stack(ssm)
-        new_state = State(self.arch, ssm_state, torch.stack(conv), torch.stack(sd), state.n_tokens + T, fp)
-        states_at_out = None
-        if pos is not None:
-            states_at_out = [
-                State(
-                    self.arch,
-                    torch.stack([at[i][k].ssm for i in range(c.n_layer)]),
-                    torch.stack([at[i][k].conv for i in range(c.n_layer)]),
-                    torch.stack([at[i][k].sum_delta for i in range(c.n_layer)]),
-                    state.n_tokens + p,
-                    fp,
-                )
-                for k, p in enumerate(pos)
-            ]
+        new_state, states_at_out = self._assemble_states(final, at, pos, state.n_tokens, T, state.dtype, ssm_all)
         return RunOutput(logits=logits, state=new_state, states_at=states_at_out)
 
     # ---- Hugging Face -------------------------------------------------------------------------------------
