@@ -124,7 +124,7 @@ class BirdieExperimentConfig:
         n_val_per_config: held-out samples per objective config for the controller's validation loss.
         n_evals: controller evaluations (the paper's schedule, thinned to at most this many).
         controller_*: reward model size and fit (the paper's 4 layers / 256 hidden / 200 steps / lr 5e-4 are for
-            35 evaluations of a 1.4B run; a small run refits a small model: 2 layers, 64 hidden, 30 steps).
+            35 evaluations of a 1.4B run; a small run refits a small model: 2 layers, 64 hidden, 20 steps).
         finetune_steps, finetune_lr: the per-task fine-tune before phonebook / MQAR (same for every arm).
         phonebook_entries, mqar_pairs, mqar_queries: task sizes; phonebook_queries: the numbers of queried names
             (the fine-tune cycles through them, each is scored on its own); n_eval_examples: per task and count.
@@ -150,7 +150,7 @@ class BirdieExperimentConfig:
     controller_hidden: int = 64
     controller_state: int = 64
     controller_layers: int = 2
-    controller_fit_steps: int = 30
+    controller_fit_steps: int = 20
     controller_candidates: int = 512
     controller_lr: float = 3e-3
     finetune_steps: int = 40
@@ -563,7 +563,7 @@ def _worker(cfg: BirdieExperimentConfig, run_dir: str, jobs: Any, messages: Any)
 def run_experiment(cfg: BirdieExperimentConfig, show_progress: bool = True) -> Path:
     """Train and evaluate every (arm, seed) in ``cfg.workers`` processes; write ``results.json``, plots and
     ``report.md``. Returns the run dir. Records are ordered by seed, then arm, whatever the workers' order."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     run_dir = Path(cfg.out_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -583,15 +583,18 @@ def run_experiment(cfg: BirdieExperimentConfig, show_progress: bool = True) -> P
         return results
 
     cols = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,.0f} tok"),
-            TransferSpeedColumn(), TimeElapsedColumn()]
+            TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeElapsedColumn()]
     with Progress(*cols, disable=not show_progress) as progress:
-        bars = {j: progress.add_task(f"{j[0]} seed {j[1]}", total=cfg.token_budget, start=False) for j in jobs}
+        bars = {j: progress.add_task(f"{j[0]} seed {j[1]}", total=cfg.token_budget, start=False, tps=0.0)
+                for j in jobs}
 
         def on_progress(arm: str, seed: int, counted: int, loss: float) -> None:
             bar = bars[(arm, seed)]
             progress.start_task(bar)
             progress.update(bar, completed=min(counted, cfg.token_budget),
                             description=f"{arm} seed {seed} loss {loss:.3f}")
+            speed = next(t.speed for t in progress.tasks if t.id == bar)
+            progress.update(bar, tps=speed or 0.0)
 
         if cfg.workers == 1:
             torch.set_num_threads(cfg.threads)
@@ -681,7 +684,8 @@ def _comparison_lines(
             (m1, s1, _), (m0, s0, _) = summ[arm][k], summ["ntp"][k]
             pooled = math.sqrt((s1**2 + s0**2) / 2)
             z = f"{(m1 - m0) / pooled:+.1f} std" if pooled > 0 else "n/a"
-            cells.append(f"{m1 - m0:+.3f} ({z})")
+            rel = f", {100 * (m1 - m0) / m0:+.1f}%" if k == "bits_per_byte" else ""
+            cells.append(f"{m1 - m0:+.3f} ({z}{rel})")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
 

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from statelab.errors import ConfigError
+from statelab.layers.bidirectional import linear_scan
 from statelab.objectives.base import ObjectiveConfig
 from statelab.objectives.grid import class_uniform_probs
 
@@ -112,23 +113,8 @@ class _GatedBlock(nn.Module):
         k, u, g, o = self.proj(self.norm(x)).chunk(4, dim=-1)
         log_k = nn.functional.logsigmoid(k)
         u = u * torch.sigmoid(g) * (1 - torch.sigmoid(k))
-        h = _decay_scan(log_k, u, h0)
-        return x + self.out(h * torch.sigmoid(o)), h[:, -1]
-
-
-def _decay_scan(log_k: torch.Tensor, u: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """``h_t = exp(log_k_t) ⊙ h_{t-1} + u_t`` for all t at once: ``log_k, u [B, T, n]``, ``h0 [B, n]`` -> ``[B, T, n]``.
-
-    Uses ``h_t = Σ_{s<=t} exp(c_t - c_s) u_s + exp(c_t) h0`` with ``c = cumsum(log_k)``; the masked differences
-    are set to -inf before ``exp``, so nothing overflows. The history is a few dozen rows, so ``[B, T, T, n]`` is
-    small.
-    """
-    c = torch.cumsum(log_k, dim=1)
-    T = u.shape[1]
-    diff = c[:, :, None] - c[:, None, :]  # [B, t, s, n]
-    causal = torch.ones(T, T, dtype=torch.bool, device=u.device).tril()[None, :, :, None]
-    w = torch.exp(diff.masked_fill(~causal, float("-inf")))
-    return torch.einsum("btsn,bsn->btn", w, u) + torch.exp(c) * h0[:, None]
+        h, last = linear_scan(log_k, u, h0)
+        return x + self.out(h * torch.sigmoid(o)), last
 
 
 class RewardModel(nn.Module):
@@ -341,7 +327,7 @@ class BirdieController(MixturePolicy):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             self.model = RewardModel(n, config.hidden, config.n_state, config.n_layers)
         self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
         )
         counts = Counter(self.class_names)
         self.class_weight = torch.tensor([1.0 / counts[c] for c in self.class_names])
