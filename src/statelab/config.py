@@ -2,8 +2,9 @@
 
 ``from_dict(cls, data)`` builds a frozen dataclass from a mapping: unknown keys, wrong types and invalid values
 raise :class:`statelab.errors.ConfigError` naming the key; tuples come back as tuples, nested dataclasses from
-nested tables. ``read_config_file`` reads TOML or JSON, ``apply_overrides`` applies ``key=value`` command-line
-overrides (``optim.lr=1e-3``), and ``to_dict`` turns a config back into JSON-able data to save beside an artifact.
+nested tables, and a ``Literal[...]`` field takes only one of its choices. ``read_config_file`` reads TOML or
+JSON, ``apply_overrides`` applies ``key=value`` command-line overrides (``optim.lr=1e-3``), and ``to_dict`` turns
+a config back into JSON-able data to save beside an artifact.
 Model configs, training configs and experiment configs all go through these functions.
 """
 
@@ -47,6 +48,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        # compare types too: True == 1 and 1 == 1.0, but neither is the choice a config file meant
+        if not any(type(value) is type(c) and value == c for c in choices):
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a table of {tp.__name__} fields, got {value!r}")

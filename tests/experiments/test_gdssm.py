@@ -1,9 +1,12 @@
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from statelab.config import from_dict, read_config_file, to_dict
 from statelab.errors import ConfigError
 from statelab.experiments.gdssm import (
     BaselineSection,
@@ -36,29 +39,138 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("name", ["quick", "full", "smoke"])
-def test_shipped_configs_load(name):
-    cfg = load_config(CONFIGS / f"{name}.toml")
-    assert cfg.task.d >= 1 and len(cfg.seeds) >= 2
+SHIPPED = sorted(p.name for p in CONFIGS.glob("*.toml"))
+
+# What the experiment's own TOML reader (removed when GD-SSM moved onto statelab.config) built from each shipped
+# config, written out field by field so that a change in how a file is read shows up here.
+_FULL = ExperimentConfig(
+    name="gdssm-full", seeds=(0, 1, 2), threads=1, workers=2, out_dir="runs", eta_tasks=100_000,
+    task=RegressionConfig(d=10, n_examples=10, target="vector", function="linear", x_range=1.0, x_dist="uniform",
+                          w_scale=1.0, noise_std=0.0, n_distractors=0),
+    train=TrainSection(steps=10_000, batch_size=64, lr=2e-4, lr_recurrence=1e-4, weight_decay=0.05, eval_every=250,
+                       val_tasks=2000, test_tasks=10_000, baseline_lr=1e-3),
+    gdssm=GDSSMSection(depths=(1, 2, 3, 4), decay="real", backend="naive", init_scale=0.1, extra_init_scales=(1.0,)),
+    baselines=BaselineSection(models=("lsa", "s5", "mamba1", "mamba2", "transformer"), windows=(False, True),
+                              width=32, layers=1, heads=2, d_state=16, seeds=(0, 1)),
+)
+_NO_GDSSM = GDSSMSection(depths=(), decay="real", backend="naive", init_scale=1.0, extra_init_scales=())
+EXPECTED = {
+    "full.toml": _FULL,
+    "quick.toml": ExperimentConfig(
+        name="gdssm-quick", seeds=(0, 1), threads=1, workers=2, out_dir="runs", eta_tasks=20_000, task=_FULL.task,
+        train=TrainSection(steps=800, batch_size=64, lr=4e-3, lr_recurrence=2e-3, weight_decay=0.05, eval_every=100,
+                           val_tasks=1000, test_tasks=4000, baseline_lr=2e-3),
+        gdssm=GDSSMSection(depths=(1, 2), decay="real", backend="naive", init_scale=0.1, extra_init_scales=(1.0,)),
+        baselines=dataclasses.replace(_FULL.baselines, seeds=()),
+    ),
+    "smoke.toml": ExperimentConfig(
+        name="gdssm-smoke", seeds=(0, 1), threads=1, workers=1, out_dir="runs", eta_tasks=5000,
+        task=RegressionConfig(d=4, n_examples=4, target="vector", function="linear", x_range=1.0, x_dist="uniform",
+                              w_scale=1.0, noise_std=0.0, n_distractors=0),
+        train=TrainSection(steps=30, batch_size=16, lr=2e-3, lr_recurrence=1e-3, weight_decay=0.05, eval_every=10,
+                           val_tasks=64, test_tasks=128, baseline_lr=1e-3),
+        gdssm=GDSSMSection(depths=(1, 2), decay="real", backend="naive", init_scale=1.0, extra_init_scales=()),
+        baselines=BaselineSection(models=("lsa", "transformer"), windows=(False, True), width=8, layers=1, heads=2,
+                                  d_state=4, seeds=()),
+    ),
+    "full-baselines.toml": dataclasses.replace(
+        _FULL, name="gdssm-full-baselines", seeds=(0,), workers=1, gdssm=_NO_GDSSM,
+        baselines=dataclasses.replace(_FULL.baselines, models=("lsa", "s5", "transformer"), seeds=()),
+    ),
+    "full-baselines-mamba.toml": dataclasses.replace(
+        _FULL, name="gdssm-full-baselines-mamba", seeds=(0,), workers=2, gdssm=_NO_GDSSM,
+        baselines=dataclasses.replace(_FULL.baselines, models=("mamba2", "mamba1"), seeds=()),
+    ),
+}
+
+
+def test_every_shipped_config_has_an_expected_value():
+    assert sorted(EXPECTED) == SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_config_reads_as_before(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg == EXPECTED[name]
+    # repr also tells 1 from 1.0 and a tuple from a list, which == on the dataclasses does not
+    assert repr(cfg) == repr(EXPECTED[name])
+    assert from_dict(ExperimentConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
+
+
+@pytest.mark.parametrize("name", ["full", "quick", "full-baselines", "full-baselines-mamba"])
+def test_committed_run_configs_read_back(name):
+    """The config.json beside each committed report (what ``statelab gdssm report`` reads) is its shipped config."""
+    saved = CONFIGS.parents[1] / "docs" / "gdssm" / name / "config.json"
+    assert from_dict(ExperimentConfig, read_config_file(saved)) == EXPECTED[f"{name}.toml"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_plan_every_run(name):
+    cfg = load_config(CONFIGS / name)
     gdssm_runs = len(cfg.seeds) * (len(cfg.gdssm.depths) + len(cfg.gdssm.extra_init_scales))
     b = cfg.baselines
     baseline_runs = len(b.seeds or cfg.seeds) * len(b.models) * len(b.windows)
-    assert len(plan_runs(cfg)) == gdssm_runs + baseline_runs
+    assert len(plan_runs(cfg)) == gdssm_runs + baseline_runs > 0
 
 
-def test_config_errors_name_the_key(tmp_path):
+def test_overrides_reach_nested_sections():
+    cfg = load_config(CONFIGS / "smoke.toml", ["train.steps=7", "gdssm.depths=[3]", "task.target=\"scalar\"",
+                                               "seeds=[4]", "baselines.windows=[true]"])
+    assert cfg == dataclasses.replace(
+        EXPECTED["smoke.toml"], seeds=(4,), task=dataclasses.replace(EXPECTED["smoke.toml"].task, target="scalar"),
+        train=dataclasses.replace(EXPECTED["smoke.toml"].train, steps=7),
+        gdssm=dataclasses.replace(EXPECTED["smoke.toml"].gdssm, depths=(3,)),
+        baselines=dataclasses.replace(EXPECTED["smoke.toml"].baselines, windows=(True,)),
+    )
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ('name = "x"\n[train]\nstepz = 3\n', [], r"unknown config key\(s\) train\.stepz for TrainSection"),
+        ("[gdssm]\ndepht = [1]\n", [], r"unknown config key\(s\) gdssm\.depht"),
+        ("", ["baseline.width=4"], r"unknown config key\(s\) baseline for ExperimentConfig"),
+        ('[train]\nsteps = "many"\n', [], "train.steps: expected an integer, got 'many'"),
+        ("", ["train.lr=fast"], "train.lr: expected a number, got 'fast'"),
+        ("[task]\nd = 2.0\n", [], "task.d: expected an integer, got 2.0"),
+        ("[gdssm]\ndepths = [1, true]\n", [], r"gdssm.depths\[1\]: expected an integer, got True"),
+        ("seeds = 3\n", [], "seeds: expected a list, got 3"),
+        ("train = 3\n", [], "train: expected a table of TrainSection fields"),
+        ('[task]\ntarget = "matrix"\n', [], "task.target: expected one of 'vector', 'scalar', got 'matrix'"),
+        ('[baselines]\nmodels = ["rwkv"]\n', [], "unknown baseline 'rwkv'"),
+        ("seeds = []\n", [], "must name at least one seed"),
+    ],
+    ids=["unknown-key", "unknown-gdssm-key", "unknown-section-override", "bad-int", "bad-float-override",
+         "float-for-int", "bool-in-int-list", "scalar-for-list", "value-for-table", "bad-literal", "bad-baseline",
+         "no-seeds"],
+)
+def test_bad_configs_are_refused_naming_the_key(tmp_path, text, overrides, message):
     bad = tmp_path / "bad.toml"
-    bad.write_text('name = "x"\n[train]\nstepz = 3\n')
-    with pytest.raises(ConfigError, match="stepz"):
-        load_config(bad)
-    bad.write_text('[train]\nsteps = "many"\n')
-    with pytest.raises(ConfigError, match="train.steps"):
-        load_config(bad)
-    bad.write_text('[baselines]\nmodels = ["rwkv"]\n')
-    with pytest.raises(ConfigError, match="rwkv"):
-        load_config(bad)
-    with pytest.raises(ConfigError, match="not found"):
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(bad, overrides)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_cli_passes_overrides_and_refuses_bad_keys(monkeypatch, tmp_path):
+    import statelab.experiments.gdssm as gdssm
+    from statelab.experiments.gdssm_cli import app
+
+    seen = []
+    monkeypatch.setattr(gdssm, "run_experiment", lambda cfg, out_dir, show_progress: seen.append(cfg) or tmp_path)
+    smoke = str(CONFIGS / "smoke.toml")
+    result = CliRunner().invoke(app, ["run", "--config", smoke, "train.steps=5", "seeds=[9]", "--seeds", "3,4",
+                                      "--workers", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    # --seeds wins over seeds=[9]
+    assert seen == [dataclasses.replace(EXPECTED["smoke.toml"], seeds=(3, 4), workers=2,
+                                        train=dataclasses.replace(EXPECTED["smoke.toml"].train, steps=5))]
+    result = CliRunner().invoke(app, ["run", "--config", smoke, "train.stepz=5"])
+    assert result.exit_code == 2 and "train.stepz" in result.output and len(seen) == 1
 
 
 def test_model_inputs_formats():

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from typing import Literal
 
 import pytest
 
@@ -104,3 +105,24 @@ def test_parse_override_values():
     assert parse_override("a=runs/tiny") == (["a"], "runs/tiny")
     assert parse_override("a=[1, 2]") == (["a"], [1, 2])
     assert apply_overrides({"a": {"b": 1}}, ["a.c=2"]) == {"a": {"b": 1, "c": 2}}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Choices:
+    mode: Literal["a", "b"] = "a"
+    level: Literal[1, 2] = 1
+    maybe: Literal["x"] | None = None
+
+
+def test_literal_fields_take_only_their_choices():
+    assert from_dict(_Choices, {"mode": "b", "level": 2, "maybe": "x"}) == _Choices("b", 2, "x")
+    assert from_dict(_Choices, {"maybe": None}) == _Choices()
+    with pytest.raises(ConfigError, match="mode: expected one of 'a', 'b', got 'c'"):
+        from_dict(_Choices, {"mode": "c"})
+    # True == 1 and 2.0 == 2 in Python, but neither is the integer choice
+    with pytest.raises(ConfigError, match="level: expected one of 1, 2, got True"):
+        from_dict(_Choices, {"level": True})
+    with pytest.raises(ConfigError, match="level: expected one of 1, 2, got 2.0"):
+        from_dict(_Choices, {"level": 2.0})
+    with pytest.raises(ConfigError, match="maybe: expected"):
+        from_dict(_Choices, {"maybe": "y"})

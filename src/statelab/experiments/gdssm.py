@@ -21,17 +21,16 @@ import math
 import platform
 import subprocess
 import time
-import tomllib
 import traceback
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from statelab.config import apply_overrides, from_dict, read_config_file, to_dict
 from statelab.errors import ConfigError
 from statelab.eval.gd_reference import (
     gd_predict,
@@ -172,62 +171,11 @@ class ExperimentConfig:
             raise ConfigError(f"threads and workers must be >= 1, got {self.threads}, {self.workers}")
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a table, got {value!r}")
-        return _build(hint, value, where)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        (inner, _) = typing.get_args(hint)
-        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is typing.Literal:
-        if value not in typing.get_args(hint):
-            raise ConfigError(f"{where} must be one of {typing.get_args(hint)}, got {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported type {hint!r}")
-
-
-def _build(cls: type, table: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in [{where}]; known: {sorted(known)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in table.items()}
-    return cls(**kwargs)
-
-
-def load_config(path: str | Path, **overrides: Any) -> ExperimentConfig:
-    """Read a TOML config; unknown keys and wrong types are :class:`ConfigError`. ``overrides`` replace top-level
-    keys (``seeds``, ``name``, ``out_dir``, ...)."""
-    p = Path(path)
-    try:
-        table = tomllib.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file {str(p)!r} not found") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from e
-    table.update({k: v for k, v in overrides.items() if v is not None})
-    return _build(ExperimentConfig, table, "config")
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a TOML or JSON config through :mod:`statelab.config`, then apply ``key=value`` overrides
+    (``seeds=[0,1]``, ``train.steps=200``, ``gdssm.depths=[1]``). Unknown keys, wrong types and invalid values are
+    :class:`ConfigError` naming the key."""
+    return from_dict(ExperimentConfig, apply_overrides(read_config_file(path), overrides))
 
 
 # ---- models --------------------------------------------------------------------------------------------------
@@ -657,7 +605,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path | None = None, 
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     commit = _git_commit()
-    (root / "config.json").write_text(json.dumps(_jsonable(config), indent=2))
+    (root / "config.json").write_text(json.dumps(to_dict(config), indent=2))
     test = make_regression_batch(config.task, batch_seed(0, "test", 0), config.train.test_tasks)
     refs = _references(config, test)
     optima = refs.pop("_optima")
@@ -718,10 +666,9 @@ def report_from_files(run_dir: str | Path) -> Path:
     root = Path(run_dir)
     from statelab.experiments.gdssm_report import write_report
 
-    try:
-        config = _build(ExperimentConfig, json.loads((root / "config.json").read_text()), "config")
-    except FileNotFoundError as e:
-        raise ConfigError(f"{str(root)!r} has no config.json") from e
+    if not (root / "config.json").is_file():
+        raise ConfigError(f"{str(root)!r} has no config.json")
+    config = from_dict(ExperimentConfig, read_config_file(root / "config.json"))
     final, partial = root / "results.json", root / "results.partial.json"
     if not final.exists() and not partial.exists():
         raise ConfigError(f"{str(root)!r} has neither results.json nor results.partial.json")
@@ -737,13 +684,3 @@ def report_from_files(run_dir: str | Path) -> Path:
                             f"{config.threads} thread(s); INTERRUPTED after {meta['done']} of {meta['runs']} runs",
                     failures=sum("error" in r for r in results["runs"]))
     return write_report(config, results, root)
-
-
-def _jsonable(obj: Any) -> Any:
-    if is_dataclass(obj):
-        return {f.name: _jsonable(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, tuple | list):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, types.MappingProxyType | dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    return obj

@@ -1,4 +1,5 @@
-"""``statelab gdssm``: run a GD-SSM study from a config file (heavy imports happen inside the command)."""
+"""``statelab gdssm run --config FILE [key=value ...]``: run a GD-SSM study from a config file
+(:mod:`statelab.experiments.gdssm`; heavy imports happen inside the command)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ app = typer.Typer(help="GD-SSM: an SSM that does gradient descent in context (ar
 
 @app.command()
 def run(
-    config: Path = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/gdssm/quick.toml"),
+    config: Path = typer.Option(..., "--config", "-c", help="TOML or JSON config, e.g. configs/gdssm/quick.toml"),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. train.steps=200 gdssm.depths=[1]"),
     out: Path | None = typer.Option(None, "--out", help="output directory (default: <out_dir>/<name>)"),
-    seeds: str | None = typer.Option(None, "--seeds", help="comma-separated seeds overriding the config"),
-    workers: int | None = typer.Option(None, "--workers", help="parallel processes overriding the config"),
+    seeds: str | None = typer.Option(None, "--seeds", help="comma-separated seeds (short for seeds=[...])"),
+    workers: int | None = typer.Option(None, "--workers", help="parallel processes (short for workers=N)"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar (for log files)"),
 ) -> None:
     """Train GD-SSM (depths) and baselines for every seed; write results.json, report.md and PNG plots."""
@@ -28,8 +30,11 @@ def run(
         seed_list = [int(s) for s in seeds.split(",")] if seeds else None
     except ValueError as err:
         raise typer.BadParameter(f"--seeds must be comma-separated integers, got {seeds!r}") from err
+    # --seeds and --workers come after the key=value overrides, so they win over seeds=... and workers=...
+    extra = [f"seeds={seed_list}"] if seed_list is not None else []
+    extra += [f"workers={workers}"] if workers is not None else []
     try:
-        cfg = load_config(config, seeds=seed_list, workers=workers)
+        cfg = load_config(config, [*(overrides or []), *extra])
     except ConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
