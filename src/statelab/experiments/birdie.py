@@ -125,7 +125,8 @@ class BirdieExperimentConfig:
         n_evals: controller evaluations (the paper's schedule, thinned to at most this many).
         controller_*: reward model size and fit (the paper's 4 layers / 256 hidden / 200 steps / lr 5e-4 are for
             35 evaluations of a 1.4B run; a small run refits a small model: 2 layers, 64 hidden, 20 steps).
-        finetune_steps, finetune_lr: the per-task fine-tune before phonebook / MQAR (same for every arm).
+        finetune_steps, finetune_lr, finetune_batch: the fine-tune before phonebook and, separately, before MQAR
+            (steps, AdamW learning rate without decay, examples per step; the same for every arm).
         phonebook_entries, mqar_pairs, mqar_queries: task sizes; phonebook_queries: the numbers of queried names
             (the fine-tune cycles through them, each is scored on its own); n_eval_examples: per task and count.
         workers: processes training runs side by side; threads: torch CPU threads per process.
@@ -155,6 +156,7 @@ class BirdieExperimentConfig:
     controller_lr: float = 3e-3
     finetune_steps: int = 40
     finetune_lr: float = 1e-3
+    finetune_batch: int = 16
     phonebook_entries: int = 5
     phonebook_queries: tuple[int, ...] = (1, 2, 4)
     mqar_pairs: int = 8
@@ -432,9 +434,9 @@ def _bits_per_byte(model: BirdieLM, text: np.ndarray, seq_len: int, n_rows: int 
     return float(loss) / math.log(2)
 
 
-def _finetune(model: BirdieLM, cfg: BirdieExperimentConfig, seed: int) -> BirdieLM:
-    """The same short fine-tune for every arm: phonebook (cycling through the query counts) and MQAR prompts
-    (prefix) -> answers (suffix), half of each batch each."""
+def _finetune(model: BirdieLM, cfg: BirdieExperimentConfig, seed: int, task: str) -> BirdieLM:
+    """The same short fine-tune for every arm, one per task (spec §9): ``finetune_batch`` phonebook prompts
+    (cycling through the query counts) or MQAR prompts (prefix) -> answers (suffix) per step. Returns a copy."""
     m = copy.deepcopy(model)
     if cfg.finetune_steps <= 0:
         return m
@@ -442,17 +444,17 @@ def _finetune(model: BirdieLM, cfg: BirdieExperimentConfig, seed: int) -> Birdie
     m.train()
     for s in range(cfg.finetune_steps):
         items = []
-        for j in range(cfg.batch_size * 2):
+        for j in range(cfg.finetune_batch):
             rng = np.random.default_rng([777, seed, s, j])
-            if j % 2 == 0:
-                q = cfg.phonebook_queries[(j // 2) % len(cfg.phonebook_queries)]
+            if task == "phonebook":
+                q = cfg.phonebook_queries[j % len(cfg.phonebook_queries)]
                 ex = phonebook_example(cfg.phonebook_entries, q, rng)[0]
             else:
                 ex = mqar_example(cfg.mqar_pairs, cfg.mqar_queries, rng)[0]
             if ex.packed_length <= cfg.seq_len:
                 items.append((ex, j))
         if not items:
-            raise ValueError(f"no phonebook / MQAR example fits rows of {cfg.seq_len} tokens: make the tasks smaller")
+            raise ValueError(f"no {task} example fits rows of {cfg.seq_len} tokens: make the task smaller")
         batch, _ = pack_rows(iter(items), cfg.seq_len)
         loss, _ = _loss(m, batch)
         opt.zero_grad(set_to_none=True)
@@ -505,11 +507,12 @@ def evaluate(model: BirdieLM, cfg: BirdieExperimentConfig, val_text: np.ndarray,
         "selective_copying": _accuracy(model, _objective_items(sel_cfg, val_text, n, 60_000 + seed, T), T),
         "infilling": _accuracy(model, _objective_items(inf_cfg, val_text, n, 70_000 + seed, T), T),
     }
-    ft = _finetune(model, cfg, seed)
+    ft = _finetune(model, cfg, seed, "phonebook")
     for q in cfg.phonebook_queries:
         items = _task_examples("phonebook", cfg, 90_000 + 100 * q + seed, n, q)
         out[f"phonebook_q{q}"] = generated_accuracy(ft, items, T)
     out["phonebook"] = float(np.mean([out[f"phonebook_q{q}"] for q in cfg.phonebook_queries]))
+    ft = _finetune(model, cfg, seed, "mqar")
     out["mqar"] = generated_accuracy(ft, _task_examples("mqar", cfg, 91_000 + seed, n, cfg.mqar_queries), T)
     return out
 
@@ -742,9 +745,10 @@ def write_report(
         "",
         f"Mean ± std over seeds. phonebook_qK: digit accuracy of the greedily generated answer for K names among "
         f"{cfg.phonebook_entries} entries (phonebook: their mean); mqar: digit accuracy of the generated values of "
-        f"{cfg.mqar_queries} of {cfg.mqar_pairs} pairs; both after the same {cfg.finetune_steps}-step fine-tune "
-        "for every arm, on held-out seeds (chance about 0.1). selective_copying, copying, infilling: teacher-forced "
-        "token accuracy on held-out objective samples. bits_per_byte: held-out next-token loss.",
+        f"{cfg.mqar_queries} of {cfg.mqar_pairs} pairs; each after the same {cfg.finetune_steps}-step fine-tune on "
+        f"its task ({cfg.finetune_batch} examples per step, lr {cfg.finetune_lr:g}) for every arm, on held-out seeds "
+        "(chance about 0.1). selective_copying, copying, infilling: teacher-forced token accuracy on held-out "
+        "objective samples. bits_per_byte: held-out next-token loss.",
         "",
         "| arm | " + " | ".join(metrics) + " | counted tokens | steps |",
         "|---|" + "---|" * (len(metrics) + 2),
