@@ -1,9 +1,12 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from statelab.cli import app
 from statelab.errors import ConfigError
 from statelab.experiments.birdie import (
     BirdieExperimentConfig,
@@ -99,3 +102,14 @@ def test_generated_accuracy_scores_what_the_model_generates():
 
     digits = np.concatenate([ex.target[m] for ex, m in items])
     assert generated_accuracy(Sevens(), items, 256) == pytest.approx(np.mean(digits == ord("7")))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("phonebook_queries=[9]", "phonebook_queries"), ('arms=["magic"]', "unknown arms"), ("lr=fast", "lr: expected")],
+)
+def test_cli_refuses_a_bad_config_in_one_line(override, message):
+    quick = Path(__file__).parents[2] / "configs" / "birdie" / "quick.toml"
+    result = CliRunner().invoke(app, ["birdie", "run", "--config", str(quick), override])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output

@@ -20,9 +20,13 @@ def run_command(
 ) -> None:
     """Train every arm for every seed at equal counted tokens, evaluate, write runs/<name>/report.md."""
     from statelab.config import apply_overrides, from_dict, read_config_file
+    from statelab.errors import ConfigError
     from statelab.experiments.birdie import BirdieExperimentConfig, run_experiment
 
-    data = apply_overrides(read_config_file(config), overrides or [])
-    cfg = from_dict(BirdieExperimentConfig, data)
+    try:
+        cfg = from_dict(BirdieExperimentConfig, apply_overrides(read_config_file(config), overrides or []))
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
     out = run_experiment(cfg, show_progress=not quiet)
     typer.echo(f"report: {out / 'report.md'}")
