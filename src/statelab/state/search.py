@@ -294,15 +294,7 @@ class FaissIndex(VectorIndex):
         import faiss
 
         faiss.downcast_index(self._index.index).hnsw.efSearch = max(self.ef_search, k)
-        # A few queries gain nothing from OpenMP; waking its threads costs more than the search on a busy machine.
-        threads = faiss.omp_get_max_threads()
-        if q.shape[0] < 8:
-            faiss.omp_set_num_threads(1)
-        try:
-            scores, ids = self._index.search(q, k)
-        finally:
-            faiss.omp_set_num_threads(threads)
-        return scores, ids
+        return _faiss_search(self._index, q, k)
 
     def save(self, path) -> None:
         import faiss
@@ -387,7 +379,6 @@ class FaissIVFIndex(VectorIndex):
             return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
         if self._index is None or len(self) > 4 * self._trained_n:
             self._build()
-        import faiss
 
         nlist = getattr(self._index, "nlist", 1)
         # Scan at least ~20,000 vectors (cheap, and small stores have clusters spread over many cells), and at
@@ -395,14 +386,7 @@ class FaissIVFIndex(VectorIndex):
         auto = max(nlist // 20, math.ceil(20_000 * nlist / max(1, len(self))))
         if nlist > 1:
             self._index.nprobe = min(nlist, self.nprobe or auto)
-        threads = faiss.omp_get_max_threads()
-        if q.shape[0] < 8:
-            faiss.omp_set_num_threads(1)
-        try:
-            scores, ids = self._index.search(q, k)
-        finally:
-            faiss.omp_set_num_threads(threads)
-        return scores, ids
+        return _faiss_search(self._index, q, k)
 
     def save(self, path) -> None:
         self._flush()
@@ -470,6 +454,20 @@ class UsearchIndex(VectorIndex):
         if index._index is None or index._index.ndim != dim:
             raise StoreError(f"usearch index {path} is unreadable or not of dimension {dim}")
         return index
+
+
+def _faiss_search(index, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search(q, k)``; with fewer than 8 queries on one OpenMP thread (a few queries gain nothing from
+    OpenMP, and waking its threads costs more than the search on a busy machine)."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    if q.shape[0] < 8:
+        faiss.omp_set_num_threads(1)
+    try:
+        return index.search(q, k)
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def _import(module: str, package: str):
