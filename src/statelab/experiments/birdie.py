@@ -576,14 +576,14 @@ def run_experiment(cfg: BirdieExperimentConfig, show_progress: bool = True) -> P
     failures: dict[tuple[str, int], str] = {}
     t0 = time.perf_counter()
 
-    def save(wall: float | None = None) -> list[dict[str, Any]]:
+    def save(wall: float | None = None) -> tuple[list[dict[str, Any]], list[str]]:
         results = [done[j] for j in sorted(done, key=order.get)]
         fails = [f"{a} seed {s}: {failures[(a, s)]}" for a, s in sorted(failures, key=order.get)]
         body = {"config": asdict(cfg), "runs": results, "failures": fails}
         if wall is not None:
             body["wall_s"] = wall
         (run_dir / "results.json").write_text(json.dumps(body, indent=1))
-        return results
+        return results, fails
 
     cols = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,.0f} tok"),
             TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeElapsedColumn()]
@@ -644,9 +644,8 @@ def run_experiment(cfg: BirdieExperimentConfig, show_progress: bool = True) -> P
                     if p.is_alive():
                         p.terminate()
     wall = time.perf_counter() - t0
-    results = save(wall)
-    write_report(cfg, results, [f"{a} seed {s}: {failures[(a, s)]}" for a, s in sorted(failures, key=order.get)],
-                 wall, run_dir)
+    results, fails = save(wall)
+    write_report(cfg, results, fails, wall, run_dir)
     return run_dir
 
 
