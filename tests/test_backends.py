@@ -82,6 +82,6 @@ def test_model_on_gpu_matches_cpu_and_continues(backend):
         l1, s1 = gpu(x[:, :70].cuda())
         l2, s2 = gpu(x[:, 70:].cuda(), s1)
         assert_close("prefix+suffix", got, torch.cat([l1, l2], 1), **tol)
-        toks, _ = gpu.generate(x[:, :10].cuda(), max_new_tokens=5)
-        want, _ = cpu.generate(x[:, :10], max_new_tokens=5)
+        toks, _, _ = gpu.generate(x[:, :10].cuda(), max_new_tokens=5)
+        want, _, _ = cpu.generate(x[:, :10], max_new_tokens=5)
         assert torch.equal(toks.cpu(), want)

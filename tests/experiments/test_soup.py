@@ -90,7 +90,7 @@ def test_exact_match_agrees_with_greedy_generation(hf_dir):
     items = []
     for word in ("dog", "sunflower", "a"):
         q = tok.encode(f"Q: {word}\nA: ")
-        gen, _ = model.generate(torch.tensor([q]), max_new_tokens=3, state=prefix)
+        gen, _, _ = model.generate(torch.tensor([q]), max_new_tokens=3, state=prefix)
         items.append((q, gen[0].tolist()))
     # the model's own greedy continuation is an exact match; changing its last token breaks it
     assert exact_match(model, prefix, items) == [True, True, True]

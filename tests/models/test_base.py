@@ -68,7 +68,7 @@ def test_assemble_states_stacks_layers_casts_and_counts_tokens():
 
     final = [layer(i) for i in range(L)]
     at = [[layer(10 * i + k) for k in range(2)] for i in range(1, L + 1)]
-    new, states_at = model._assemble_states(final, at, [1, 6], 5, 7, torch.float32)
+    new, states_at = model._assemble_states(final, at, [1, 6], (5, 5, 5), (7, 7, 7), torch.float32)
     assert new.n_tokens == 12 and [s.n_tokens for s in states_at] == [6, 11]
     assert new.fingerprint == model.fingerprint and new.arch == "mamba2"
     for s, parts in [(new, final), *((states_at[k], [a[k] for a in at]) for k in range(2))]:
@@ -78,6 +78,6 @@ def test_assemble_states_stacks_layers_casts_and_counts_tokens():
             assert torch.equal(s.sum_delta[i], parts[i].sum_delta.float())
 
     stacked = torch.full((L, B, H, P, N), 7.0)
-    new, none = model._assemble_states(final, [], None, 0, 3, torch.float32, stacked)
+    new, none = model._assemble_states(final, [], None, (0, 0, 0), (3, 3, 3), torch.float32, stacked)
     assert none is None and new.n_tokens == 3 and new.ssm is stacked
     assert torch.equal(new.conv, torch.stack([f.conv for f in final]).float())

@@ -137,8 +137,8 @@ def test_adecay_is_closest_to_the_true_state_in_a_deep_model(deep):
 def test_generate_from_a_composed_state_equals_reading_the_whole_prompt(one_layer):
     x = ids(18, seed=8)
     composed = mix(chunk_states(one_layer, x[:, :17], (6, 12)), "adecay", A=one_layer.decay_A())
-    got, _ = one_layer.generate(x[:, 17:], max_new_tokens=8, state=composed)
-    ref, _ = one_layer.generate(x, max_new_tokens=8)
+    got, _, _ = one_layer.generate(x[:, 17:], max_new_tokens=8, state=composed)
+    ref, _, _ = one_layer.generate(x, max_new_tokens=8)
     assert torch.equal(got, ref)
 
 
@@ -146,7 +146,7 @@ def test_generate_from_a_mixed_state_uses_it(deep):
     a, b = deep.encode(ids(12, seed=9)), deep.encode(ids(12, seed=10))
     prompt = ids(3, seed=11)
     soup = mix([a, b], "mean")
-    from_soup, s1 = deep.generate(prompt, max_new_tokens=6, state=soup)
+    from_soup, s1, _ = deep.generate(prompt, max_new_tokens=6, state=soup)
     # the same as stepping the soup by hand, greedily
     logits, s = deep(prompt, soup)
     toks = []
@@ -181,7 +181,7 @@ def test_one_state_expanded_to_a_batch_equals_separate_runs(deep):
         li, si = deep(queries[i : i + 1], skill)
         assert_close(f"logits row {i}", li, logits[i : i + 1])
         assert_close(f"ssm row {i}", si.ssm, states.select(i).ssm)
-    gen, _ = deep.generate(queries, max_new_tokens=4, state=skill.expand(4))
+    gen, _, _ = deep.generate(queries, max_new_tokens=4, state=skill.expand(4))
     for i in range(4):
-        gi, _ = deep.generate(queries[i : i + 1], max_new_tokens=4, state=skill)
+        gi, _, _ = deep.generate(queries[i : i + 1], max_new_tokens=4, state=skill)
         assert torch.equal(gi, gen[i : i + 1])

@@ -62,7 +62,7 @@ def test_same_greedy_generation(pair):
     x = _ids(ref.config.vocab_size, T=6, seed=2)
     with torch.no_grad():
         want = ref.generate(x, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(x))[:, 6:]
-    got, _ = ours.generate(x, max_new_tokens=8)
+    got, _, _ = ours.generate(x, max_new_tokens=8)
     assert torch.equal(want, got)
 
 

@@ -88,7 +88,7 @@ def test_same_greedy_generation(pair):
         warnings.simplefilter("ignore")
         mask = torch.ones_like(x)  # no padding (token 0 is a real token here)
         want = ref.generate(x, attention_mask=mask, max_new_tokens=12, do_sample=False, use_cache=True)[:, 9:]
-    got, _ = ours.generate(x, max_new_tokens=12)
+    got, _, _ = ours.generate(x, max_new_tokens=12)
     assert torch.equal(want, got)
 
 

@@ -73,7 +73,7 @@ def test_positions_equal_separate_encodes(model):
 
 def test_generate_greedy_batched_and_resumable(model):
     x = _ids(5, B=3, seed=3)
-    toks, st = model.generate(x, max_new_tokens=6)
+    toks, st, _ = model.generate(x, max_new_tokens=6)
     assert toks.shape == (3, 6) and st.n_tokens == 11
     # manual greedy loop
     seq = x
@@ -82,13 +82,13 @@ def test_generate_greedy_batched_and_resumable(model):
         seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(seq[:, 5:], toks)
     # the returned state is after the prompt and every new token: the same as encoding them
-    t1, s1 = model.generate(x, max_new_tokens=3)
+    t1, s1, _ = model.generate(x, max_new_tokens=3)
     assert torch.equal(t1, toks[:, :3])
     _close_states(model.encode(torch.cat([x, t1], 1)), s1)
     # continuing from the state with the next prompt equals one pass over everything
     more = _ids(2, B=3, seed=9)
-    t2, _ = model.generate(more, max_new_tokens=2, state=s1)
-    t2_ref, _ = model.generate(torch.cat([x, t1, more], 1), max_new_tokens=2)
+    t2, _, _ = model.generate(more, max_new_tokens=2, state=s1)
+    t2_ref, _, _ = model.generate(torch.cat([x, t1, more], 1), max_new_tokens=2)
     assert torch.equal(t2, t2_ref)
 
 

@@ -87,7 +87,7 @@ def test_positions_equal_separate_encodes(model):
 
 def test_generate_greedy_matches_a_manual_loop_and_resumes(model):
     x = _ids(5, B=3, seed=3)
-    toks, st = model.generate(x, max_new_tokens=6)
+    toks, st, _ = model.generate(x, max_new_tokens=6)
     assert toks.shape == (3, 6) and st.n_tokens == 11
     seq = x
     for _ in range(6):

@@ -87,7 +87,7 @@ def test_statelab_state_drives_transformers_generate(pair):
     hf, ours = pair
     x = ids(14, seed=1)
     prefix = ours.encode(x[:, :9])
-    want, _ = ours.generate(x[:, 9:], max_new_tokens=8, state=prefix)
+    want, _, _ = ours.generate(x[:, 9:], max_new_tokens=8, state=prefix)
     got, _ = hf_generate(hf, x[:, 9:], prefix, max_new_tokens=8)
     assert torch.equal(want, got)
     plain, _ = hf_generate(hf, x, max_new_tokens=8)
@@ -115,7 +115,7 @@ def test_transformers_cache_continues_in_statelab(pair):
     # greedy continuation: transformers from its own cache == statelab from the imported state
     with torch.no_grad():
         cache = hf(x[:, :10], use_cache=True).cache_params
-    want, _ = ours.generate(x[:, 10:], max_new_tokens=6, state=s)
+    want, _, _ = ours.generate(x[:, 10:], max_new_tokens=6, state=s)
     hf_step(hf, x[:, 10:14], cache)
     seq = hf.generate(x[:, 14:], cache_params=cache, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(want, seq[:, 1:])

@@ -93,7 +93,7 @@ def test_generate_and_score_from_a_state(model_dir, model, tmp_path):
     ok("encode", model_dir, "-t", "Q: cat\nA: CAT\n\n", "-o", sp)
     r = ok("generate", model_dir, "--state", sp, "--prompt", "Q: dog\nA:", "-n", "6", "--json", "--no-stop-at-eos")
     info = json.loads(r.output)
-    want, _ = model.generate(byte_ids("Q: dog\nA:"), 6, state=load_state(sp))
+    want, _, _ = model.generate(byte_ids("Q: dog\nA:"), 6, state=load_state(sp))
     assert info["token_ids"] == want[0].tolist()
     assert info["n_tokens"] == len("Q: cat\nA: CAT\n\n") + len("Q: dog\nA:") + 6
     plain = ok("generate", model_dir, "--prompt", "Q: dog\nA:", "-n", "6", "--no-stop-at-eos")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from statelab.ops.conv1d import causal_conv1d, conv_states_at
+from statelab.ops.conv1d import causal_conv1d, conv_state_after, conv_states_at
 from statelab.ops.selective_scan import selective_scan
 
 __all__ = ["Mamba1Mixer", "MixerState", "MixerOutput"]
@@ -125,10 +125,14 @@ class Mamba1Mixer(nn.Module):
         x: torch.Tensor,
         state: MixerState | None = None,
         positions: Sequence[int] | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> MixerOutput:
         """``x [B, T, M]`` continuing from ``state`` (``None`` = zeros) -> ``MixerOutput``.
 
         ``positions`` (each in ``[0, T]``) asks for the states after ``x[:, :p]`` as well, from this one pass.
+        ``lengths [B]`` (right padding, ``0 <= lengths[b] <= T``): only ``x[b, :lengths[b]]`` is real; Δ is zero at
+        the padded positions, so the SSM state and ΣΔ stop at each row's last real token, and the conv state is
+        each row's own last ``K - 1`` real inputs. Outputs at padded positions are unspecified.
         The returned states are new tensors; ``state`` is not modified.
         """
         Bsz, T, _ = x.shape
@@ -142,6 +146,10 @@ class Mamba1Mixer(nn.Module):
         Cm = dbc[..., self.dt_rank + self.d_state :]
         # Δ in fp32: projection and bias in fp32 before softplus, as the reference kernels do
         delta = F.softplus(F.linear(dt_low.float(), self.dt_proj.weight.float(), self.dt_proj.bias.float()))
+        if lengths is not None:
+            # Δ = 0 at padding: exp(Δ·A) = 1 and Δ·B·u = 0, so the state and ΣΔ pass through unchanged
+            real = torch.arange(T, device=x.device) < lengths[:, None]
+            delta = torch.where(real[..., None], delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
         scan = selective_scan(
             u,
             delta,
@@ -156,6 +164,8 @@ class Mamba1Mixer(nn.Module):
         )
         y = F.silu(z).mul_(scan.y)
         out = self.out_proj(y.to(x.dtype))
+        if lengths is not None:
+            conv_final = conv_state_after(u_pre, self.d_conv, lengths, conv0)
         sd0 = 0.0 if state is None else state.sum_delta
         new_state = MixerState(conv=conv_final, ssm=scan.final_state, sum_delta=sd0 + scan.sum_delta)
         states_at = None

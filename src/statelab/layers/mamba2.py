@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from statelab.layers.norm import GatedRMSNorm
-from statelab.ops.conv1d import causal_conv1d, conv_states_at
+from statelab.ops.conv1d import causal_conv1d, conv_state_after, conv_states_at
 from statelab.ops.ssd import BACKENDS, ssd_scan, ssd_step
 from statelab.ops.ssd.chunk import DEFAULT_CHUNK_SIZE
 
@@ -133,12 +133,17 @@ class Mamba2Mixer(nn.Module):
         state: Mamba2LayerState | None,
         positions: Sequence[int] | None,
         ssm_out: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Mamba2LayerState, list[Mamba2LayerState] | None]:
         """Like ``forward``, plus the states after each of ``positions`` (``t`` in ``[1, T]``), from one pass.
 
         Returned states have the dtype of ``state`` (fp32 when ``state`` is ``None``); ΣΔ accumulates on top of
         the given state's. ``ssm_out``: optional fresh ``[B, H, P, N]`` buffer (the state's dtype) that receives
         the new SSM state, so that a model can stack its layers without a copy; used only without autograd.
+
+        ``lengths [B]`` (right padding, ``0 <= lengths[b] <= T``): only ``x[b, :lengths[b]]`` is real. Δ is zero at
+        padded positions (the SSM state and ΣΔ pass through them unchanged) and each row's conv state is its own
+        last ``K - 1`` real inputs. Outputs at padded positions are unspecified.
         """
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2Mixer expects x [B, T, {self.d_model}], got {tuple(x.shape)}")
@@ -152,9 +157,15 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self.in_proj(x).split([D, C, H], dim=-1)
         A = -torch.exp(self.A_log.float())
         delta = self._delta(dt)  # [B, T, H] fp32
+        if lengths is not None:
+            # Δ = 0 at padding: exp(Δ·A) = 1 and Δ·B·x = 0, so the state and ΣΔ pass through unchanged
+            real = torch.arange(T, device=x.device) < lengths[:, None]
+            delta = torch.where(real[..., None], delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
         conv_in = state.conv.to(xBC.dtype)
 
         xBC_c, conv_new = causal_conv1d(xBC, self.conv_weight, self.conv_bias, conv_in, "silu", True)
+        if lengths is not None:
+            conv_new = conv_state_after(xBC, self.d_conv, lengths, conv_in)
         xs, Bm, Cm = xBC_c.split([D, G * N, G * N], dim=-1)
         if T == 1 and positions is None and self.backend != "naive":
             # decode: one step of the recurrence, no chunk machinery

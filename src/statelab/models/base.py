@@ -2,15 +2,29 @@
 
 A concrete model (Mamba-1, Mamba-2) implements three things:
 
-* ``_run(input_ids, state, positions, with_head) -> RunOutput``: one pass over ``input_ids [B, T]`` starting from
-  ``state`` (``None`` = zeros), returning logits (or ``None`` when ``with_head`` is false, which is how encoding
-  skips the output head), the state after the last token and, if ``positions`` is given, the states after each
-  of those positions, all from that single pass;
+* ``_run(input_ids, state, positions, with_head, lengths) -> RunOutput``: one pass over ``input_ids [B, T]``
+  starting from ``state`` (``None`` = zeros), returning logits (or ``None`` when ``with_head`` is false, which is
+  how encoding skips the output head), the state after the last token and, if ``positions`` is given, the states
+  after each of those positions, all from that single pass. ``lengths [B]`` (or ``None`` = every row is full)
+  says how many leading tokens of each row are real (right padding, ``0 <= lengths[b] <= T``): the state of row
+  ``b`` is after its ``lengths[b]`` real tokens, exactly as if the row had been run alone (its logits at padded
+  positions are left unspecified here; the public calls zero them). A row of length 0 reads nothing (generation
+  uses that for rows that have stopped);
 * ``zero_state(batch_size, dtype=None, device=None) -> State``;
 * ``decay_A() -> Tensor``: ``A = -exp(A_log)`` of every layer, stacked, fp32 (``[L, D, N]`` or ``[L, H]``).
 
 Everything else (``forward``, ``encode``, ``generate``, ``score``, fingerprints, state checks, assembling the
-per-layer mixer states of a pass into ``State`` values) lives here.
+per-layer mixer states of a pass into ``State`` values, and turning ``lengths`` / ``attention_mask`` into right
+padding) lives here.
+
+**Ragged batches.** Every call takes ``lengths [B]`` (right padding: row ``b`` is ``input_ids[b, :lengths[b]]``)
+or ``attention_mask [B, T]`` (transformers' convention: 1 for a real token, 0 for padding; the ones of a row must
+be contiguous, so left padding, right padding or both). A left-padded batch is moved to right padding before the
+pass and the logits moved back, so both layouts run the same exact path. How padding is kept out of the state:
+at a padded position Δ = 0, so ``exp(ΔA) = 1`` and ``ΔB·x = 0`` leave the SSM state and ΣΔ unchanged, and each
+row's conv state is taken from its own last ``K - 1`` real inputs. A row of a padded batch therefore gives the
+state and, at its real positions, the logits it gives alone (equal up to fp32 round-off: the projections run as
+one matrix product over the whole batch, whose blocking may differ from a single row's).
 """
 
 from __future__ import annotations
@@ -20,7 +34,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -28,7 +42,7 @@ from torch import nn
 from statelab.errors import StateMismatchError
 from statelab.state.core import State
 
-__all__ = ["StatefulLM", "LayerState", "RunOutput", "ScoreResult", "fingerprint_module"]
+__all__ = ["StatefulLM", "LayerState", "RunOutput", "ScoreResult", "Generation", "RaggedBatch", "fingerprint_module"]
 
 
 class LayerState(Protocol):
@@ -58,18 +72,77 @@ class RunOutput:
 
 @dataclass
 class ScoreResult:
-    """Per-token log-probabilities of a scored sequence.
+    """Per-token log-probabilities of scored sequences.
 
     Attributes:
-        logprobs: ``[B, T - 1]``, log p(token t | tokens < t, initial state) for t = 1..T-1. Token 0 has no
-            prediction: a state does not carry the logits of the token before it.
-        perplexity: ``[B]``, ``exp(-mean(logprobs))``.
-        state: the state after all ``T`` tokens.
+        logprobs: ``[B, T - 1]``, log p(token t | tokens < t, initial state) for t = 1..T-1, in the layout of the
+            input (left or right padded). Token 0 of a row has no prediction: a state does not carry the logits of
+            the token before it. Entries that are not a real prediction (``mask`` false) are 0.
+        perplexity: ``[B]``, ``exp(-mean(logprobs))`` over each row's real predictions.
+        state: the state after each row's real tokens.
+        mask: ``[B, T - 1]`` bool, true where ``logprobs`` holds a real prediction (both tokens real).
     """
 
     logprobs: torch.Tensor
     perplexity: torch.Tensor
     state: State
+    mask: torch.Tensor
+
+
+class Generation(NamedTuple):
+    """What ``generate`` returns.
+
+    Attributes:
+        tokens: ``[B, n]`` new tokens. A row that produced ``eos_token_id`` is filled with it after its end.
+        state: each row's state after its prompt and its own ``lengths[b]`` new tokens (the EOS included).
+        lengths: ``[B]`` int64, how many new tokens each row produced (up to and including its EOS).
+    """
+
+    tokens: torch.Tensor
+    state: State
+    lengths: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RaggedBatch:
+    """A batch in right-padded form, with what is needed to put outputs back in the caller's layout.
+
+    Attributes:
+        ids: ``[B, T]`` right-padded input ids (row ``b``'s real tokens are ``ids[b, :lengths[b]]``).
+        lengths: ``[B]`` int64 on the ids' device, or ``None`` when every row is full (no padding at all).
+        starts: ``[B]`` int64, where each row's real tokens began in the caller's layout (left padding), or
+            ``None`` when the caller's layout was already right-padded.
+    """
+
+    ids: torch.Tensor
+    lengths: torch.Tensor | None
+    starts: torch.Tensor | None
+
+    def valid(self) -> torch.Tensor:
+        """``[B, T]`` bool in right-padded form: true at real tokens."""
+        B, T = self.ids.shape
+        if self.lengths is None:
+            return torch.ones(B, T, dtype=torch.bool, device=self.ids.device)
+        return torch.arange(T, device=self.ids.device) < self.lengths[:, None]
+
+    def row_lengths(self) -> list[int]:
+        B, T = self.ids.shape
+        return [T] * B if self.lengths is None else self.lengths.tolist()
+
+    def to_caller(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, T, ...]`` in right-padded form -> the caller's layout, zeros at padded positions."""
+        if self.lengths is not None:
+            keep = self.valid().view(*self.valid().shape, *([1] * (x.dim() - 2)))
+            x = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        if self.starts is None:
+            return x
+        T = x.shape[1]
+        src = torch.arange(T, device=x.device)[None, :] - self.starts[:, None]  # caller position t <- row index
+        inside = (src >= 0) & (src < self.lengths[:, None])
+        idx = src.clamp(0, T - 1).view(*src.shape, *([1] * (x.dim() - 2))).expand_as(x)
+        out = x.gather(1, idx)
+        keep = inside.view(*inside.shape, *([1] * (x.dim() - 2)))
+        return torch.where(keep, out, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def fingerprint_module(config: dict[str, Any], module: nn.Module) -> str:
@@ -103,6 +176,7 @@ class StatefulLM(nn.Module):
         state: State | None,
         positions: Sequence[int] | None,
         with_head: bool,
+        lengths: torch.Tensor | None = None,
     ) -> RunOutput:
         raise NotImplementedError
 
@@ -167,44 +241,103 @@ class StatefulLM(nn.Module):
         final: Sequence[LayerState],
         at: Sequence[Sequence[LayerState]],
         positions: Sequence[int] | None,
-        n_before: int,
-        n_new: int,
+        n_before: Sequence[int],
+        n_new: Sequence[int],
         dtype: torch.dtype,
         ssm: torch.Tensor | None = None,
     ) -> tuple[State, list[State] | None]:
         """The model states of one pass from its per-layer mixer states (shared by every ``_run``).
 
         Args:
-            final: per layer ``i``, its state after the last of the ``n_new`` tokens.
+            final: per layer ``i``, its state after each row's last real token.
             at: ``at[i][k]``: layer ``i``'s state after ``positions[k]`` (read only when ``positions`` is given).
-            positions: 1-based counts of tokens of this pass, or ``None``.
-            n_before: tokens consumed before this pass (the input state's ``n_tokens``, 0 without one).
-            n_new: ``T``, the tokens of this pass.
+            positions: 1-based counts of tokens of this pass (the same for every row), or ``None``.
+            n_before: per row, the tokens consumed before this pass (the input state's ``tokens``).
+            n_new: per row, the real tokens of this pass (``T`` for every row without padding).
             dtype: the dtype of ``ssm`` and ``conv`` in the returned states (the model's state dtype).
             ssm: ``[L, B, ...]``, the SSM parts of ``final`` already stacked (a model that writes them into one
                 buffer); replaces stacking ``final``.
 
         Returns:
-            ``(state after token n_before + n_new, [state after token n_before + p for p in positions] or None)``,
+            ``(state after each row's tokens, [state after token n_before + p for p in positions] or None)``,
             each stacked over layers ``[L, B, ...]``, with ``ssm``/``conv`` in ``dtype`` and ``sum_delta`` fp32.
         """
         fp = self.fingerprint
 
-        def stack(parts: Sequence[LayerState], n_tokens: int, ssm_all: torch.Tensor | None = None) -> State:
+        def stack(parts: Sequence[LayerState], counts: tuple[int, ...], ssm_all: torch.Tensor | None = None) -> State:
             return State(
                 arch=self.arch,
                 ssm=(torch.stack([p.ssm for p in parts]) if ssm_all is None else ssm_all).to(dtype),
                 conv=torch.stack([p.conv for p in parts]).to(dtype),
                 sum_delta=torch.stack([p.sum_delta for p in parts]).float(),
-                n_tokens=n_tokens,
+                n_tokens=counts,
                 fingerprint=fp,
             )
 
-        new_state = stack(final, n_before + n_new, ssm)
+        new_state = stack(final, tuple(a + b for a, b in zip(n_before, n_new, strict=True)), ssm)
         if positions is None:
             return new_state, None
         assert len(at) == len(final)
-        return new_state, [stack([a[k] for a in at], n_before + p) for k, p in enumerate(positions)]
+        return new_state, [stack([a[k] for a in at], tuple(n + p for n in n_before)) for k, p in enumerate(positions)]
+
+    def _ragged(
+        self,
+        input_ids: torch.Tensor,
+        lengths: torch.Tensor | Sequence[int] | None,
+        attention_mask: torch.Tensor | None,
+    ) -> RaggedBatch:
+        """Check ``lengths`` / ``attention_mask`` against ``input_ids [B, T]`` and move the batch to right padding.
+
+        Raises ``ValueError`` naming the fix for: both given, lengths of the wrong shape or outside ``[1, T]``, a
+        mask whose shape differs from the ids', a mask with values other than 0/1, a row with no real token, or a
+        row whose ones are not contiguous.
+        """
+        self.check_input(input_ids)
+        B, T = input_ids.shape
+        dev = input_ids.device
+        if lengths is not None and attention_mask is not None:
+            raise ValueError("give lengths (right padding) or attention_mask (any padding), not both")
+        if lengths is not None:
+            lt = _as_lengths(lengths, B, T)
+            if bool((lt == T).all()):
+                return RaggedBatch(input_ids, None, None)
+            return RaggedBatch(input_ids, lt.to(dev), None)
+        if attention_mask is None:
+            return RaggedBatch(input_ids, None, None)
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a tensor [B, T], got {type(attention_mask).__name__}")
+        if tuple(attention_mask.shape) != (B, T):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {(B, T)}; "
+                "they must have the same shape"
+            )
+        m = attention_mask.to(device=dev)
+        if m.is_floating_point() or m.is_complex():
+            bad = ~((m == 0) | (m == 1))
+        else:
+            bad = ~((m == 0) | (m == 1)) if m.dtype != torch.bool else torch.zeros_like(m, dtype=torch.bool)
+        if bool(bad.any()):
+            raise ValueError("attention_mask must hold only 0 and 1 (1 = real token, 0 = padding)")
+        m = m.to(torch.bool)
+        lt = m.sum(1)
+        if bool((lt == 0).any()):
+            rows = (lt == 0).nonzero().flatten().tolist()
+            raise ValueError(f"attention_mask rows {rows[:5]} have no real token; every row needs at least one")
+        starts = m.to(torch.int8).argmax(1)  # first 1 of each row
+        ar = torch.arange(T, device=dev)
+        want = (ar >= starts[:, None]) & (ar < (starts + lt)[:, None])
+        if not bool(torch.equal(want, m)):
+            rows = (want != m).any(1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"attention_mask rows {rows[:5]} are not contiguous: the ones of a row must form one block "
+                "(left or right padding)"
+            )
+        if bool((starts == 0).all()):
+            if bool((lt == T).all()):
+                return RaggedBatch(input_ids, None, None)
+            return RaggedBatch(input_ids, lt, None)
+        src = (ar[None, :] + starts[:, None]).clamp(max=T - 1)
+        return RaggedBatch(input_ids.gather(1, src), lt, starts)
 
     def check_input(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor):
@@ -215,25 +348,43 @@ class StatefulLM(nn.Module):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
 
     # ---- the state API -------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """``input_ids [B, T]`` from ``state`` (after token ``state.n_tokens``) -> ``(logits [B, T, V], state)``.
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        state: State | None = None,
+        lengths: torch.Tensor | Sequence[int] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, State]:
+        """``input_ids [B, T]`` from ``state`` -> ``(logits [B, T, V], state)``.
 
-        The returned state is after the last input token. ``state`` is not modified.
+        Row ``b`` continues from its own count ``state.tokens[b]``. With ``lengths [B]`` (right padding) or
+        ``attention_mask [B, T]`` (left or right padding, contiguous ones), the returned state holds each row after
+        its own real tokens, and the logits at real positions equal those of the row run alone; logits at padded
+        positions are zero. ``state`` is not modified.
         """
-        out = self._run(input_ids, state, None, True)
-        return out.logits, out.state
+        batch = self._ragged(input_ids, lengths, attention_mask)
+        out = self._run(batch.ids, state, None, True, batch.lengths)
+        assert out.logits is not None
+        return batch.to_caller(out.logits), out.state
 
     @torch.no_grad()
     def encode(
         self,
         input_ids: torch.Tensor,
         state: State | None = None,
-        positions: Sequence[int] | None = None,
+        positions: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | None = None,
         conv_context: torch.Tensor | None = None,
+        lengths: torch.Tensor | Sequence[int] | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> State | list[State]:
         """The state after ``input_ids`` (no output head is computed), or a list of states after each of
-        ``positions`` (1-based counts of tokens of this call: position ``t`` means "after ``input_ids[:, :t]``"),
-        all from one pass.
+        ``positions``, all from one pass.
+
+        ``positions``: 1-based counts of tokens of this call, counted from each row's first real token (position
+        ``t`` means "after the row's first ``t`` tokens"); a list of ints (the same for every row) or one list per
+        row (``[B, P]``). A position must not exceed its row's length.
+
+        ``lengths`` / ``attention_mask``: padding, as in ``forward``; each returned row is after its own tokens.
 
         ``conv_context [B, Tc]``: the tokens just before this chunk (at least ``K - 1`` of them; e.g. the last
         tokens of the previous chunk). They are read from zero only to fill the conv windows; then the SSM state
@@ -242,6 +393,7 @@ class StatefulLM(nn.Module):
         layer, ordered composition of such chunk states equals the state of the concatenation exactly (State
         Soup, arXiv 2406.08423, §2.4). Cannot be combined with ``state``.
         """
+        batch = self._ragged(input_ids, lengths, attention_mask)
         if conv_context is not None:
             if state is not None:
                 raise ValueError("encode takes either state or conv_context, not both")
@@ -255,26 +407,48 @@ class StatefulLM(nn.Module):
                 state = ctx.replace(
                     ssm=torch.zeros_like(ctx.ssm), sum_delta=torch.zeros_like(ctx.sum_delta), n_tokens=0
                 )
-        if positions is not None:
-            pos = [int(p) for p in positions]
-            T = input_ids.shape[1]
-            if any(p < 1 or p > T for p in pos):
-                raise ValueError(f"positions must lie in [1, {T}], got {pos}")
-            out = self._run(input_ids, state, pos, False)
-            assert out.states_at is not None
-            return out.states_at
-        return self._run(input_ids, state, None, False).state
+        if positions is None:
+            return self._run(batch.ids, state, None, False, batch.lengths).state
+        per_row = _row_positions(positions, batch.row_lengths())
+        union = sorted({p for row in per_row for p in row})
+        out = self._run(batch.ids, state, union, False, batch.lengths)
+        assert out.states_at is not None
+        if all(row == per_row[0] for row in per_row):
+            where = {p: k for k, p in enumerate(union)}
+            return [out.states_at[where[p]] for p in per_row[0]]
+        return _gather_rows(out.states_at, union, per_row)
 
     @torch.no_grad()
-    def score(self, input_ids: torch.Tensor, state: State | None = None) -> ScoreResult:
-        """Log-probabilities of ``input_ids[:, 1:]`` given what precedes them (and ``state``)."""
+    def score(
+        self,
+        input_ids: torch.Tensor,
+        state: State | None = None,
+        lengths: torch.Tensor | Sequence[int] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> ScoreResult:
+        """Log-probabilities of each row's tokens after its first, given what precedes them (and ``state``).
+
+        Every row needs at least 2 real tokens. Padding as in ``forward``; ``ScoreResult.mask`` marks the real
+        predictions and ``perplexity`` averages over them, row by row.
+        """
         self.check_input(input_ids)
         if input_ids.shape[1] < 2:
             raise ValueError("score needs at least 2 tokens: the first one has no prediction")
-        logits, new_state = self(input_ids, state)
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        lp = logp.gather(-1, input_ids[:, 1:].long().unsqueeze(-1)).squeeze(-1)
-        return ScoreResult(logprobs=lp, perplexity=torch.exp(-lp.mean(dim=1)), state=new_state)
+        batch = self._ragged(input_ids, lengths, attention_mask)
+        if batch.lengths is not None and bool((batch.lengths < 2).any()):
+            rows = (batch.lengths < 2).nonzero().flatten().tolist()
+            raise ValueError(f"score needs at least 2 real tokens per row; rows {rows[:5]} have fewer")
+        out = self._run(batch.ids, state, None, True, batch.lengths)
+        assert out.logits is not None
+        logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
+        lp = logp.gather(-1, batch.ids[:, 1:].long().unsqueeze(-1)).squeeze(-1)
+        valid = batch.valid()[:, 1:]
+        lp = torch.where(valid, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+        ppl = torch.exp(-lp.sum(1) / valid.sum(1))
+        # back to the caller's layout: prediction j is about token j + 1, so shift by one around the row's start
+        full = batch.to_caller(torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1))[:, 1:]
+        mask = batch.to_caller(torch.cat([torch.zeros_like(valid[:, :1]), valid], dim=1))[:, 1:]
+        return ScoreResult(logprobs=full, perplexity=ppl, state=out.state, mask=mask)
 
     @torch.no_grad()
     def generate(
@@ -287,47 +461,132 @@ class StatefulLM(nn.Module):
         top_p: float | None = None,
         eos_token_id: int | None = None,
         seed: int | None = None,
-    ) -> tuple[torch.Tensor, State]:
-        """Generate up to ``max_new_tokens`` after ``input_ids [B, T]`` (``T >= 1``), starting from ``state``.
+        lengths: torch.Tensor | Sequence[int] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> Generation:
+        """Generate up to ``max_new_tokens`` after each row of ``input_ids [B, T]`` (``T >= 1``), from ``state``.
 
-        Greedy when ``temperature == 0``; otherwise samples with a local generator seeded by ``seed``, after
-        top-k and nucleus (top-p) filtering. A row that produced ``eos_token_id`` keeps emitting it; generation
-        stops early when every row has. Returns ``(tokens [B, n], state)`` where ``tokens`` are only the new
-        tokens and ``state`` is after the prompt and all ``n`` new tokens, so a later call continues exactly.
+        Each row continues from its own last real token (padding as in ``forward``) and its own state. Greedy when
+        ``temperature == 0`` (then every row's tokens equal those of the row generated alone); otherwise samples
+        with one local generator seeded by ``seed``, after top-k and nucleus (top-p) filtering. A row that produced
+        ``eos_token_id`` stops: its state stays after that EOS and its later slots in ``tokens`` hold the EOS id;
+        generation ends when every row has stopped. Returns ``Generation(tokens [B, n], state, lengths [B])``:
+        the new tokens, each row's state after its prompt and its own new tokens (so a later call continues
+        exactly), and how many new tokens each row produced.
         """
         self.check_input(input_ids)
         if input_ids.shape[1] < 1:
             raise ValueError("generate needs at least one input token to predict the next one from")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        batch = self._ragged(input_ids, lengths, attention_mask)
         gen = None
         if temperature > 0:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(seed if seed is not None else torch.seed())
-        B = input_ids.shape[0]
-        logits, state = self(input_ids, state)
-        next_logits = logits[:, -1]
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        B, T = batch.ids.shape
+        dev = input_ids.device
+        out_run = self._run(batch.ids, state, None, True, batch.lengths)
+        assert out_run.logits is not None
+        last = torch.full((B,), T - 1, dtype=torch.long, device=dev) if batch.lengths is None else batch.lengths - 1
+        next_logits = out_run.logits[torch.arange(B, device=dev), last]
+        state = out_run.state
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        produced = torch.zeros(B, dtype=torch.long, device=dev)
         out: list[torch.Tensor] = []
         for _ in range(max_new_tokens):
             tok = _pick(next_logits.float(), temperature, top_k, top_p, gen)
+            active = ~done
+            step_lengths = None if bool(active.all()) else active.long()
             if eos_token_id is not None:
                 tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
                 done = done | (tok == eos_token_id)
+            produced += active.long()
             out.append(tok)
-            logits, state = self(tok[:, None], state)
-            next_logits = logits[:, -1]
+            # a row that had stopped before this step reads nothing (length 0): its state stays after its EOS
+            step = self._run(tok[:, None], state, None, True, step_lengths)
+            assert step.logits is not None
+            next_logits, state = step.logits[:, -1], step.state
             if eos_token_id is not None and bool(done.all()):
                 break
-        if not out:
-            return torch.empty(B, 0, dtype=torch.long, device=input_ids.device), state
-        return torch.stack(out, dim=1), state
+        tokens = torch.stack(out, dim=1) if out else torch.empty(B, 0, dtype=torch.long, device=dev)
+        return Generation(tokens, state, produced)
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse sampling settings that would silently misbehave (NaN, negative, out of range)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+
+
+def _as_lengths(lengths: torch.Tensor | Sequence[int], B: int, T: int) -> torch.Tensor:
+    """``lengths`` as an int64 CPU tensor ``[B]`` with every entry in ``[1, T]``, or a ``ValueError`` naming the fix."""
+    if isinstance(lengths, torch.Tensor):
+        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths must be integers, got a {lengths.dtype} tensor")
+        lt = lengths.detach().to("cpu", torch.long)
+    else:
+        try:
+            vals = list(lengths)
+        except TypeError:
+            raise TypeError(f"lengths must be a sequence of ints or a tensor [B], got {type(lengths).__name__}") from None
+        if any(isinstance(v, bool) or not isinstance(v, (int, torch.Tensor)) for v in vals):
+            raise TypeError(f"lengths must be ints, got {vals[:5]}")
+        lt = torch.tensor([int(v) for v in vals], dtype=torch.long)
+    if lt.dim() != 1 or lt.shape[0] != B:
+        raise ValueError(f"lengths must have one entry per row ([{B}]), got shape {tuple(lt.shape)}")
+    if B and (int(lt.min()) < 1 or int(lt.max()) > T):
+        raise ValueError(
+            f"lengths must lie in [1, {T}] (the padded width); got min {int(lt.min())}, max {int(lt.max())}"
+        )
+    return lt
+
+
+def _row_positions(
+    positions: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor, row_lengths: list[int]
+) -> list[list[int]]:
+    """``positions`` (one list for every row, or one list per row) -> per-row lists, each checked in
+    ``[1, length of the row]``."""
+    B = len(row_lengths)
+    if isinstance(positions, torch.Tensor):
+        positions = positions.tolist()
+    pos = list(positions)
+    if pos and all(isinstance(p, (list, tuple)) for p in pos):
+        if len(pos) != B:
+            raise ValueError(f"per-row positions need one list per row ({B}), got {len(pos)}")
+        rows = [[int(p) for p in r] for r in pos]
+        if len({len(r) for r in rows}) > 1:
+            raise ValueError("per-row positions must give every row the same number of positions")
+    else:
+        rows = [[int(p) for p in pos]] * B
+    for b, (r, n) in enumerate(zip(rows, row_lengths, strict=True)):
+        bad = [p for p in r if p < 1 or p > n]
+        if bad:
+            raise ValueError(f"positions must lie in [1, {n}] for row {b} (its length), got {bad[:5]}")
+    return rows
+
+
+def _gather_rows(states_at: list[State], union: list[int], per_row: list[list[int]]) -> list[State]:
+    """From states at the union of positions (each for the whole batch), the state of row ``b`` after
+    ``per_row[b][k]``, for every ``k``."""
+    where = {p: k for k, p in enumerate(union)}
+    B = len(per_row)
+    rows = torch.arange(B)
+    ssm = torch.stack([s.ssm for s in states_at])  # [U, L, B, ...]
+    conv = torch.stack([s.conv for s in states_at])
+    sd = torch.stack([s.sum_delta for s in states_at])
+    out = []
+    for k in range(len(per_row[0])):
+        u = torch.tensor([where[per_row[b][k]] for b in range(B)])
+        pick = lambda t: t[u, :, rows].movedim(0, 1).contiguous()  # noqa: E731  ([B, L, ...] -> [L, B, ...])
+        counts = tuple(states_at[int(u[b])].tokens[b] for b in range(B))
+        out.append(states_at[0].replace(ssm=pick(ssm), conv=pick(conv), sum_delta=pick(sd), n_tokens=counts))
+    return out
 
 
 def _pick(

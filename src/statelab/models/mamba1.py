@@ -182,6 +182,7 @@ class Mamba1LM(StatefulLM):
         state: State | None,
         positions: Sequence[int] | None,
         with_head: bool,
+        lengths: torch.Tensor | None = None,
     ) -> RunOutput:
         self.check_input(input_ids)
         Bsz, T = input_ids.shape
@@ -198,14 +199,15 @@ class Mamba1LM(StatefulLM):
             ls = None
             if state is not None:
                 ls = MixerState(conv=state.conv[i], ssm=state.ssm[i], sum_delta=state.sum_delta[i])
-            out = block.mixer(block.norm(h.to(block.norm.weight.dtype)), ls, pos)
+            out = block.mixer(block.norm(h.to(block.norm.weight.dtype)), ls, pos, lengths)
             h = h + out.y.to(h.dtype)
             final.append(out.state)
             if out.states_at is not None:
                 a = out.states_at  # [B, P, ...] parts: one MixerState per position
                 at.append([MixerState(a.conv[:, j], a.ssm[:, j], a.sum_delta[:, j]) for j in range(a.ssm.shape[1])])
-        n0 = 0 if state is None else state.n_tokens
-        new_state, states_at = self._assemble_states(final, at, pos, n0, T, sdtype)
+        n0 = (0,) * Bsz if state is None else state.tokens
+        n_new = (T,) * Bsz if lengths is None else tuple(lengths.tolist())
+        new_state, states_at = self._assemble_states(final, at, pos, n0, n_new, sdtype)
         logits = self.head(self.norm_f(h)) if with_head else None
         return RunOutput(logits=logits, state=new_state, states_at=states_at)
 

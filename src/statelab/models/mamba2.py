@@ -246,8 +246,10 @@ class Mamba2LM(StatefulLM):
         state: State | None,
         positions: Sequence[int] | None,
         with_head: bool,
+        lengths: torch.Tensor | None = None,
     ) -> RunOutput:
-        """One pass over ``input_ids [B, T]`` from ``state``; states after ``positions`` (1-based) if given."""
+        """One pass over ``input_ids [B, T]`` from ``state``; states after ``positions`` (1-based) if given;
+        ``lengths [B]``: real tokens per row (right padding), see :class:`statelab.models.base.StatefulLM`."""
         self.check_input(input_ids)
         Bsz, T = input_ids.shape
         if state is None:
@@ -268,7 +270,7 @@ class Mamba2LM(StatefulLM):
             x = block.norm(h.to(block.norm.weight.dtype))
             layer_state = Mamba2LayerState(state.conv[i], state.ssm[i], state.sum_delta[i])
             out_i = None if ssm_all is None else ssm_all[i]
-            y, new, states_at = block.mixer.forward_with_states(x, layer_state, pos, out_i)
+            y, new, states_at = block.mixer.forward_with_states(x, layer_state, pos, out_i, lengths)
             h = residual + y
             final.append(new)
             if states_at is not None:
@@ -278,7 +280,8 @@ class Mamba2LM(StatefulLM):
             hn = self.norm_f(h)
             w = self.embedding.weight if self.lm_head is None else self.lm_head.weight
             logits = F.linear(hn.to(w.dtype), w).float()
-        new_state, states_at_out = self._assemble_states(final, at, pos, state.n_tokens, T, state.dtype, ssm_all)
+        n_new = (T,) * Bsz if lengths is None else tuple(lengths.tolist())
+        new_state, states_at_out = self._assemble_states(final, at, pos, state.tokens, n_new, state.dtype, ssm_all)
         return RunOutput(logits=logits, state=new_state, states_at=states_at_out)
 
     # ---- Hugging Face -------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["causal_conv1d", "causal_conv1d_naive", "conv_states_at"]
+__all__ = ["causal_conv1d", "causal_conv1d_naive", "conv_states_at", "conv_state_after"]
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Tensor | None, activation: str | None) -> None:
@@ -145,3 +145,24 @@ def conv_states_at(
     if not positions:
         return xp.new_zeros(x.shape[0], 0, x.shape[2], K - 1)
     return torch.stack([xp[:, :, p : p + K - 1] for p in positions], dim=1).clone()
+
+
+def conv_state_after(
+    x: torch.Tensor, K: int, lengths: torch.Tensor, initial_state: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each row's conv state after its own ``lengths[b]`` tokens of ``x [B, T, C]`` -> ``[B, C, K - 1]`` (new memory).
+
+    Row ``b``'s state is the ``K - 1`` inputs before its token ``lengths[b]`` (``0 <= lengths[b] <= T``), reaching
+    back into ``initial_state`` when ``lengths[b] < K - 1``: the inputs after a row's length (padding) are never
+    read. This is the conv state of a right-padded ragged batch.
+    """
+    B, T, C = x.shape
+    if lengths.shape != (B,):
+        raise ValueError(f"conv_state_after: lengths must be [B={B}], got {tuple(lengths.shape)}")
+    if K == 1:
+        return x.new_zeros(B, C, 0)
+    prev = x.new_zeros(B, K - 1, C) if initial_state is None else initial_state.to(x.dtype).transpose(1, 2)
+    xp = torch.cat([prev, x], dim=1)  # [B, K - 1 + T, C]; the window after l tokens is xp[l : l + K - 1]
+    idx = lengths.to(device=x.device, dtype=torch.long)[:, None] + torch.arange(K - 1, device=x.device)
+    win = xp.gather(1, idx[:, :, None].expand(B, K - 1, C))  # [B, K - 1, C]
+    return win.transpose(1, 2).contiguous()

@@ -7,8 +7,10 @@ Layouts (letters from :mod:`statelab.glossary`), all layers stacked on the first
 | mamba1   | [L, B, D, N]      | [L, B, D, K - 1]     | [L, B, D]    |
 | mamba2   | [L, B, H, P, N]   | [L, B, C, K - 1]     | [L, B, H]    |
 
-A state is "after token ``n_tokens``": it has consumed tokens ``[0, n_tokens)`` of its sequence. ``sum_delta``
-is kept in fp32 whatever the dtype of the other parts, because ordered composition exponentiates it.
+A state is "after token ``n``": row ``b`` has consumed tokens ``[0, tokens[b])`` of its own sequence. Rows of one
+batch may have consumed different numbers of tokens (a ragged batch); ``tokens`` always has one count per row,
+and ``n_tokens`` is that count as a single int when every row agrees (the tuple otherwise). ``sum_delta`` is kept
+in fp32 whatever the dtype of the other parts, because ordered composition exponentiates it.
 
 ``State`` is immutable in the sense that matters: no statelab call writes into the tensors of a state it was
 given. Methods return new states; ``clone`` gives tensors that share no memory with the original.
@@ -39,7 +41,9 @@ class State:
         ssm: SSM state, ``[L, B, D, N]`` (mamba1) or ``[L, B, H, P, N]`` (mamba2).
         conv: last ``K - 1`` pre-conv inputs per layer, oldest first, ``[L, B, C, K - 1]``.
         sum_delta: ΣΔ over the consumed tokens, ``[L, B, D]`` (mamba1) or ``[L, B, H]`` (mamba2), fp32.
-        n_tokens: how many tokens the state has consumed (the same for every row of the batch).
+        n_tokens: how many tokens each row has consumed: an int when every row agrees, else a tuple with one
+            count per row. The constructor accepts an int (every row) or a sequence of ``B`` ints; read
+            ``tokens`` for the per-row tuple in either case.
         fingerprint: the fingerprint of the model that made the state (hash of its config and weights).
     """
 
@@ -47,7 +51,7 @@ class State:
     ssm: torch.Tensor
     conv: torch.Tensor
     sum_delta: torch.Tensor
-    n_tokens: int
+    n_tokens: int | tuple[int, ...]
     fingerprint: str
 
     def __post_init__(self) -> None:
@@ -73,8 +77,18 @@ class State:
             raise StateMismatchError(
                 f"ssm and conv must share one floating dtype, got {self.ssm.dtype} and {self.conv.dtype}"
             )
-        if self.n_tokens < 0:
-            raise StateMismatchError(f"n_tokens must be >= 0, got {self.n_tokens}")
+        object.__setattr__(self, "n_tokens", _normalise_tokens(self.n_tokens, B))
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        """Tokens consumed by each row, ``(n_0, ..., n_{B-1})`` (the same number repeated for a uniform batch)."""
+        n = self.n_tokens
+        return n if isinstance(n, tuple) else (n,) * self.batch_size
+
+    @property
+    def ragged(self) -> bool:
+        """True when rows consumed different numbers of tokens."""
+        return isinstance(self.n_tokens, tuple)
 
     # ---- shape facts -------------------------------------------------------------------------------------
     @property
@@ -129,38 +143,53 @@ class State:
             if not -self.batch_size <= index < self.batch_size:
                 raise StateMismatchError(f"batch index {index} out of range for batch size {self.batch_size}")
             index = [index]
+        rows = list(range(self.batch_size))
         if isinstance(index, slice):
             pick = lambda t: t[:, index].clone()  # noqa: E731
+            rows = rows[index]
         else:
             idx = torch.as_tensor(index, dtype=torch.long, device=self.device)
+            if idx.dim() > 1:
+                raise StateMismatchError(f"batch indices must be one-dimensional, got shape {tuple(idx.shape)}")
             if idx.numel() and (idx.max() >= self.batch_size or idx.min() < -self.batch_size):
                 raise StateMismatchError(f"batch indices {idx.tolist()} out of range for {self.batch_size}")
-            pick = lambda t: t.index_select(1, idx % self.batch_size)  # noqa: E731
-        return self.replace(ssm=pick(self.ssm), conv=pick(self.conv), sum_delta=pick(self.sum_delta))
+            idx = idx % self.batch_size
+            pick = lambda t: t.index_select(1, idx)  # noqa: E731
+            rows = idx.tolist()
+        tokens = self.tokens
+        return self.replace(
+            ssm=pick(self.ssm),
+            conv=pick(self.conv),
+            sum_delta=pick(self.sum_delta),
+            n_tokens=tuple(tokens[r] for r in rows),
+        )
 
     def expand(self, n: int) -> State:
         """Branch ``n`` continuations: repeat every row ``n`` times (row-major), as independent copies."""
         if n < 1:
             raise StateMismatchError(f"expand needs n >= 1, got {n}")
         rep = lambda t: t.repeat_interleave(n, dim=1)  # noqa: E731  (always materialises: no aliasing)
-        return self.replace(ssm=rep(self.ssm), conv=rep(self.conv), sum_delta=rep(self.sum_delta))
+        return self.replace(
+            ssm=rep(self.ssm),
+            conv=rep(self.conv),
+            sum_delta=rep(self.sum_delta),
+            n_tokens=tuple(c for c in self.tokens for _ in range(n)),
+        )
 
     @staticmethod
     def cat(states: Sequence[State]) -> State:
-        """Concatenate states of the same model along the batch axis (``n_tokens`` must agree)."""
+        """Concatenate states of the same model along the batch axis; every row keeps its own token count, so
+        states that consumed different numbers of tokens make one ragged batch."""
         if not states:
             raise StateMismatchError("cat needs at least one state")
         first = states[0]
         for s in states[1:]:
             first.check_like(s)
-            if s.n_tokens != first.n_tokens:
-                raise StateMismatchError(
-                    f"cannot batch states that consumed different token counts ({first.n_tokens} vs {s.n_tokens})"
-                )
         return first.replace(
             ssm=torch.cat([s.ssm for s in states], 1),
             conv=torch.cat([s.conv for s in states], 1),
             sum_delta=torch.cat([s.sum_delta for s in states], 1),
+            n_tokens=tuple(c for s in states for c in s.tokens),
         )
 
     def check_like(self, other: State) -> None:
@@ -204,3 +233,29 @@ class State:
             f"ssm={list(self.ssm.shape[2:])}, conv={list(self.conv.shape[2:])}, dtype={self.dtype}, "
             f"n_tokens={self.n_tokens}, model={self.fingerprint[:12]})"
         )
+
+
+def _normalise_tokens(n: object, batch_size: int) -> int | tuple[int, ...]:
+    """An int (every row) or ``B`` per-row counts -> the int when all rows agree, else the tuple of counts."""
+    if isinstance(n, torch.Tensor):
+        if n.dim() > 1:
+            raise StateMismatchError(f"n_tokens must be an int or one count per row, got shape {tuple(n.shape)}")
+        n = n.tolist()
+    if isinstance(n, bool):
+        raise StateMismatchError(f"n_tokens must be an int or one count per row, got {n!r}")
+    if isinstance(n, int):
+        counts: tuple[int, ...] = (n,) * max(batch_size, 1)
+    elif isinstance(n, Sequence) and not isinstance(n, str):
+        counts = tuple(n)
+        if len(counts) != batch_size:
+            raise StateMismatchError(f"n_tokens has {len(counts)} counts but the state has {batch_size} rows")
+    else:
+        raise StateMismatchError(f"n_tokens must be an int or one count per row, got {type(n).__name__}")
+    for c in counts:
+        if isinstance(c, bool) or not isinstance(c, int):
+            raise StateMismatchError(f"token counts must be ints, got {c!r}")
+        if c < 0:
+            raise StateMismatchError(f"token counts must be >= 0, got {c}")
+    if batch_size == 0:
+        return counts[0] if isinstance(n, int) else 0
+    return counts[0] if all(c == counts[0] for c in counts) else counts

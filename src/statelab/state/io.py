@@ -12,7 +12,8 @@ and these metadata keys (all strings, as safetensors requires):
 | ``fingerprint``    | the fingerprint of the model that made the state (config and weights hash) |
 | ``dtype``          | dtype of ``ssm`` and ``conv`` (``sum_delta`` is always float32)            |
 | ``layout``         | JSON: per-sequence shapes of each part, e.g. ``{"ssm": [D, N], ...}``       |
-| ``num_layers``, ``batch_size``, ``n_tokens``, ``conv_width`` | integers (``conv_width`` = K - 1) |
+| ``num_layers``, ``batch_size``, ``conv_width`` | integers (``conv_width`` = K - 1) |
+| ``n_tokens``       | an integer when every row consumed the same number of tokens, else a JSON list, one count per row |
 | ``prompt``, ``token_ids``, ``tokenizer_hash``, ``extra`` | optional; ``token_ids`` and ``extra`` are JSON |
 | ``checksum``       | ``sha256:<hex>`` over the other metadata and the tensor bytes (see below)   |
 
@@ -165,7 +166,7 @@ def encode_state(
         "layout": json.dumps(state.layout, sort_keys=True),
         "num_layers": str(state.num_layers),
         "batch_size": str(state.batch_size),
-        "n_tokens": str(state.n_tokens),
+        "n_tokens": str(state.n_tokens) if not state.ragged else json.dumps(list(state.tokens)),
         "conv_width": str(state.conv.shape[-1]),
     }
     if prompt is not None:
@@ -310,6 +311,20 @@ def _as_int(meta: dict[str, str], key: str, source: str) -> int:
         raise StateFileError(f"{source}: metadata {key!r} is not an integer: {meta[key]!r}") from None
 
 
+def _token_counts(meta: dict[str, str], source: str) -> int | list[int]:
+    """``n_tokens`` metadata: one integer, or a JSON list of per-row integers (a ragged batch)."""
+    raw = meta["n_tokens"]
+    if raw.lstrip().startswith("["):
+        try:
+            counts = json.loads(raw)
+        except json.JSONDecodeError:
+            counts = None
+        if not isinstance(counts, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+            raise StateFileError(f"{source}: metadata 'n_tokens' is not a list of integers: {raw!r}")
+        return counts
+    return _as_int(meta, "n_tokens", source)
+
+
 def decode_state(data: bytes, source: str = "<bytes>") -> tuple[State, dict[str, str]]:
     """Parse and verify the bytes of a state file; returns the state (on CPU) and its metadata.
 
@@ -359,7 +374,7 @@ def decode_state(data: bytes, source: str = "<bytes>") -> tuple[State, dict[str,
         raise StateFileError(f"{source}: metadata 'layout' is not JSON: {meta['layout']!r}") from None
     L = _as_int(meta, "num_layers", source)
     B = _as_int(meta, "batch_size", source)
-    n_tokens = _as_int(meta, "n_tokens", source)
+    n_tokens = _token_counts(meta, source)
     for name in PARTS:
         want_shape = [L, B, *layout.get(name, [])] if isinstance(layout, dict) else None
         if want_shape is None or list(tensors[name].shape) != want_shape:

@@ -208,9 +208,17 @@ def _conv(states: Sequence[State], w: torch.Tensor | None, policy: str, base: St
     raise ConfigError(f"conv policy must be one of {', '.join(CONV_POLICIES)}, got {policy!r}")
 
 
-def _tokens(states: Sequence[State], p: torch.Tensor) -> int:
-    """Proportion-weighted mean token count (proportions of batch row 0; all rows share one count)."""
-    return int(round(sum(float(pi[0]) * s.n_tokens for pi, s in zip(p, states, strict=True))))
+def _tokens(states: Sequence[State], p: torch.Tensor) -> tuple[int, ...]:
+    """Proportion-weighted mean token count of each batch row (``p [n, B]``: row ``b`` mixes with row ``b``)."""
+    pl = p.tolist()
+    return tuple(
+        int(round(sum(pl[i][b] * s.tokens[b] for i, s in enumerate(states)))) for b in range(states[0].batch_size)
+    )
+
+
+def _summed_tokens(states: Sequence[State]) -> tuple[int, ...]:
+    """Token counts added row by row (ordered composition and ``sum``)."""
+    return tuple(sum(counts) for counts in zip(*(s.tokens for s in states), strict=True))
 
 
 def _averaged(states: Sequence[State], w: torch.Tensor, ssm: torch.Tensor, conv: str, base: State | None = None):
@@ -279,7 +287,7 @@ def sum_(states: Sequence[State], weights: torch.Tensor | None, *, conv: str = "
         ssm=_lincomb([s.ssm for s in states], ones).to(first.dtype),
         conv=_conv(states, None, conv),
         sum_delta=_lincomb([s.sum_delta for s in states], ones),
-        n_tokens=sum(s.n_tokens for s in states),
+        n_tokens=_summed_tokens(states),
     )
 
 
@@ -355,7 +363,7 @@ def _ordered(states: Sequence[State], ssm: torch.Tensor, conv: str) -> State:
         ssm=ssm.to(first.dtype),
         conv=_conv(states, None, conv),
         sum_delta=_lincomb([s.sum_delta for s in states], ones),
-        n_tokens=sum(s.n_tokens for s in states),
+        n_tokens=_summed_tokens(states),
     )
 
 

@@ -241,7 +241,7 @@ def generate_command(
         raise CliError("--prompt is empty: generation needs at least one token to continue from")
     start = load_state(state, m) if state is not None else None
     eos = getattr(tok, "eos_token_id", None) if stop_at_eos else None
-    new, after = m.generate(
+    new, after, _ = m.generate(
         ids, max_new_tokens, state=start, temperature=temperature, top_k=top_k, top_p=top_p,
         eos_token_id=eos, seed=seed,
     )  # fmt: skip
