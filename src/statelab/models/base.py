@@ -534,7 +534,9 @@ def _as_lengths(lengths: torch.Tensor | Sequence[int], B: int, T: int) -> torch.
         try:
             vals = list(lengths)
         except TypeError:
-            raise TypeError(f"lengths must be a sequence of ints or a tensor [B], got {type(lengths).__name__}") from None
+            raise TypeError(
+                f"lengths must be a sequence of ints or a tensor [B], got {type(lengths).__name__}"
+            ) from None
         if any(isinstance(v, bool) or not isinstance(v, (int, torch.Tensor)) for v in vals):
             raise TypeError(f"lengths must be ints, got {vals[:5]}")
         lt = torch.tensor([int(v) for v in vals], dtype=torch.long)
@@ -583,7 +585,10 @@ def _gather_rows(states_at: list[State], union: list[int], per_row: list[list[in
     out = []
     for k in range(len(per_row[0])):
         u = torch.tensor([where[per_row[b][k]] for b in range(B)])
-        pick = lambda t: t[u, :, rows].movedim(0, 1).contiguous()  # noqa: E731  ([B, L, ...] -> [L, B, ...])
+
+        def pick(t: torch.Tensor, u: torch.Tensor = u) -> torch.Tensor:
+            return t[u, :, rows].movedim(0, 1).contiguous()  # [B, L, ...] -> [L, B, ...]
+
         counts = tuple(states_at[int(u[b])].tokens[b] for b in range(B))
         out.append(states_at[0].replace(ssm=pick(ssm), conv=pick(conv), sum_delta=pick(sd), n_tokens=counts))
     return out

@@ -13,7 +13,7 @@ and these metadata keys (all strings, as safetensors requires):
 | ``dtype``          | dtype of ``ssm`` and ``conv`` (``sum_delta`` is always float32)            |
 | ``layout``         | JSON: per-sequence shapes of each part, e.g. ``{"ssm": [D, N], ...}``       |
 | ``num_layers``, ``batch_size``, ``conv_width`` | integers (``conv_width`` = K - 1) |
-| ``n_tokens``       | an integer when every row consumed the same number of tokens, else a JSON list, one count per row |
+| ``n_tokens``       | an integer if every row consumed the same number of tokens, else a JSON list of per-row counts |
 | ``prompt``, ``token_ids``, ``tokenizer_hash``, ``extra`` | optional; ``token_ids`` and ``extra`` are JSON |
 | ``checksum``       | ``sha256:<hex>`` over the other metadata and the tensor bytes (see below)   |
 
