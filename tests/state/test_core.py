@@ -59,3 +59,48 @@ def test_validation_errors():
 def test_to_keeps_sum_delta_fp32():
     s = make().to(dtype=torch.bfloat16)
     assert s.dtype == torch.bfloat16 and s.sum_delta.dtype == torch.float32
+
+
+# ---- per-row token counts (ragged batches) ---------------------------------------------------------------------
+def test_token_counts_per_row():
+    s = make(B=3, n=[4, 9, 4])
+    assert s.ragged and s.tokens == (4, 9, 4) and s.n_tokens == (4, 9, 4)
+    u = make(B=3, n=[5, 5, 5])
+    assert not u.ragged and u.n_tokens == 5 and u.tokens == (5, 5, 5)  # the simple case stays an int
+    assert make(B=2, n=torch.tensor([1, 2])).tokens == (1, 2)
+    assert "n_tokens=(4, 9, 4)" in repr(s)
+
+
+def test_select_expand_cat_keep_each_rows_count():
+    s = make(B=3, n=[4, 9, 2])
+    assert s.select(1).n_tokens == 9 and s.select([2, 0]).tokens == (2, 4)
+    assert s.select(slice(1, 3)).tokens == (9, 2) and s.select(torch.tensor([0, 1])).tokens == (4, 9)
+    assert s.select(-1).n_tokens == 2
+    assert s.expand(2).tokens == (4, 4, 9, 9, 2, 2)
+    parts = [s.select(i) for i in range(3)]
+    back = State.cat(parts)
+    assert back.equal(s) and back.tokens == (4, 9, 2)
+    # states that consumed different token counts now batch (they were refused before ragged batches)
+    a, b = make(B=1, n=3), make(B=2, n=[8, 1])
+    c = State.cat([a, b])
+    assert c.tokens == (3, 8, 1)
+    assert torch.equal(c.ssm[:, 1:], b.ssm) and torch.equal(c.ssm[:, :1], a.ssm)
+
+
+def test_equal_compares_per_row_counts():
+    s = make(B=2, n=[3, 4])
+    assert s.equal(s.clone())
+    assert not s.equal(s.replace(n_tokens=[4, 3]))
+
+
+def test_bad_token_counts_are_refused():
+    with pytest.raises(StateMismatchError, match="3 counts but the state has 2 rows"):
+        make(B=2, n=[1, 2, 3])
+    with pytest.raises(StateMismatchError, match=">= 0"):
+        make(B=2, n=[1, -2])
+    with pytest.raises(StateMismatchError, match="must be ints"):
+        make(B=2, n=[1, 2.5])
+    with pytest.raises(StateMismatchError, match="int or one count per row"):
+        make(B=2, n="12")
+    with pytest.raises(StateMismatchError, match="int or one count per row"):
+        make(B=2, n=True)

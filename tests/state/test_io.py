@@ -276,3 +276,25 @@ def test_a_state_of_another_layout_is_refused(tmp_path):
     p = save_state(make_state(fp=model.fingerprint, L=3), tmp_path / "s.safetensors")
     with pytest.raises(StateMismatchError, match="does not fit this model"):
         load_state(p, model)
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_ragged_batch_roundtrip_is_bit_exact(tmp_path, arch):
+    """A file holds a batch with one token count per row; it loads back bit-exact with the same counts."""
+    s = make_state(arch, B=3, n=0).replace(n_tokens=[5, 17, 1])
+    path = save_state(s, tmp_path / "batch.safetensors")
+    back = load_state(path)
+    assert back.equal(s) and back.tokens == (5, 17, 1)
+    assert json.loads(read_metadata(path)["n_tokens"]) == [5, 17, 1]
+    assert back.select(1).n_tokens == 17
+    # a uniform batch still writes a plain integer (files of earlier versions read the same way)
+    u = make_state(arch, B=2, n=7)
+    assert read_metadata(save_state(u, tmp_path / "u.safetensors"))["n_tokens"] == "7"
+
+
+@pytest.mark.parametrize("bad", ['[1, "x", 3]', "[1, 2]", "[1, 2, -3]", "[1, 2", "[true, 1, 2]"])
+def test_bad_per_row_counts_in_a_file_are_refused(tmp_path, bad):
+    s = make_state(B=3)
+    path = craft(tmp_path, s, meta_changes={"n_tokens": bad})
+    with pytest.raises(StateFileError, match="n_tokens|counts|rows"):
+        load_state(path)

@@ -436,3 +436,19 @@ def test_soup_from_store_hits(tmp_path):
     assert_close("soup", ref, out.ssm)
     with pytest.raises(ConfigError, match="no match"):
         soup_from_hits(store, [])
+
+
+@pytest.mark.parametrize("method", ["mean", "weighted", "sum", "adecay"])
+def test_rows_mix_with_rows_and_keep_their_counts(method):
+    """Row b of the result mixes row b of every state; each row's token count follows its own members."""
+    a = make_state(B=2, seed=0).replace(n_tokens=[4, 10])
+    b = make_state(B=2, seed=1).replace(n_tokens=[6, 2])
+    kw = {"A": make_A()} if method == "adecay" else {}
+    w = torch.tensor([0.25, 0.75]) if method == "weighted" else None
+    out = mix([a, b], method=method, weights=w, **kw)
+    want = {"mean": (5, 6), "weighted": (6, 4), "sum": (10, 12), "adecay": (10, 12)}[method]
+    assert out.tokens == want
+    for r in range(2):
+        alone = mix([a.select(r), b.select(r)], method=method, weights=w, **kw)
+        assert_close(f"row {r}", out.select(r).ssm, alone.ssm)
+        assert alone.n_tokens == want[r]
