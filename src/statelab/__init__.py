@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "Mamba2Config": "statelab.models.mamba2",
     "Mamba2LM": "statelab.models.mamba2",
     "StatefulLM": "statelab.models.base",
+    "encode_texts": "statelab.models.batching",
     "available_backends": "statelab.backends",
     "assert_close": "statelab.testing",
     "GDSSM": "statelab.layers.gd_ssm",
