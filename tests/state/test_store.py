@@ -344,3 +344,127 @@ def test_get_with_model_checks_the_fingerprint(store):
         next(other.parameters()).view(-1)[1] += 1e-4
     with pytest.raises(StateMismatchError, match=f"{model.fingerprint}.*{other.fingerprint}"):
         store.get("prefix", other)
+
+
+# ---- many entries in one transaction -------------------------------------------------------------------------
+def test_add_many_adds_every_item_in_order_like_add(tmp_path, store):
+    from statelab.state.store import NewEntry
+
+    items = [
+        {"name": "a", "state": make_state(1), "task": "t1", "tags": ["x", "y", "x"], "prompt": "pa", "shots": 2},
+        NewEntry("b", make_state(2), task="t2", description="d"),
+        {"name": "c", "state": make_state(1), "prompt": "pa"},  # the same state and prompt as "a": one blob
+        NewEntry("d", make_state(3), tags=("z",)),
+    ]
+    store.add(make_state(9), name="before")
+    entries = store.add_many(items)
+    assert [e.name for e in entries] == ["a", "b", "c", "d"] and len(store) == 5
+    assert entries == [store.entry(n) for n in "abcd"] and [e.id for e in entries] == sorted(e.id for e in entries)
+    one_by_one = StateStore(tmp_path / "single")
+    for item in items:
+        kw = item if isinstance(item, dict) else item.__dict__
+        fields = {k: v for k, v in kw.items() if k not in ("name", "state")}
+        want = one_by_one.add(kw["state"], name=kw["name"], **fields).to_dict()
+        got = store.entry(kw["name"]).to_dict()
+        for key in ("id", "created"):
+            want.pop(key), got.pop(key)
+        assert got == want, kw["name"]
+        assert store.get(kw["name"]).equal(kw["state"])
+    assert store.entry("a").blob == store.entry("c").blob and len(blob_files(store)) == 4
+    assert store.check().ok
+    assert store.add_many([]) == []
+
+
+def _bad_batches():
+    nan = make_state(5)
+    nan = nan.replace(ssm=nan.ssm.clone().fill_(float("nan")))
+    ok = [{"name": f"new{i}", "state": make_state(10 + i)} for i in range(3)]
+    return [
+        ("inside", ok + [{"name": "new1", "state": make_state(20)}], r"item 3 \('new1'\): item 1 has the same name"),
+        ("store", ok + [{"name": "a", "state": make_state(20)}], r"item 3 \('a'\): store .* already has an entry"),
+        ("nan", ok + [{"name": "n", "state": nan}], r"item 3 \('n'\): cannot add 'n': .*NaN/inf"),
+        ("tag", ok + [{"name": "t", "state": make_state(20), "tags": ["ok", ""]}], r"item 3 \('t'\): tags must be"),
+        ("tags-str", ok + [{"name": "t", "state": make_state(20), "tags": "x"}], r"item 3 .*tags must be a list"),
+        ("batch", [*ok, {"name": "b2", "state": State.cat([make_state(1), make_state(2)])}], r"item 3 .*batch size 2"),
+        ("not-state", [*ok, {"name": "z", "state": torch.zeros(3)}], r"item 3 \('z'\): state must be a statelab.State"),
+        ("key", [*ok, {"name": "k", "state": make_state(1), "label": "x"}], r"item 3 .*unknown key\(s\) \['label'\]"),
+        ("missing", [*ok, {"name": "m"}], r"item 3 \('m'\): missing state"),
+        ("task-type", [*ok, {"name": "t", "state": make_state(1), "task": 3}], r"item 3 .*task must be a string"),
+        ("shots", [*ok, {"name": "s", "state": make_state(1), "shots": -1}], r"item 3 \('s'\): shots must be"),
+        ("empty-name", [*ok, {"name": " ", "state": make_state(1)}], r"item 3 \(' '\): .*non-empty name"),
+        ("not-item", [*ok, ("x", make_state(1))], r"item 3: expected a NewEntry or a dict, got tuple"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", _bad_batches(), ids=lambda c: c[0])
+def test_add_many_bad_item_adds_nothing_and_leaves_no_blob(store, case):
+    _, items, message = case
+    store.add(make_state(1), name="a", tags=["x"])
+    before = snapshot(store)
+    with pytest.raises(StoreError, match=message):
+        store.add_many(items)
+    assert snapshot(store) == before, "nothing of the batch is added, no blob left behind"
+    assert store.check().ok
+    with pytest.raises(StoreError, match="takes a list of items"):
+        store.add_many({"name": "x", "state": make_state(1)})
+
+
+def test_add_many_failure_inside_the_transaction_rolls_back_every_row(store):
+    """Rows already inserted when a later insert fails are rolled back with it, and their blobs collected."""
+    store.add(make_state(1), name="a")
+    db = sqlite3.connect(store.path / "store.db")
+    db.execute(
+        "CREATE TRIGGER refuse_c BEFORE INSERT ON entries WHEN NEW.name = 'c' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    db.close()
+    before = snapshot(store)
+    items = [{"name": n, "state": make_state(30 + i), "tags": [n]} for i, n in enumerate("bcd")]
+    with pytest.raises(sqlite3.DatabaseError, match="refused"):
+        store.add_many(items)
+    assert snapshot(store) == before and store.check().ok
+
+
+def _batch_writer(path, prefix, fd):
+    store = StateStore(path)
+    for r in range(10_000):
+        batch = [
+            {"name": f"{prefix}{r}-{i}", "state": make_state(i, L=2, D=4, n=r), "tags": ["all"]} for i in range(12)
+        ]
+        store.add_many(batch)
+        os.write(fd, f"{prefix}{r}\n".encode())
+    os._exit(0)
+
+
+def test_sigkilled_add_many_is_all_or_nothing(tmp_path):
+    """A writer adding batches of 12, SIGKILLed at random moments: every batch is visible whole or not at all."""
+    path = tmp_path / "s"
+    store = StateStore(path)
+    rng = random.Random(1)
+    ctx = multiprocessing.get_context("fork")
+    reported: set[str] = set()
+    for round_ in range(25):
+        read_fd, write_fd = os.pipe()
+        proc = ctx.Process(target=_batch_writer, args=(path, f"r{round_}.", write_fd))
+        proc.start()
+        os.close(write_fd)
+        # let the writer finish 0-1 batches, then kill it somewhere inside the next one
+        done, buf = rng.choice([0, 1]), b""
+        while buf.count(b"\n") < done and select.select([read_fd], [], [], 30)[0]:
+            chunk = os.read(read_fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+        time.sleep(rng.uniform(0.0, 0.05))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        with os.fdopen(read_fd, "rb") as f:
+            reported |= set((buf + f.read()).decode().split())
+        counts: dict[str, int] = {}
+        for e in store.list():
+            batch = e.name.split("-")[0]
+            counts[batch] = counts.get(batch, 0) + 1
+        assert all(c == 12 for c in counts.values()), f"round {round_}: a partial batch is visible: {counts}"
+        assert reported <= set(counts), "a batch that returned was lost"
+    report = store.check(repair=True)
+    assert not report.missing_blobs and not report.corrupt_blobs and report.dropped_entries == []
+    assert store.check().ok and len(store) >= 12 * len(reported) > 0

@@ -11,6 +11,8 @@ Guarantees:
 * **Atomic adds.** A blob is written to a temporary file, fsynced and renamed before the row that refers to it is
   committed; the row and its tags go in one transaction. A process killed at any moment leaves either a complete
   entry or none (possibly an orphan blob or a temporary file, which :meth:`StateStore.check` reports and repairs).
+  :meth:`StateStore.add_many` commits the rows of all its items in one transaction: a batch is visible whole or
+  not at all.
 * **Several processes at once.** Every call opens its own SQLite connection (WAL, busy timeout); writes take the
   write lock with ``BEGIN IMMEDIATE``. A blob is only deleted while holding that lock and only when no row refers to
   it, and an add re-checks its blob under the lock, so concurrent adds, removes and repairs never lose data.
@@ -55,7 +57,7 @@ from statelab.state.search import (
     resolve_layers,
 )
 
-__all__ = ["StateStore", "Entry", "Hit", "CheckReport", "STORE_INDEX_KINDS", "DEFAULT_SKETCH_DIM"]
+__all__ = ["StateStore", "Entry", "NewEntry", "Hit", "CheckReport", "STORE_INDEX_KINDS", "DEFAULT_SKETCH_DIM"]
 
 SCHEMA_VERSION = "1"
 ARCHIVE_FORMAT = "statelab.store-archive"
@@ -125,6 +127,25 @@ class Entry:
         d = asdict(self)
         d["tags"] = list(self.tags)
         return d
+
+
+@dataclass(frozen=True)
+class NewEntry:
+    """One entry to add with :meth:`StateStore.add_many` (a dict with the same keys works too).
+
+    ``state`` is a batch-1 state; the other fields are those of :meth:`StateStore.add`.
+    """
+
+    name: str
+    state: State
+    task: str | None = None
+    tags: Sequence[str] = ()
+    description: str | None = None
+    prompt: str | None = None
+    shots: int | None = None
+
+
+_NEW_ENTRY_KEYS = ("name", "state", "task", "tags", "description", "prompt", "shots")
 
 
 @dataclass(frozen=True)
@@ -439,6 +460,100 @@ class StateStore:
             self._collect([blob])
             raise
         return entry
+
+    def add_many(self, items: Sequence[NewEntry | dict[str, Any]]) -> list[Entry]:
+        """Store many batch-1 states in one transaction: all of them or none; returns their entries in order.
+
+        ``items``: :class:`NewEntry` values or dicts with the keys ``name`` and ``state`` and optionally ``task``,
+        ``tags``, ``description``, ``prompt``, ``shots`` (as in :meth:`add`).
+
+        Every item is checked before anything is written (names unique within ``items`` and new to the store,
+        field types, batch size), then each blob is written (atomically; identical states share one), then all
+        rows and tags are committed in a single transaction. Raises ``StoreError`` naming the item (its position
+        and name) for the first bad one: a taken or repeated name, a bad field or tag, a NaN/inf state, a write
+        failure. Then no entry of ``items`` is added and the blobs it wrote are removed again (those that other
+        entries share stay), so the store is as it was.
+        """
+        if isinstance(items, (dict, NewEntry)):
+            raise StoreError("add_many takes a list of items; for one entry pass [item] or use add")
+        specs = [self._new_entry(i, item) for i, item in enumerate(items)]
+        first: dict[str, int] = {}
+        for i, spec in enumerate(specs):
+            if spec.name in first:
+                raise StoreError(
+                    f"item {i} ({spec.name!r}): item {first[spec.name]} has the same name; names must be unique"
+                )
+            first[spec.name] = i
+        names = list(first)
+        with self._read() as db:
+            for start in range(0, len(names), 500):
+                chunk = names[start : start + 500]
+                taken = db.execute(
+                    f"SELECT name FROM entries WHERE name IN ({','.join('?' * len(chunk))})", chunk
+                ).fetchone()
+                if taken is not None:
+                    raise StoreError(
+                        f"item {first[taken[0]]} ({taken[0]!r}): store {self.path} already has an entry of that "
+                        "name; remove it first or rename the item"
+                    )
+        rows: list[dict[str, Any]] = []
+        written: list[str] = []
+        try:
+            for i, spec in enumerate(specs):
+                try:
+                    data, blob, row = self._prepare(
+                        spec.state, spec.name, spec.task, spec.tags, spec.description, spec.prompt, spec.shots
+                    )
+                    self._write_blob(blob, data)  # the bytes are dropped here: a large batch is not held twice
+                except StoreError as e:
+                    raise StoreError(f"item {i} ({spec.name!r}): {e}") from None
+                written.append(blob)
+                rows.append(row)
+            added: list[Entry] = []
+            with self._write() as db:
+                for i, (spec, row) in enumerate(zip(specs, rows, strict=True)):
+                    data = None
+                    if not self._blob_path(row["blob"]).exists():  # collected by a concurrent repair: rewrite it
+                        data, _ = encode_state(spec.state.detach(), prompt=spec.prompt)
+                    try:
+                        new_id = self._insert(db, row, data)
+                    except StoreError as e:
+                        raise StoreError(f"item {i} ({spec.name!r}): {e}") from None
+                    added.append(self._entry(db, self._find(db, new_id)))
+        except BaseException:
+            self._collect(written)
+            raise
+        return added
+
+    @staticmethod
+    def _new_entry(i: int, item: NewEntry | dict[str, Any]) -> NewEntry:
+        """``item`` as a :class:`NewEntry`, or a ``StoreError`` naming item ``i`` and what is wrong with it."""
+        if isinstance(item, dict):
+            unknown = sorted(set(item) - set(_NEW_ENTRY_KEYS))
+            missing = [k for k in ("name", "state") if k not in item]
+            label = f"item {i}" + (f" ({item['name']!r})" if "name" in item else "")
+            if unknown:
+                raise StoreError(f"{label}: unknown key(s) {unknown}; an item has {', '.join(_NEW_ENTRY_KEYS)}")
+            if missing:
+                raise StoreError(f"{label}: missing {' and '.join(missing)}")
+            item = NewEntry(**item)
+        elif not isinstance(item, NewEntry):
+            raise StoreError(f"item {i}: expected a NewEntry or a dict, got {type(item).__name__}")
+        label = f"item {i} ({item.name!r})"
+        if not isinstance(item.name, str) or not item.name.strip():
+            raise StoreError(f"{label}: an entry needs a non-empty name")
+        for key in ("task", "description", "prompt"):
+            value = getattr(item, key)
+            if value is not None and not isinstance(value, str):
+                raise StoreError(f"{label}: {key} must be a string, got {type(value).__name__}")
+        if not isinstance(item.state, State):
+            raise StoreError(f"{label}: state must be a statelab.State, got {type(item.state).__name__}")
+        if item.state.batch_size != 1:
+            raise StoreError(
+                f"{label}: a store entry holds one sequence's state, got batch size {item.state.batch_size}; "
+                "add rows separately with state.select(i)"
+            )
+        return item
 
     def entry(self, name_or_id: str | int) -> Entry:
         """The metadata of one entry, by name or id."""
