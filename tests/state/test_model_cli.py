@@ -162,3 +162,101 @@ def test_mix_help_names_every_method():
 
     text = " ".join(ok("mix", "--help").output.split())
     assert all(name in text for name in MIX_METHODS), text
+
+
+# ---- --tokenizer: a mamba_ssm checkpoint ships no tokenizer files ---------------------------------------------
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    from tests.models.test_tokenizer import write_byte_level_bpe
+
+    return write_byte_level_bpe(tmp_path_factory.mktemp("bpe"))
+
+
+@pytest.fixture(scope="module")
+def mamba_ssm_dir(tmp_path_factory, bpe_dir):
+    """A tiny Mamba-1 in mamba_ssm format (config.json + pytorch_model.bin, no tokenizer) sized for the BPE."""
+    from statelab.models.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(bpe_dir).vocab_size
+    torch.manual_seed(2)
+    c = Mamba1Config(d_model=16, n_layer=2, vocab_size=vocab, d_state=4, pad_vocab_size_multiple=8)
+    m = Mamba1LM(c).eval()
+    sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v.clone() for k, v in m.hf_state_dict().items()}
+    sd["lm_head.weight"] = sd["backbone.embedding.weight"]  # mamba_ssm state dicts carry the tied head
+    d = tmp_path_factory.mktemp("mamba_ssm")
+    torch.save(sd, d / "pytorch_model.bin")
+    cfg = {"d_model": 16, "d_intermediate": 0, "n_layer": 2, "vocab_size": vocab, "attn_layer_idx": [],
+           "ssm_cfg": {"layer": "Mamba1", "d_state": 4}, "rms_norm": True, "residual_in_fp32": True,
+           "fused_add_norm": True, "pad_vocab_size_multiple": 8, "tie_embeddings": True}  # fmt: skip
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["encode", "-t", "hello", "-o", "{t}/x.safetensors"], ["generate", "-p", "hello"], ["score", "-t", "hello"]],
+    ids=["encode", "generate", "score"],
+)
+def test_without_tokenizer_files_the_error_names_the_option(mamba_ssm_dir, tmp_path, args):
+    r = run(args[0], mamba_ssm_dir, *[a.format(t=tmp_path) for a in args[1:]])
+    assert r.exit_code == 1, r.output
+    assert "has no tokenizer files" in r.output and "--tokenizer" in r.output, r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_tokenizer_option_equals_the_python_api(mamba_ssm_dir, bpe_dir, tmp_path):
+    from statelab.models.loading import load_model
+    from statelab.models.tokenizer import load_tokenizer
+
+    m, tok = load_model(mamba_ssm_dir), load_tokenizer(bpe_dir)
+    text = "Hello world, state soup!\n"
+    ids = torch.tensor([tok.encode(text)])
+    out = tmp_path / "s.safetensors"
+    r = ok("encode", mamba_ssm_dir, "--tokenizer", bpe_dir, "-t", text, "-o", out, "--json")
+    assert json.loads(r.output)["tokens_read"] == ids.shape[1] < len(text)  # BPE merges, not bytes
+    assert load_state(out, m).equal(m.encode(ids))
+    meta = read_metadata(out)
+    assert json.loads(meta["token_ids"]) == ids[0].tolist() and meta["tokenizer_hash"] == tok.fingerprint
+
+    r = ok("generate", mamba_ssm_dir, "--tokenizer", bpe_dir, "-p", text, "-n", "5", "--no-stop-at-eos", "--json")
+    assert json.loads(r.output)["token_ids"] == m.generate(ids, 5).tokens[0].tolist()
+    r = ok("score", mamba_ssm_dir, "--tokenizer", bpe_dir, "-t", text, "--state", out, "--json")
+    ref = m.score(ids, state=m.encode(ids))
+    assert abs(json.loads(r.output)["perplexity"] - float(ref.perplexity[0])) < 1e-4
+
+    # 'byte' and a tokenizer.json file are accepted too
+    ok("encode", mamba_ssm_dir, "--tokenizer", "byte", "-t", text, "-o", out)
+    assert load_state(out, m).equal(m.encode(byte_ids(text)))
+    ok("encode", mamba_ssm_dir, "--tokenizer", bpe_dir / "json" / "tokenizer.json", "-t", text, "-o", out)
+    assert load_state(out, m).equal(m.encode(ids))
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(model_dir, bpe_dir, tmp_path):
+    r = run("encode", model_dir, "--tokenizer", bpe_dir, "-t", "hello", "-o", tmp_path / "x.safetensors")
+    assert r.exit_code == 1 and "embeds only 259" in r.output and "--tokenizer" in r.output, r.output
+    assert not (tmp_path / "x.safetensors").exists()
+    r = run("score", model_dir, "--tokenizer", tmp_path / "nowhere", "-t", "hello")
+    assert r.exit_code == 1 and "does not exist" in r.output, r.output
+
+
+def test_every_text_command_shares_one_tokenizer_option():
+    import typer
+
+    root = typer.main.get_command(app)
+    commands = [["encode"], ["generate"], ["score"], ["soup", "run"]]
+    found = []
+    for path in commands:
+        cmd = root
+        for name in path:
+            cmd = cmd.commands[name]
+        (param,) = [p for p in cmd.params if p.name == "tokenizer"]
+        found.append((tuple(param.opts), param.help, param.default))
+    assert len(set(found)) == 1 and found[0][0] == ("--tokenizer",) and found[0][2] is None, found
+
+
+def test_soup_run_reads_the_tokenizer_option(model_dir, tmp_path):
+    out = f"out_dir={json.dumps(str(tmp_path))}"
+    r = run("soup", "run", "--model", model_dir, "--tokenizer", tmp_path / "nowhere", out, "progress=false")
+    assert r.exit_code == 1 and "nowhere does not exist" in r.output, r.output
+    assert list(tmp_path.iterdir()) == []

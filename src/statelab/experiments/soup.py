@@ -42,6 +42,7 @@ import typer
 from statelab.config import apply_overrides, from_dict, read_config_file, to_dict
 from statelab.errors import ConfigError, StatelabError
 from statelab.state.core import State
+from statelab.state.model_cli import TokenizerOpt
 
 __all__ = [
     "SoupConfig",
@@ -853,13 +854,16 @@ def run_cmd(
     overrides: list[str] = typer.Argument(None, help="key=value config overrides, e.g. icl_items=10 name=quick"),
     model: str = typer.Option(None, "--model", help="checkpoint directory, hub id or 'embedded' (the default)"),
     config: str = typer.Option(None, "--config", help="a soup config file (.toml or .json)"),
+    tokenizer: TokenizerOpt = None,
 ) -> None:
     """Run the experiment and write <out_dir>/<name>/report.md.
 
     Example: statelab soup run --model embedded name=demo icl_items=10
     """
+    given = [f"model={json.dumps(model)}"] if model else []
+    given += [f"tokenizer={json.dumps(tokenizer)}"] if tokenizer else []
     try:
-        cfg = load_soup_config(config, (overrides or []) + ([f"model={json.dumps(model)}"] if model else []))
+        cfg = load_soup_config(config, (overrides or []) + given)
         res, report = run_soup(cfg)
     except StatelabError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)

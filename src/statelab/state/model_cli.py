@@ -1,8 +1,10 @@
 """``statelab encode | mix | generate | score``: make, combine and use states from the command line.
 
-``MODEL`` is a checkpoint directory (Hugging Face or mamba_ssm format, with its tokenizer), ``"embedded"`` or a
-hub id. States are state files (``statelab.save_state``). Every command prints a short summary for people or
-JSON with ``--json``, and reports a failure as one line on stderr with exit code 1.
+``MODEL`` is a checkpoint directory (Hugging Face or mamba_ssm format), ``"embedded"`` or a hub id. Commands that
+read text use MODEL's own tokenizer files, or the one named by ``--tokenizer`` (required when MODEL has none, as
+mamba_ssm checkpoints do; ``TokenizerOpt`` is the one definition of that option every command shares). States
+are state files (``statelab.save_state``). Every command prints a short summary for people or JSON with
+``--json``, and reports a failure as one line on stderr with exit code 1.
 """
 
 from __future__ import annotations
@@ -17,10 +19,16 @@ import typer
 
 from statelab.errors import StatelabError
 
-__all__ = ["encode_command", "mix_command", "generate_command", "score_command"]
+__all__ = ["encode_command", "mix_command", "generate_command", "score_command", "TokenizerOpt", "TOKENIZER_HELP"]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a summary.")]
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint directory, 'embedded' or a hub id.", show_default=False)]
+TOKENIZER_HELP = (
+    "Tokenizer for the text: a tokenizer.json file, a directory with tokenizer.json, statelab_tokenizer.json or "
+    "vocab.json + merges.txt, or 'byte' (statelab's byte tokenizer). Default: the one in the model's directory "
+    "(mamba_ssm checkpoints ship none: name it here)."
+)
+TokenizerOpt = Annotated[str | None, typer.Option("--tokenizer", help=TOKENIZER_HELP, show_default=False)]
 
 
 class CliError(StatelabError):
@@ -51,13 +59,29 @@ def _emit(as_json: bool, payload: Any, text: Callable[[], None]) -> None:
         text()
 
 
-def _load(model: str):
-    """``(model, tokenizer)`` for ``MODEL``."""
-    from statelab.models.loading import load_model
-    from statelab.models.tokenizer import load_tokenizer
+def _load(model: str, tokenizer: str | None = None):
+    """``(model, tokenizer)`` for ``MODEL``: the tokenizer ``--tokenizer`` names, else the checkpoint's own."""
+    from statelab.models.loading import _resolve, load_model
+    from statelab.models.tokenizer import has_tokenizer, load_tokenizer
 
     m = load_model(model)
-    return m, load_tokenizer(model)
+    if tokenizer is None:
+        directory = _resolve(model)  # the local directory of MODEL, a hub id's snapshot included
+        if not has_tokenizer(directory):
+            raise CliError(
+                f"{model} has no tokenizer files (tokenizer.json, vocab.json + merges.txt or "
+                "statelab_tokenizer.json); name one with --tokenizer PATH, or --tokenizer byte"
+            )
+        tok = load_tokenizer(directory)
+    else:
+        tok = load_tokenizer(tokenizer)
+    rows = getattr(m.config, "padded_vocab_size", None) or m.config.vocab_size
+    if tok.vocab_size > rows:
+        raise CliError(
+            f"the tokenizer has {tok.vocab_size} tokens but {model} embeds only {rows}: it is not this model's "
+            "tokenizer; name the right one with --tokenizer"
+        )
+    return m, tok
 
 
 def _text(text: str | None, file: Path | None, what: str = "--text") -> str:
@@ -117,6 +141,7 @@ def encode_command(
     text: Annotated[str | None, typer.Option("--text", "-t", help="Text to read.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the text from this file.")] = None,
     state: Annotated[Path | None, typer.Option("--state", help="Continue from this state file.")] = None,
+    tokenizer: TokenizerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Read a text with MODEL and save the state after it (with the prompt, token ids and tokenizer hash).
@@ -125,7 +150,7 @@ def encode_command(
     """
     from statelab.state.io import load_state, save_state
 
-    m, tok = _load(model)
+    m, tok = _load(model, tokenizer)
     prompt = _text(text, file)
     ids = _ids(tok, prompt)
     if ids.shape[1] == 0:
@@ -227,6 +252,7 @@ def generate_command(
     seed: Annotated[int | None, typer.Option(help="Seed of the sampler.")] = None,
     stop_at_eos: Annotated[bool, typer.Option(help="Stop at the tokenizer's end-of-sequence token.")] = True,
     save: Annotated[Path | None, typer.Option("--save-state", help="Write the state after generation here.")] = None,
+    tokenizer: TokenizerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Continue a prompt with MODEL, optionally from a stored or mixed state.
@@ -235,7 +261,7 @@ def generate_command(
     """
     from statelab.state.io import load_state, save_state
 
-    m, tok = _load(model)
+    m, tok = _load(model, tokenizer)
     ids = _ids(tok, prompt)
     if ids.shape[1] == 0:
         raise CliError("--prompt is empty: generation needs at least one token to continue from")
@@ -262,6 +288,7 @@ def score_command(
     text: Annotated[str | None, typer.Option("--text", "-t", help="Text to score.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the text from this file.")] = None,
     state: Annotated[Path | None, typer.Option("--state", help="Score the text after this state.")] = None,
+    tokenizer: TokenizerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Per-token log-probabilities and perplexity of a text under MODEL (after a state, if given).
@@ -273,7 +300,7 @@ def score_command(
     """
     from statelab.state.io import load_state
 
-    m, tok = _load(model)
+    m, tok = _load(model, tokenizer)
     ids = _ids(tok, _text(text, file))
     if ids.shape[1] < 2:
         raise CliError(f"score needs a text of at least 2 tokens, got {ids.shape[1]}")
