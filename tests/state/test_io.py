@@ -298,3 +298,46 @@ def test_bad_per_row_counts_in_a_file_are_refused(tmp_path, bad):
     path = craft(tmp_path, s, meta_changes={"n_tokens": bad})
     with pytest.raises(StateFileError, match="n_tokens|counts|rows"):
         load_state(path)
+
+
+@pytest.mark.parametrize(
+    "kind, expected",
+    [("pickle", "looks like a pickle"), ("torch.save", "looks like a zip archive (torch.save"),
+     ("text", "looks like a text file"), ("random", "not a safetensors header length"),
+     ("empty", "empty file")],
+)  # fmt: skip
+def test_files_that_are_not_state_files_are_named_as_such(tmp_path, kind, expected):
+    """A pickle, a torch.save zip or a text file named .safetensors is not reported as a 'truncated' state file."""
+    import pickle
+
+    p = tmp_path / "x.safetensors"
+    if kind == "torch.save":
+        torch.save({"ssm": torch.zeros(3)}, p)
+    else:
+        data = {"pickle": pickle.dumps({"a": 1}), "text": b"Q: cat\nA: CAT\n" * 3, "empty": b""}
+        p.write_bytes(data.get(kind, bytes(range(7, 207))))
+    for read in (load_state, read_metadata):
+        with pytest.raises(StateFileError, match="not a state file|empty file") as e:
+            read(p)
+        assert expected in str(e.value) and "truncated" not in str(e.value)
+    if kind not in ("empty",):
+        assert "never unpickles" in str(e.value)
+
+
+def test_read_metadata_of_a_large_random_file_is_a_clean_error(tmp_path):
+    """Its first 8 bytes read as a header length of ~1e19: no MemoryError/OverflowError, and nothing huge is read."""
+    p = tmp_path / "r.safetensors"
+    p.write_bytes(b"\xff" * 8 + os.urandom(5000))
+    with pytest.raises(StateFileError, match="not a state file"):
+        read_metadata(p)
+    with pytest.raises(StateFileError, match="does not exist"):
+        read_metadata(tmp_path / "missing.safetensors")
+
+
+def test_truncated_real_state_file_is_still_called_truncated(tmp_path):
+    data, _ = encode_state(make_state())
+    p = tmp_path / "t.safetensors"
+    for cut in (5, 40, len(data) - 3):
+        p.write_bytes(data[:cut])
+        with pytest.raises(StateFileError, match="truncated"):
+            load_state(p)

@@ -260,15 +260,60 @@ def save_state(
     return path
 
 
-def _parse_header(data: bytes, source: str) -> tuple[dict[str, Any], int]:
-    if len(data) < 8:
-        raise StateFileError(f"{source}: truncated state file ({len(data)} bytes, not even a header length)")
+# A header longer than this is not a state file's: a state header is a few hundred bytes plus the prompt.
+_MAX_HEADER = 100 * 2**20
+
+
+def _looks_like(data: bytes) -> str | None:
+    """What a file that is not safetensors seems to be, from its first bytes (for the error message), or None."""
+    if data.startswith(b"PK\x03\x04"):
+        return "a zip archive (torch.save writes these)"
+    if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5:
+        return "a pickle"
+    if data.startswith(b"\x93NUMPY"):
+        return "a numpy .npy file"
+    head = data[:512]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if text and all(c.isprintable() or c in "\n\r\t" for c in text):
+        return "a text file"
+    return None
+
+
+def _not_a_state_file(data: bytes, source: str) -> StateFileError:
+    kind = _looks_like(data)
+    what = f"it looks like {kind}" if kind else "its first 8 bytes are not a safetensors header length"
+    return StateFileError(
+        f"{source}: not a state file: {what}. State files are safetensors files written by State.save or "
+        "`statelab encode` (statelab never unpickles)"
+    )
+
+
+def _parse_header(data: bytes, source: str, size: int | None = None) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and its length.
+
+    ``data``: the file's bytes, or (``read_metadata``) only its beginning, in which case ``size`` is the size of
+    the whole file. A file that is not safetensors at all (pickle, zip, text) is named as such rather than
+    reported as truncated.
+    """
+    size = len(data) if size is None else size
+    if size == 0:
+        raise StateFileError(f"{source}: empty file, not a state file")
+    if size < 8:
+        raise StateFileError(f"{source}: truncated state file ({size} bytes, not even a header length)")
     n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise StateFileError(f"{source}: truncated state file (header says {n} bytes, file has {len(data) - 8})")
+    starts_json = data[8:9] == b"{"
+    if not starts_json and (n > size - 8 or n > _MAX_HEADER or n < 2 or _looks_like(data)):
+        raise _not_a_state_file(data, source)
+    if n > _MAX_HEADER:
+        raise _not_a_state_file(data, source)
+    if n > size - 8:
+        raise StateFileError(f"{source}: truncated state file (header says {n} bytes, file has {size - 8})")
     try:
         header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise StateFileError(f"{source}: corrupt state file header ({e.__class__.__name__}: {e})") from None
     if not isinstance(header, dict):
         raise StateFileError(f"{source}: corrupt state file header (not a JSON object)")
@@ -287,6 +332,9 @@ def _metadata(header: dict[str, Any], source: str) -> dict[str, str]:
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise StateFileError(f"{source}: state file metadata lacks {missing}")
+    not_str = sorted(k for k, v in meta.items() if not isinstance(v, str))
+    if not_str:
+        raise StateFileError(f"{source}: corrupt state file metadata ({not_str} are not strings)")
     return meta
 
 
@@ -295,12 +343,16 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else 0
-            data = head + f.read(n)
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(4096)
+            n = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+            if 8 + n > len(data) and n <= min(size - 8, _MAX_HEADER):  # read only a header that is there
+                data += f.read(8 + n - len(data))
+    except FileNotFoundError:
+        raise StateFileError(f"state file {path} does not exist") from None
     except OSError as e:
         raise StateFileError(f"cannot read state file {path}: {e.strerror or e}") from None
-    header, _ = _parse_header(data, str(path))
+    header, _ = _parse_header(data, str(path), size)
     return _metadata(header, str(path))
 
 
@@ -317,7 +369,7 @@ def _token_counts(meta: dict[str, str], source: str) -> int | list[int]:
     if raw.lstrip().startswith("["):
         try:
             counts = json.loads(raw)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             counts = None
         if not isinstance(counts, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
             raise StateFileError(f"{source}: metadata 'n_tokens' is not a list of integers: {raw!r}")
@@ -339,7 +391,7 @@ def decode_state(data: bytes, source: str = "<bytes>") -> tuple[State, dict[str,
         raise StateFileError(f"{source}: state file must hold tensors {list(PARTS)}, found {names}")
     try:
         end = max(int(header[k]["data_offsets"][1]) for k in PARTS)
-    except (KeyError, TypeError, ValueError, IndexError):
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError):
         raise StateFileError(f"{source}: corrupt tensor entry in the state file header") from None
     body = len(data) - 8 - n
     if body < end:
@@ -370,14 +422,18 @@ def decode_state(data: bytes, source: str = "<bytes>") -> tuple[State, dict[str,
         raise StateFileError(f"{source}: unknown architecture {arch!r}; known: {sorted(ARCH_SSM_RANK)}")
     try:
         layout = json.loads(meta["layout"])
-    except json.JSONDecodeError:
-        raise StateFileError(f"{source}: metadata 'layout' is not JSON: {meta['layout']!r}") from None
+    except (json.JSONDecodeError, RecursionError):
+        raise StateFileError(f"{source}: metadata 'layout' is not JSON: {meta['layout'][:80]!r}") from None
+    if not isinstance(layout, dict) or not all(
+        isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in v) for v in layout.values()
+    ):
+        raise StateFileError(f"{source}: metadata 'layout' is not a map of parts to shapes: {meta['layout'][:80]!r}")
     L = _as_int(meta, "num_layers", source)
     B = _as_int(meta, "batch_size", source)
     n_tokens = _token_counts(meta, source)
     for name in PARTS:
-        want_shape = [L, B, *layout.get(name, [])] if isinstance(layout, dict) else None
-        if want_shape is None or list(tensors[name].shape) != want_shape:
+        want_shape = [L, B, *layout.get(name, [])]
+        if list(tensors[name].shape) != want_shape:
             raise StateFileError(
                 f"{source}: tensor {name!r} has shape {list(tensors[name].shape)}, metadata declares {want_shape}"
             )
