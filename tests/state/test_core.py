@@ -61,6 +61,35 @@ def test_to_keeps_sum_delta_fp32():
     assert s.dtype == torch.bfloat16 and s.sum_delta.dtype == torch.float32
 
 
+@pytest.mark.parametrize(
+    "args, kwargs, dtype",
+    [((torch.bfloat16,), {}, torch.bfloat16), (("cpu",), {}, torch.float32),
+     ((torch.device("cpu"),), {}, torch.float32), (("cpu", torch.float16), {}, torch.float16),
+     ((), {"device": "cpu", "dtype": torch.float64}, torch.float64),
+     (("cpu",), {"dtype": torch.bfloat16}, torch.bfloat16),
+     ((torch.zeros(1, dtype=torch.float16),), {}, torch.float16)],
+    ids=["dtype", "device-str", "device", "device-dtype", "keywords", "device-kw-dtype", "tensor"],
+)  # fmt: skip
+def test_to_accepts_torch_call_shapes(args, kwargs, dtype):
+    s = make()
+    t = s.to(*args, **kwargs)
+    assert t.dtype == dtype and t.conv.dtype == dtype and t.sum_delta.dtype == torch.float32
+    assert t.device.type == "cpu" and torch.equal(t.ssm, s.ssm.to(dtype))
+    assert s.dtype == torch.float32  # a new state; the original is unchanged
+
+
+def test_to_refuses_what_a_state_cannot_be():
+    s = make()
+    with pytest.raises(StateMismatchError, match="floating point"):
+        s.to(torch.int64)
+    with pytest.raises(TypeError, match="two dtypes"):
+        s.to(torch.float16, dtype=torch.float32)
+    with pytest.raises(TypeError, match="device, a dtype or a tensor"):
+        s.to(3.5)
+    with pytest.raises(TypeError, match="at most"):
+        s.to("cpu", torch.float16, True)
+
+
 # ---- per-row token counts (ragged batches) ---------------------------------------------------------------------
 def test_token_counts_per_row():
     s = make(B=3, n=[4, 9, 4])

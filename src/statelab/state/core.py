@@ -129,8 +129,34 @@ class State:
         """Cut the autograd history (for truncated backpropagation); shares memory like ``Tensor.detach``."""
         return self.replace(ssm=self.ssm.detach(), conv=self.conv.detach(), sum_delta=self.sum_delta.detach())
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> State:
-        """Move to a device and/or cast ``ssm`` and ``conv`` to ``dtype``; ``sum_delta`` stays fp32."""
+    def to(self, *args, device: torch.device | str | int | None = None, dtype: torch.dtype | None = None) -> State:
+        """Move to a device and/or cast ``ssm`` and ``conv`` to ``dtype``; ``sum_delta`` stays fp32.
+
+        Takes ``Tensor.to``'s call shapes: ``to(dtype)``, ``to(device)``, ``to(device, dtype)``, ``to(tensor)`` (its
+        device and dtype) and the keywords ``device=`` / ``dtype=``. ``dtype`` must be a floating dtype.
+
+        Example:
+            >>> state.to(torch.bfloat16); state.to("cpu"); state.to("cuda", torch.float16)  # doctest: +SKIP
+        """
+        if len(args) > 2:
+            raise TypeError(f"State.to takes at most a device and a dtype, got {len(args)} arguments")
+        for a in args:
+            if isinstance(a, torch.dtype):
+                if dtype is not None:
+                    raise TypeError("State.to got two dtypes")
+                dtype = a
+            elif isinstance(a, torch.Tensor):
+                if device is not None or dtype is not None:
+                    raise TypeError("State.to(tensor) takes no other device or dtype")
+                device, dtype = a.device, a.dtype
+            elif isinstance(a, torch.device | str | int) and not isinstance(a, bool):
+                if device is not None:
+                    raise TypeError("State.to got two devices")
+                device = a
+            else:
+                raise TypeError(f"State.to takes a device, a dtype or a tensor, got {type(a).__name__}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise StateMismatchError(f"a state's ssm and conv parts must be floating point, got dtype {dtype}")
         return self.replace(
             ssm=self.ssm.to(device=device, dtype=dtype),
             conv=self.conv.to(device=device, dtype=dtype),
