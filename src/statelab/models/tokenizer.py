@@ -198,7 +198,7 @@ class HFTokenizer:
             tok = _Tok.from_file(str(f))
         except Exception as e:  # the tokenizers library raises its own exception type for unreadable files
             raise CheckpointError(f"cannot read tokenizer {f}: {e}") from e
-        # the file's own text: hashes of states made before the byte-level BPE loader existed stay valid
+        # the fingerprint hashes the file as written, so the same tokenizer.json always gives the same one
         self._setup(tok, f.read_text(), f.parent)
 
     def _setup(self, tok: Any, canonical: str, directory: Path, named: dict[str, str] | None = None) -> None:
