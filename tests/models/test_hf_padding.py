@@ -25,7 +25,8 @@ V, T, LENGTHS = 37, 20, [3, 11, 20, 7]
 
 
 def _mamba1():
-    m = MambaForCausalLM(MambaConfig(vocab_size=V, hidden_size=24, state_size=5, num_hidden_layers=2, conv_kernel=4))
+    cfg = MambaConfig(vocab_size=V, hidden_size=24, state_size=5, num_hidden_layers=2, conv_kernel=4)
+    m = MambaForCausalLM(cfg)
     with torch.no_grad():
         for layer in m.backbone.layers:
             layer.mixer.dt_proj.bias.add_(1.0)
