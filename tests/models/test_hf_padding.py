@@ -35,7 +35,8 @@ def _mamba1():
 
 def _mamba2():
     cfg = HFMamba2Config(vocab_size=V, hidden_size=16, num_heads=4, head_dim=8, state_size=8, n_groups=1,
-                         num_hidden_layers=2, conv_kernel=4, chunk_size=8, eos_token_id=None, pad_token_id=0)  # fmt: skip
+                         num_hidden_layers=2, conv_kernel=4, chunk_size=8, eos_token_id=None,
+                         pad_token_id=0)  # fmt: skip
     m = Mamba2ForCausalLM(cfg)
     with torch.no_grad():
         for layer in m.backbone.layers:
