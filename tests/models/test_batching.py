@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from statelab.errors import StateMismatchError
-from statelab.models.batching import encode_texts, length_buckets, tokenize_texts
+from statelab.models.batching import EmptyTextError, encode_texts, length_buckets, tokenize_texts
 from statelab.models.mamba1 import Mamba1Config, Mamba1LM
 from statelab.models.mamba2 import Mamba2Config, Mamba2LM
 from statelab.models.tokenizer import ByteTokenizer
@@ -186,8 +186,9 @@ def test_length_buckets_properties():
 
 def test_bad_input_is_a_clear_error(model):
     tok = ByteTokenizer()
-    with pytest.raises(ValueError, match=r"text 1 is empty \(no tokens\), and 1 more"):
+    with pytest.raises(EmptyTextError, match=r"text 1 is empty \(no tokens\), and 1 more") as err:
         encode_texts(model, tok, ["a", "", "b", ""])
+    assert err.value.indices == [1, 3] and isinstance(err.value, ValueError)
     with pytest.raises(TypeError, match="wrap it in a list"):
         encode_texts(model, tok, "one text")
     with pytest.raises(TypeError, match="text 1 is a int"):

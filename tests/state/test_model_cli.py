@@ -260,3 +260,49 @@ def test_soup_run_reads_the_tokenizer_option(model_dir, tmp_path):
     r = run("soup", "run", "--model", model_dir, "--tokenizer", tmp_path / "nowhere", out, "progress=false")
     assert r.exit_code == 1 and "nowhere does not exist" in r.output, r.output
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- mix from store entries ----------------------------------------------------------------------------------
+def test_mix_takes_store_entries_besides_files(model_dir, model, tmp_path, monkeypatch):
+    from statelab.state.store import StateStore
+
+    texts = ["Q: a\nA: A\n", "Q: b\nA: B\n", "Q: c\nA: C\n"]
+    states = [model.encode(byte_ids(t)) for t in texts]
+    store = StateStore(tmp_path / "skills")
+    for i, s in enumerate(states[:2]):
+        store.add(s, name=f"upper/{i}", task="upper")
+    f = tmp_path / "c.safetensors"
+    states[2].save(f)
+    files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for p, s in zip(files, states, strict=False):
+        s.save(p)
+    by_files, by_store = tmp_path / "files.safetensors", tmp_path / "store.safetensors"
+    ok("mix", *files, f, "-m", "adecay", "--model", model_dir, "-o", by_files)
+    r = ok("mix", "upper/0", "upper/1", f, "-s", store.path, "-m", "adecay", "--model", model_dir, "-o", by_store,
+           "--json")  # fmt: skip
+    assert json.loads(r.output)["inputs"] == 3
+    assert load_state(by_store).equal(load_state(by_files)), "an entry mixes exactly like its state file"
+    record = json.loads(read_metadata(by_store)["extra"])["mix"]
+    assert record["inputs"] == ["upper/0", "upper/1", str(f)] and record["store"] == str(store.path)
+    # an entry as --base; an entry id
+    ok("mix", "upper/0", "upper/1", "-s", store.path, "-m", "layers", "--base", "2", "--layers", "1", "-o", by_store)
+    got = load_state(by_store)
+    mean_1 = (states[0].ssm[1] + states[1].ssm[1]) / 2
+    assert torch.equal(got.ssm[0], states[1].ssm[0]) and torch.equal(got.ssm[1], mean_1)
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "upper").mkdir()
+    states[2].save(tmp_path / "upper" / "0")  # a file with an entry's name
+    r = run("mix", "upper/0", "upper/1", "-s", store.path, "-o", by_store)
+    assert r.exit_code == 1 and "both an entry" in r.output and "./upper/0" in r.output, r.output
+    ok("mix", "./upper/0", "upper/1", "-s", store.path, "-o", by_store)  # ./ means the file
+    assert_close("mean", mix([states[2], states[1]], "mean").ssm, load_state(by_store).ssm)
+    r = run("mix", "upper/9", "upper/1", "-s", store.path, "-o", by_store)
+    assert r.exit_code == 1 and "'upper/9' is neither an entry of" in r.output, r.output
+    r = run("mix", "upper/0", "-s", tmp_path / "nowhere", "-o", by_store)
+    assert r.exit_code == 1 and "does not exist" in r.output and not (tmp_path / "nowhere").exists(), r.output
+    other = Mamba1LM(Mamba1Config(d_model=16, n_layer=2, vocab_size=ByteTokenizer.vocab_size, d_state=4))
+    other_dir = tmp_path / "other"
+    other.save_pretrained(other_dir)
+    r = run("mix", "upper/1", "-s", store.path, "--model", other_dir, "-o", by_store)
+    assert r.exit_code == 1 and "was made by model" in r.output and len(r.output.strip().splitlines()) == 1, r.output

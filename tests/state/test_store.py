@@ -468,3 +468,19 @@ def test_sigkilled_add_many_is_all_or_nothing(tmp_path):
     report = store.check(repair=True)
     assert not report.missing_blobs and not report.corrupt_blobs and report.dropped_entries == []
     assert store.check().ok and len(store) >= 12 * len(reported) > 0
+
+
+def test_search_hits_carry_the_stored_prompt(tmp_path):
+    for index in ("exact", "sketch"):
+        store = StateStore(tmp_path / index, index=index)
+        store.add_many([{"name": f"e{i}", "state": make_state(i), "prompt": f"prompt {i}\n" if i else None}
+                        for i in range(4)])  # fmt: skip
+        hits = store.search(make_state(2), k=4)
+        assert hits[0].name == "e2" and hits[0].prompt == "prompt 2\n", index
+        assert {h.name: h.prompt for h in hits} == {
+            "e0": None,
+            "e1": "prompt 1\n",
+            "e2": "prompt 2\n",
+            "e3": "prompt 3\n",
+        }
+        assert hits[0].to_dict()["prompt"] == "prompt 2\n"

@@ -26,7 +26,7 @@ import torch
 from statelab.errors import StateMismatchError
 from statelab.state.core import State
 
-__all__ = ["length_buckets", "encode_texts", "tokenize_texts", "DEFAULT_BATCH_TOKENS"]
+__all__ = ["length_buckets", "encode_texts", "tokenize_texts", "EmptyTextError", "DEFAULT_BATCH_TOKENS"]
 
 DEFAULT_BATCH_TOKENS = 8192
 # texts tokenized per encode_batch call: bounds the padded [chunk, longest] tensor a tokenizer builds
@@ -108,12 +108,21 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str]) -> list[torch.Tensor]:
     return rows
 
 
+class EmptyTextError(ValueError):
+    """Some texts give no tokens; ``indices`` lists them (positions in the caller's ``texts``)."""
+
+    def __init__(self, indices: Sequence[int]) -> None:
+        self.indices = list(indices)
+        more = f", and {len(self.indices) - 1} more" if len(self.indices) > 1 else ""
+        super().__init__(
+            f"text {self.indices[0]} is empty (no tokens){more}; every text needs at least one token: "
+            "drop the empty ones"
+        )
+
+
 def _refuse_empty(empty: list[int]) -> None:
     if empty:
-        more = f", and {len(empty) - 1} more" if len(empty) > 1 else ""
-        raise ValueError(
-            f"text {empty[0]} is empty (no tokens){more}; every text needs at least one token: drop the empty ones"
-        )
+        raise EmptyTextError(empty)
 
 
 def _progress(enabled: bool, n_texts: int, n_tokens: int):
@@ -161,7 +170,8 @@ def encode_texts(
         count. Each state owns its tensors (none is a view of a batch).
 
     Raises:
-        ValueError: an empty text (no tokens), or a bad ``batch_tokens``.
+        EmptyTextError: (a ``ValueError``) texts that give no tokens, listed in ``.indices``.
+        ValueError: a bad ``batch_tokens``.
         TypeError: ``texts`` is a single string or holds a non-string.
         StateMismatchError: ``state`` is not a batch-1 state of this model.
     """

@@ -163,6 +163,23 @@ def encode_command(
 
 
 # ---- mix ------------------------------------------------------------------------------------------------------
+def _state_or_entry(ref: str, store: Any, model: Any) -> Any:
+    """The state ``ref`` names: an entry of ``store`` (when given) or a state file; checked against ``model``."""
+    from statelab.state.io import load_state
+
+    path = Path(ref)
+    if store is None:
+        return load_state(path, model)
+    is_entry = ref in store
+    if is_entry and path.exists():
+        raise CliError(f"{ref!r} is both an entry of {store.path} and a file; write the file as ./{ref} to mean it")
+    if is_entry:
+        return store.get(ref, model)
+    if not path.exists():
+        raise CliError(f"{ref!r} is neither an entry of {store.path} nor a state file")
+    return load_state(path, model)
+
+
 def _mix_help() -> str:
     from statelab.state.mix import MIX_METHODS
 
@@ -171,7 +188,9 @@ def _mix_help() -> str:
 
 @_fail_cleanly
 def mix_command(
-    states: Annotated[list[Path], typer.Argument(help="State files, in order for ordered methods.")],
+    states: Annotated[
+        list[str], typer.Argument(help="State files, or entry names of --store, in order for ordered methods.")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="State file to write.")],
     method: Annotated[str, typer.Option("--method", "-m", help="Mixing method (see `statelab mix --help`).")] = "mean",
     weights: Annotated[str | None, typer.Option(help="Comma-separated weights, one per state.")] = None,
@@ -179,7 +198,10 @@ def mix_command(
         str | None, typer.Option("--model", help="Model of the states: checks them; gives A to the ordered methods.")
     ] = None,
     conv: Annotated[str | None, typer.Option(help="Conv-state policy: mean, first, last, base or zero.")] = None,
-    base: Annotated[Path | None, typer.Option(help="Base state file (task_arithmetic, layers).")] = None,
+    base: Annotated[str | None, typer.Option(help="Base state file or entry (task_arithmetic, layers).")] = None,
+    store: Annotated[
+        Path | None, typer.Option("--store", "-s", help="State store whose entry names STATES and --base may use.")
+    ] = None,
     layers: Annotated[str | None, typer.Option(help="Comma-separated layers (method 'layers').")] = None,
     inner: Annotated[str | None, typer.Option(help="Inner method of 'layers' (weighted, mean, ...).")] = None,
     scores: Annotated[str | None, typer.Option(help="Comma-separated similarities (softmax_topk).")] = None,
@@ -190,16 +212,21 @@ def mix_command(
     cutoff: Annotated[float | None, typer.Option(help="hybrid: mean log-decay per chunk below which adecay.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Mix state files into one with a registered method and save it.
+    """Mix states into one with a registered method and save it.
+
+    Each STATE is a state file or, with --store, the name (or id) of a store entry; files and entries can be
+    mixed. A name that is both an entry and a file is refused: write the file as ./NAME.
 
     Methods: adecay, append, hybrid, layers, mean, norm_matched, picaso_r, picaso_s, softmax_topk, sum,
     task_arithmetic, weighted. Ordered methods (adecay, append, hybrid, picaso_*) need --model for the decay A.
 
     Example: statelab mix a.safetensors b.safetensors --method weighted --weights 0.7,0.3 -o soup.safetensors
+
+    Example: statelab mix upper/0 upper/1 query.safetensors -s skills -o soup.safetensors
     """
     import inspect
 
-    from statelab.state.io import load_state, save_state
+    from statelab.state.io import save_state
     from statelab.state.mix import MIX_METHODS, mix
 
     fn = MIX_METHODS.get(method)
@@ -210,10 +237,17 @@ def mix_command(
         from statelab.models.loading import load_model
 
         m = load_model(model)
-    loaded = [load_state(p, m) for p in states]
+    st = None
+    if store is not None:
+        from statelab.state.store import StateStore
+
+        if not store.is_dir():
+            raise CliError(f"--store {store} does not exist")
+        st = StateStore(store)
+    loaded = [_state_or_entry(ref, st, m) for ref in states]
     given: dict[str, Any] = {
         "conv": conv,
-        "base": None if base is None else load_state(base, m),
+        "base": None if base is None else _state_or_entry(base, st, m),
         "layers": _ints(layers, "--layers"),
         "inner": inner,
         "scores": _floats(scores, "--scores"),
@@ -233,7 +267,9 @@ def mix_command(
             raise CliError(f"method {method!r} composes states in order and needs --model (for A = -exp(A_log))")
         options["A"] = m.decay_A().detach()
     out = mix(loaded, method, _floats(weights, "--weights"), **options)
-    record = {"method": method, "inputs": [str(p) for p in states], "weights": weights, "conv": conv}
+    record = {"method": method, "inputs": list(states), "weights": weights, "conv": conv}
+    if store is not None:
+        record["store"] = str(store)
     save_state(out, output, extra={"mix": record})
     info = {"output": str(output), "method": method, "inputs": len(states), **_state_info(out)}
     _emit(as_json, info, lambda: typer.echo(f"wrote {output}: {method} of {len(states)} states"))

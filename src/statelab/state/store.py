@@ -150,12 +150,14 @@ _NEW_ENTRY_KEYS = ("name", "state", "task", "tags", "description", "prompt", "sh
 
 @dataclass(frozen=True)
 class Hit:
-    """A search result: entry name and id, cosine score (higher is closer) and the entry's task."""
+    """A search result: entry name and id, cosine score (higher is closer), and the entry's task and prompt (the
+    payload a match is wanted for: the text whose state matched)."""
 
     name: str
     id: int
     score: float
     task: str | None
+    prompt: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -820,7 +822,8 @@ class StateStore:
         rerank: int = 0,
         task: str | None = None,
     ) -> list[Hit]:
-        """The ``k`` entries most similar to ``query_state`` (cosine of the chosen layers' SSM states), best first.
+        """The ``k`` entries most similar to ``query_state`` (cosine of the chosen layers' SSM states), best first,
+        each with the entry's task and stored prompt.
 
         Args:
             query_state: batch-1 state, typically of a short k-shot prompt, from the same model as the entries.
@@ -876,7 +879,20 @@ class StateStore:
                 hits = [Hit(info[i][1], i, s, info[i][2]) for s, i in pairs[:k]]
         if threshold is not None:
             hits = [h for h in hits if h.score >= threshold]
-        return hits
+        return self._with_prompts(hits)
+
+    def _with_prompts(self, hits: list[Hit]) -> list[Hit]:
+        """The hits with their entries' prompts, read for the returned hits only (a large store's prompts are never
+        all loaded)."""
+        if not hits:
+            return hits
+        prompts: dict[int, str | None] = {}
+        with self._read() as db:
+            for start in range(0, len(hits), 500):
+                ids = [h.id for h in hits[start : start + 500]]
+                marks = ",".join("?" * len(ids))
+                prompts.update(db.execute(f"SELECT id, prompt FROM entries WHERE id IN ({marks})", ids).fetchall())
+        return [Hit(h.name, h.id, h.score, h.task, prompts.get(h.id)) for h in hits]
 
     def _features(self, blob: str, layers: list[int], label: str) -> torch.Tensor:
         """Unit-normalised raw features ``[F]`` of a blob's layers (kept in memory up to ``cache_mb``)."""

@@ -2,6 +2,8 @@
 
 Every command takes the store directory as ``--store`` (or the ``STATELAB_STORE`` environment variable), prints a
 table for people or JSON with ``--json``, and reports a failure as one line on stderr with exit code 1.
+``store ingest`` encodes a JSONL file of prompts with a model and adds them all in one transaction; ``search``
+takes a query state file or a ``--text`` to encode, and every hit carries its entry's stored prompt.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from typing import Annotated, Any
 import typer
 
 from statelab.errors import StatelabError
+from statelab.state.model_cli import TokenizerOpt
 
-__all__ = ["store_app", "search_command"]
+__all__ = ["store_app", "search_command", "read_prompts_jsonl", "INGEST_KEYS"]
 
 store_app = typer.Typer(
     name="store",
-    help="Keep states in a store: add, list, show, get, rm, check, export, import.\n\n"
+    help="Keep states in a store: add, ingest, list, show, get, rm, check, export, import.\n\n"
     "Example: statelab store --help; statelab store list --store skills",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -53,11 +56,26 @@ def _open(store: Path, index: str = "exact"):
     return StateStore(store, index=index)
 
 
+def _load_model(model: str, tokenizer: str | None):
+    """``(model, tokenizer)``, resolved as every command that reads text does (``--tokenizer`` or the model's)."""
+    from statelab.state.model_cli import _load
+
+    return _load(model, tokenizer)
+
+
 def _emit(as_json: bool, payload: Any, table: Callable[[], None]) -> None:
     if as_json:
         typer.echo(json.dumps(payload, indent=1, sort_keys=True))
     else:
         table()
+
+
+def _short(prompt: str | None, width: int = 60) -> str:
+    """A prompt on one table line: newlines shown as ``\\n``, cut to ``width`` characters."""
+    if prompt is None:
+        return ""
+    flat = prompt.replace("\\", "\\\\").replace("\n", "\\n")
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def _entries_table(entries: list, title: str) -> None:
@@ -101,6 +119,114 @@ def add_command(
         state, name=name, task=task, tags=tag or (), description=description, prompt=prompt, shots=shots
     )
     _emit(as_json, entry.to_dict(), lambda: typer.echo(f"added {entry.name} (id {entry.id}, blob {entry.blob[:12]})"))
+
+
+#: the keys of one ``store ingest`` line, and the type each value must have (``tags``: a list of strings)
+INGEST_KEYS: dict[str, type] = {"name": str, "prompt": str, "task": str, "tags": list, "description": str, "shots": int}
+
+
+def read_prompts_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a ``store ingest`` file, all checked first.
+
+    Each line is a JSON object with ``name`` and ``prompt`` (non-empty strings) and optionally ``task``,
+    ``tags`` (a list of non-empty strings), ``description`` and ``shots`` (an int >= 0). Raises ``StoreError``
+    naming the line for invalid JSON, a missing or mistyped key, an unknown key, or a name already used on an
+    earlier line; and for a file without any prompt.
+    """
+    from statelab.errors import StoreError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise StoreError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    out: list[tuple[int, dict[str, Any]]] = []
+    first_line: dict[str, int] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise StoreError(f"{where}: expected a JSON object with name and prompt, got {type(obj).__name__}")
+        unknown = sorted(set(obj) - set(INGEST_KEYS))
+        if unknown:
+            raise StoreError(f"{where}: unknown key(s) {unknown}; a line may have {', '.join(INGEST_KEYS)}")
+        for key in ("name", "prompt"):
+            if key not in obj:
+                raise StoreError(f"{where}: no {key!r}; every line needs a name and a prompt")
+        for key, want in INGEST_KEYS.items():
+            v = obj.get(key)
+            if key in obj and (isinstance(v, bool) or not isinstance(v, want)):
+                raise StoreError(f"{where}: {key!r} must be a {want.__name__}, got {json.dumps(v)[:40]}")
+        for key in ("name", "prompt"):
+            if not obj[key].strip():
+                raise StoreError(f"{where}: {key!r} is empty")
+        if any(not isinstance(t, str) or not t for t in obj.get("tags", [])):
+            raise StoreError(f"{where}: 'tags' must be a list of non-empty strings, got {json.dumps(obj['tags'])[:60]}")
+        if obj.get("shots", 0) < 0:
+            raise StoreError(f"{where}: 'shots' must be >= 0, got {obj['shots']}")
+        if obj["name"] in first_line:
+            raise StoreError(f"{where}: name {obj['name']!r} is already used on line {first_line[obj['name']]}")
+        first_line[obj["name"]] = n
+        out.append((n, obj))
+    if not out:
+        raise StoreError(f"{path} holds no prompts (one JSON object per line, with name and prompt)")
+    return out
+
+
+@store_app.command("ingest")
+@_fail_cleanly
+def ingest_command(
+    prompts: Annotated[Path, typer.Argument(help="JSONL file: one {name, prompt, task?, tags?, description?} a line.")],
+    store: StoreOpt,
+    model: Annotated[str, typer.Option("--model", help="Checkpoint directory, 'embedded' or a hub id.")],
+    tokenizer: TokenizerOpt = None,
+    batch_tokens: Annotated[
+        int, typer.Option("--batch-tokens", help="Padded tokens per batch (rows x longest prompt).")
+    ] = 8192,
+    as_json: JsonOpt = False,
+) -> None:
+    """Encode every prompt of a JSONL file with MODEL and add the states to the store in one transaction.
+
+    The whole file is checked first (JSON, keys and types, names unique in the file and new to the store); a bad
+    line is reported with its number and nothing is added. Prompts are encoded in length-bucketed batches, each
+    state equal to encoding its prompt alone.
+
+    Example: statelab store ingest prompts.jsonl -s skills --model embedded
+    """
+    import time
+
+    from statelab.errors import StoreError
+    from statelab.models.batching import EmptyTextError, encode_texts
+    from statelab.state.store import NewEntry
+
+    lines = read_prompts_jsonl(prompts)
+    st = _open(store)
+    for n, obj in lines:
+        if obj["name"] in st:
+            raise StoreError(f"{prompts} line {n}: store {store} already has an entry named {obj['name']!r}")
+    m, tok = _load_model(model, tokenizer)
+    t0 = time.perf_counter()
+    try:
+        states = encode_texts(m, tok, [obj["prompt"] for _, obj in lines], batch_tokens=batch_tokens, progress=True)
+    except EmptyTextError as e:
+        raise StoreError(f"{prompts} line {lines[e.indices[0]][0]}: the prompt gives no tokens") from None
+    seconds = time.perf_counter() - t0
+    items = [
+        NewEntry(obj["name"], s, task=obj.get("task"), tags=obj.get("tags", ()), description=obj.get("description"),
+                 prompt=obj["prompt"], shots=obj.get("shots"))
+        for (_, obj), s in zip(lines, states, strict=True)
+    ]  # fmt: skip
+    added = st.add_many(items)
+    tokens = sum(s.n_tokens for s in states)
+    info = {"store": str(store), "added": len(added), "names": [e.name for e in added], "tokens": tokens,
+            "encode_seconds": round(seconds, 3)}  # fmt: skip
+    _emit(as_json, info, lambda: typer.echo(
+        f"added {len(added)} entries to {store} ({tokens} tokens encoded at {tokens / max(seconds, 1e-9):,.0f} tok/s)"
+    ))  # fmt: skip
 
 
 @store_app.command("list")
@@ -228,8 +354,15 @@ def import_command(
 
 @_fail_cleanly
 def search_command(
-    query: Annotated[Path, typer.Argument(help="State file of the query (e.g. a short k-shot prompt).")],
     store: StoreOpt,
+    query: Annotated[
+        Path | None, typer.Argument(help="State file of the query (e.g. a short k-shot prompt); or use --text.")
+    ] = None,
+    text: Annotated[str | None, typer.Option("--text", "-t", help="Query text, encoded with --model.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Model that encodes --text (with a query file: checks it).")
+    ] = None,
+    tokenizer: TokenizerOpt = None,
     k: Annotated[int, typer.Option("-k", help="Number of hits.")] = 5,
     layers: Annotated[str | None, typer.Option(help="Comma-separated layers (default: the store's).")] = None,
     threshold: Annotated[float | None, typer.Option(help="Drop hits scoring below this cosine.")] = None,
@@ -238,32 +371,60 @@ def search_command(
     task: Annotated[str | None, typer.Option(help="Only entries of this task.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Find the stored states most similar to a query state (cosine of the middle layers' SSM states).
+    """Find the stored states most similar to a query (cosine of the middle layers' SSM states).
 
-    Prints "no match" (or ``[]`` with --json) when every hit scores below --threshold; that is not an error.
+    The query is a state file, or a text that --model encodes (--text; give one or the other). Each hit carries
+    its entry's stored prompt. Prints "no match" (or ``[]`` with --json) when every hit scores below
+    --threshold; that is not an error.
 
     Example: statelab search query-2shot.safetensors -s skills -k 3 --threshold 0.8 --json
+
+    Example: statelab search --text $'Q: dog\\nA: DOG\\n\\n' --model embedded -s skills
     """
     from statelab.state.io import load_state
+    from statelab.state.model_cli import CliError
 
+    if (query is None) == (text is None):
+        raise CliError("give a query state file or --text (with --model), not both" if query else
+                       "give a query: a state file, or --text with --model")  # fmt: skip
+    if text is not None and model is None:
+        raise CliError("--text needs --model: the query text is encoded by the model whose states the store holds")
+    if tokenizer is not None and text is None:
+        raise CliError("--tokenizer only applies to --text")
     layer_list = None
     if layers:
         try:
             layer_list = [int(x) for x in layers.split(",") if x.strip()]
         except ValueError:
             raise StatelabError(f"--layers must be comma-separated integers, got {layers!r}") from None
-    hits = _open(store, index).search(load_state(query), k=k, layers=layer_list, threshold=threshold,
+    if text is not None:
+        import torch
+
+        m, tok = _load_model(model, tokenizer)  # type: ignore[arg-type]  (checked above)
+        ids = torch.tensor([tok.encode(text)], dtype=torch.long)
+        if ids.shape[1] == 0:
+            raise CliError("--text is empty: the query needs at least one token")
+        query_state = m.encode(ids)
+    else:
+        if model is not None:
+            from statelab.models.loading import load_model
+
+            query_state = load_state(query, load_model(model))
+        else:
+            query_state = load_state(query)
+    hits = _open(store, index).search(query_state, k=k, layers=layer_list, threshold=threshold,
                                       rerank=rerank, task=task)  # fmt: skip
 
     def table() -> None:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text  # a prompt is shown as it is, never read as rich markup
 
         t = Table(title=f"top {k} in {store}")
-        for col in ("rank", "name", "id", "task", "score"):
+        for col in ("rank", "name", "id", "task", "score", "prompt"):
             t.add_column(col)
         for i, h in enumerate(hits, 1):
-            t.add_row(str(i), h.name, str(h.id), h.task or "", f"{h.score:.4f}")
+            t.add_row(str(i), h.name, str(h.id), h.task or "", f"{h.score:.4f}", Text(_short(h.prompt)))
         Console().print(t)
 
     if not hits and not as_json:
