@@ -111,9 +111,28 @@ def test_nan_state_is_refused_and_nothing_changes():
     a, b = make_state(), make_state(seed=1)
     bad = b.replace(ssm=b.ssm.clone().index_fill_(0, torch.tensor([1]), math.nan))
     before = a.clone()
-    with pytest.raises(StateMismatchError, match=r"states\[1\] has NaN in its ssm"):
+    with pytest.raises(StateMismatchError, match=r"states\[1\] has NaN/inf in its ssm"):
         mix([a, bad])
     assert a.equal(before)
+
+
+@pytest.mark.parametrize("part", ["ssm", "conv"])
+def test_inf_state_is_refused_like_nan(part):
+    a, b = make_state(), make_state(seed=1)
+    bad = b.replace(**{part: getattr(b, part).clone().index_fill_(0, torch.tensor([0]), math.inf)})
+    for method, weights in (("mean", None), ("weighted", [0.5, 0.5]), ("sum", None)):
+        with pytest.raises(StateMismatchError, match=rf"states\[1\] has NaN/inf in its {part}"):
+            mix([a, bad], method, weights)
+    with pytest.raises(StateMismatchError, match="base state has NaN/inf"):
+        mix([a, b], "task_arithmetic", base=bad)
+
+
+def test_a_mix_that_overflows_is_refused():
+    """Finite fp16 states and finite weights whose weighted sum overflows fp16: an error, not an inf state."""
+    a, b = make_state(dtype=torch.float16), make_state(seed=1, dtype=torch.float16)
+    with pytest.raises(StateMismatchError, match="overflowed"):
+        mix([a, b], "weighted", [1e6, 1e6])
+    assert torch.isfinite(mix([a, b], "weighted", [0.5, 0.5]).ssm).all()
 
 
 def test_unknown_sum_delta_mixes_order_free_but_not_in_order():

@@ -41,6 +41,7 @@ from torch import nn
 
 from statelab.errors import StateMismatchError
 from statelab.state.core import State
+from statelab.state.io import _all_finite
 
 __all__ = ["StatefulLM", "LayerState", "RunOutput", "ScoreResult", "Generation", "RaggedBatch", "fingerprint_module"]
 
@@ -208,7 +209,20 @@ class StatefulLM(nn.Module):
 
     def check_state(self, state: State, batch_size: int | None = None) -> None:
         """Raise ``StateMismatchError`` unless ``state`` was made by this model, has the dtype this model makes its
-        states in (``zero_state``'s default: the model dtype for Mamba-1, fp32 for Mamba-2) and fits the batch."""
+        states in (``zero_state``'s default: the model dtype for Mamba-1, fp32 for Mamba-2), fits the batch and
+        holds no NaN or inf.
+
+        **dtype.** The fingerprint covers the weights as they are, dtype included, so the same checkpoint loaded
+        in another dtype is another model: a state made by it is refused, and the message says so (the checkpoint
+        and the dtype it was made in) and names both fixes: load the model in that dtype (exact), or take the state
+        over explicitly with :meth:`adopt_state` (cast to this model's state dtype; continuing from it is then as
+        exact as this model's own precision). A state of this model in the wrong dtype is refused with
+        ``state.to(dtype)`` as the fix. Nothing is cast silently.
+
+        **Values.** One ``isfinite`` reduction of ``ssm`` and of ``conv`` (a few percent of a one-token step of a
+        small model): a NaN/inf state would otherwise run on into NaN logits, greedy tokens of 0 and a perplexity
+        of NaN. ``sum_delta`` may be NaN ("unknown", see :mod:`statelab.state.interop`).
+        """
         if not isinstance(state, State):
             raise StateMismatchError(f"state must be a statelab.State, got {type(state).__name__}")
         if state.arch != self.arch:
@@ -222,6 +236,7 @@ class StatefulLM(nn.Module):
         if state.fingerprint != self.fingerprint:
             raise StateMismatchError(
                 f"state was made by model {state.fingerprint[:16]}, not by this model {self.fingerprint[:16]}"
+                + self.fingerprint_hint(state.fingerprint)
             )
         # one dtype per model: the one its own states come in (what zero_state gives by default), so that a pass
         # never silently changes the precision of the state it continues from
@@ -235,6 +250,71 @@ class StatefulLM(nn.Module):
                 f"state has batch size {state.batch_size} but input has {batch_size}; "
                 "use state.expand(n) or state.select(rows)"
             )
+        # ΣΔ is not checked: it never reaches the logits, and NaN there means "unknown" (a state imported from a
+        # transformers cache); ordered composition, which needs it, refuses it itself
+        bad = [p for p in ("ssm", "conv") if not _all_finite(getattr(state, p))]
+        if bad:
+            raise StateMismatchError(
+                f"state part(s) {bad} hold NaN/inf values; a model cannot continue from them (a mix with extreme "
+                "weights or a diverged computation made them); recompute the state"
+            )
+
+    def fingerprint_hint(self, fingerprint: str) -> str:
+        """Why a state of model ``fingerprint`` is not this model's, when the reason is dtype; else ``""``.
+
+        Recognises the checkpoint this model was loaded from (``load_model``) loaded in float32, bfloat16 or
+        float16. Reloads that checkpoint once per dtype, on this error path only (cached).
+        """
+        dtype = self.sibling_dtype(fingerprint)
+        if dtype is not None:
+            name = str(dtype).removeprefix("torch.")
+            return (
+                f"; it was made by this same checkpoint loaded in {name} (this model runs in "
+                f"{str(self.dtype).removeprefix('torch.')}): load the model with dtype=torch.{name} to continue from "
+                "it exactly, or take it over explicitly with model.adopt_state(state)"
+            )
+        return ""
+
+    def sibling_dtype(self, fingerprint: str) -> torch.dtype | None:
+        """The dtype in which the checkpoint this model was loaded from has fingerprint ``fingerprint``, or None
+        (unknown checkpoint, or a model not loaded from a directory)."""
+        source = getattr(self, "_source_dir", None)
+        if source is None:
+            return None
+        cache = self.__dict__.setdefault("_sibling_fps", {})
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            if dtype == self.dtype:
+                continue
+            if dtype not in cache:
+                from statelab.models.loading import load_model
+
+                try:
+                    cache[dtype] = load_model(source, dtype=dtype).fingerprint
+                except Exception:  # noqa: BLE001  (the checkpoint changed or vanished: no hint, the refusal stands)
+                    cache[dtype] = None
+            if cache[dtype] == fingerprint:
+                return dtype
+        return None
+
+    def adopt_state(self, state: State) -> State:
+        """``state`` as a state of this model: cast to this model's state dtype and stamped with its fingerprint.
+
+        Only for a state of this model or of the same checkpoint loaded in another dtype (see
+        :meth:`check_state`); anything else is a ``StateMismatchError``. This is the explicit step that lets a
+        bfloat16 model continue from a float32 state of its checkpoint (the result is exact up to this model's
+        own precision). Returns a new state; ``state`` is unchanged.
+        """
+        if not isinstance(state, State):
+            raise StateMismatchError(f"state must be a statelab.State, got {type(state).__name__}")
+        if state.fingerprint != self.fingerprint and self.sibling_dtype(state.fingerprint) is None:
+            raise StateMismatchError(
+                f"cannot adopt a state of model {state.fingerprint[:16]}: it was not made by this model "
+                f"{self.fingerprint[:16]} nor by its checkpoint in another dtype"
+            )
+        ref = self.zero_state(1, device="meta")
+        adopted = state.to(dtype=ref.dtype).replace(fingerprint=self.fingerprint)
+        self.check_state(adopted)
+        return adopted
 
     def _assemble_states(
         self,
@@ -340,12 +420,22 @@ class StatefulLM(nn.Module):
         return RaggedBatch(input_ids.gather(1, src), lt, starts)
 
     def check_input(self, input_ids: torch.Tensor) -> None:
+        """Raise unless ``input_ids`` is an integer tensor ``[B, T]`` of ids in the embedding's range ``[0, V)``."""
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a tensor [B, T], got {type(input_ids).__name__}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        emb = getattr(self, "embedding", None)
+        if isinstance(emb, nn.Embedding) and input_ids.numel():
+            V = emb.num_embeddings
+            if bool(((input_ids < 0) | (input_ids >= V)).any()):  # one sync; details only on failure
+                lo, hi = int(input_ids.min()), int(input_ids.max())
+                raise ValueError(
+                    f"token ids must lie in [0, {V}) (this model's vocabulary has {V} entries), got ids from {lo} "
+                    f"to {hi}; were they made by another tokenizer?"
+                )
 
     # ---- the state API -------------------------------------------------------------------------------------
     def forward(

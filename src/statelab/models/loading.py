@@ -273,6 +273,7 @@ def load_model(
     _cast(model, dtype or torch.float32, tuple(getattr(cls, "fp32_params", ())))
     if device is not None:
         model.to(device)
+    model._source_dir = directory  # lets check_state recognise a state of this checkpoint made in another dtype
     return model.eval()
 
 

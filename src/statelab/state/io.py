@@ -447,6 +447,12 @@ def decode_state(data: bytes, source: str = "<bytes>") -> tuple[State, dict[str,
     return state, meta
 
 
+def _fingerprint_hint(model: Any, fingerprint: str) -> str:
+    """The model's explanation of a fingerprint mismatch (the same checkpoint in another dtype), if it has one."""
+    hint = getattr(model, "fingerprint_hint", None)
+    return hint(fingerprint) if callable(hint) else ""
+
+
 def load_state(
     path: str | os.PathLike,
     model: Any = None,
@@ -482,6 +488,7 @@ def load_state(
         if state.fingerprint != mine:
             raise StateMismatchError(
                 f"{path}: state was made by model {state.fingerprint}, but this model's fingerprint is {mine}"
+                + _fingerprint_hint(model, state.fingerprint)
             )
         model.check_state(state)
     if device is not None:

@@ -96,7 +96,8 @@ def mix(
 
     Raises:
         ConfigError: unknown method or option, missing required option, bad weights.
-        StateMismatchError: states from different models, layouts, dtypes, devices or batch sizes; NaN states.
+        StateMismatchError: states from different models, layouts, dtypes, devices or batch sizes; NaN/inf
+            states; a result that overflowed to NaN/inf.
     """
     fn = MIX_METHODS.get(method) if isinstance(method, str) else None
     if fn is None:
@@ -120,7 +121,14 @@ def mix(
     if "conv" in options and options["conv"] not in CONV_POLICIES:
         raise ConfigError(f"conv policy must be one of {', '.join(CONV_POLICIES)}, got {options['conv']!r}")
     w = None if weights is None else _weights(weights, len(states), states[0].batch_size, states[0].device)
-    return fn(states, w, **options)
+    out = fn(states, w, **options)
+    for part in ("ssm", "conv"):
+        if not torch.isfinite(getattr(out, part)).all():  # e.g. huge weights overflowing a bf16/fp16 state
+            raise StateMismatchError(
+                f"the {method} mix overflowed: its {part} state holds NaN/inf (weights too large for "
+                f"{str(out.dtype).removeprefix('torch.')}?); nothing was returned"
+            )
+    return out
 
 
 # ---- validation -----------------------------------------------------------------------------------------------
@@ -144,8 +152,8 @@ def _check_states(states: Sequence[State]) -> list[State]:
         if s.device != first.device:
             raise StateMismatchError(f"states[{i}] is on {s.device} but states[0] on {first.device}")
         for part in ("ssm", "conv"):
-            if torch.isnan(getattr(s, part)).any():
-                raise StateMismatchError(f"states[{i}] has NaN in its {part} state")
+            if not torch.isfinite(getattr(s, part)).all():
+                raise StateMismatchError(f"states[{i}] has NaN/inf in its {part} state")
     return states
 
 
@@ -239,8 +247,8 @@ def _check_base(states: Sequence[State], base: State) -> None:
     states[0].check_like(base)
     if base.batch_size != states[0].batch_size:
         raise StateMismatchError(f"base has batch size {base.batch_size} but the states have {states[0].batch_size}")
-    if torch.isnan(base.ssm).any() or torch.isnan(base.conv).any():
-        raise StateMismatchError("base state has NaN")
+    if not (torch.isfinite(base.ssm).all() and torch.isfinite(base.conv).all()):
+        raise StateMismatchError("base state has NaN/inf")
 
 
 # ---- order-free soups -----------------------------------------------------------------------------------------
