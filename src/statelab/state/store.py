@@ -843,13 +843,22 @@ class StateStore:
             raise StoreError(f"search takes one query state (batch 1), got batch {query_state.batch_size}")
         if k < 1:
             raise StoreError(f"k must be >= 1, got {k}")
-        fp = query_state.fingerprint
+        # one snapshot for the candidates and the prompts of the hits (a connection costs as much as a small search)
         with self._read() as db:
-            total = db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
-            cond, args = "fingerprint = ?", [fp]
-            if task is not None:
-                cond, args = cond + " AND task = ?", [*args, task]
-            rows = db.execute(f"SELECT id, name, task, blob FROM entries WHERE {cond} ORDER BY id", args).fetchall()
+            hits = self._rank(db, query_state, k, layers, threshold, rerank, task)
+            return self._with_prompts(db, hits)
+
+    def _rank(
+        self, db: sqlite3.Connection, query_state: State, k: int, layers: Sequence[int] | None,
+        threshold: float | None, rerank: int, task: str | None,
+    ) -> list[Hit]:  # fmt: skip
+        """The hits of :meth:`search` (without prompts), candidates read through ``db``."""
+        fp = query_state.fingerprint
+        total = db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+        cond, args = "fingerprint = ?", [fp]
+        if task is not None:
+            cond, args = cond + " AND task = ?", [*args, task]
+        rows = db.execute(f"SELECT id, name, task, blob FROM entries WHERE {cond} ORDER BY id", args).fetchall()
         if total == 0:
             raise StoreError(f"store {self.path} is empty: nothing to search")
         if not rows:
@@ -879,19 +888,17 @@ class StateStore:
                 hits = [Hit(info[i][1], i, s, info[i][2]) for s, i in pairs[:k]]
         if threshold is not None:
             hits = [h for h in hits if h.score >= threshold]
-        return self._with_prompts(hits)
+        return hits
 
-    def _with_prompts(self, hits: list[Hit]) -> list[Hit]:
+    @staticmethod
+    def _with_prompts(db: sqlite3.Connection, hits: list[Hit]) -> list[Hit]:
         """The hits with their entries' prompts, read for the returned hits only (a large store's prompts are never
         all loaded)."""
-        if not hits:
-            return hits
         prompts: dict[int, str | None] = {}
-        with self._read() as db:
-            for start in range(0, len(hits), 500):
-                ids = [h.id for h in hits[start : start + 500]]
-                marks = ",".join("?" * len(ids))
-                prompts.update(db.execute(f"SELECT id, prompt FROM entries WHERE id IN ({marks})", ids).fetchall())
+        for start in range(0, len(hits), 500):
+            ids = [h.id for h in hits[start : start + 500]]
+            marks = ",".join("?" * len(ids))
+            prompts.update(db.execute(f"SELECT id, prompt FROM entries WHERE id IN ({marks})", ids).fetchall())
         return [Hit(h.name, h.id, h.score, h.task, prompts.get(h.id)) for h in hits]
 
     def _features(self, blob: str, layers: list[int], label: str) -> torch.Tensor:
