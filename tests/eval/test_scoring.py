@@ -95,8 +95,9 @@ def _mc_requests(model, start):
 def test_loglikelihood_equals_one_at_a_time(model, start):
     reqs = _mc_requests(model, start)
     want = [_ref_ll(model, *encode_pair(TOK, c, x), start) for c, x in reqs]
-    for batch_tokens in (4096, 24):  # one pass for all; several buckets with a long row read in chunks
-        got = loglikelihood(model, TOK, reqs, state=start, batch_tokens=batch_tokens)
+    # one pass for all; several buckets with a long row read in chunks; at most 2 rows per pass
+    for batch_tokens, max_rows in ((4096, None), (24, None), (4096, 2)):
+        got = loglikelihood(model, TOK, reqs, state=start, batch_tokens=batch_tokens, max_rows=max_rows)
         assert len(got) == len(reqs)
         for (c, x), (lp, g), (want_lp, want_g) in zip(reqs, got, want, strict=True):
             assert lp == pytest.approx(want_lp, rel=1e-5, abs=1e-4), (c, x, batch_tokens)
@@ -139,8 +140,8 @@ def test_tokenisation_boundary():
 def test_rolling_equals_one_pass(model, start):
     texts = ["hello world", "", "a", "The quick brown fox jumps over the lazy dog. " * 3, "xyz\n"]
     want = [_ref_ll(model, [TOK.bos_token_id], TOK.encode(t), start)[0] for t in texts]
-    for batch_tokens in (4096, 16):
-        got = loglikelihood_rolling(model, TOK, texts, state=start, batch_tokens=batch_tokens)
+    for batch_tokens, max_rows in ((4096, None), (16, None), (4096, 2)):
+        got = loglikelihood_rolling(model, TOK, texts, state=start, batch_tokens=batch_tokens, max_rows=max_rows)
         assert got[1] == 0.0
         for t, lp, w in zip(texts, got, want, strict=True):
             assert lp == pytest.approx(w, rel=1e-5, abs=1e-4), (t, batch_tokens)
@@ -183,8 +184,8 @@ def test_generate_equals_one_at_a_time(model, start):
         reqs.append((c, {"max_gen_toks": 0}))
     reqs.append(reqs[0])  # a duplicate request
     want = [_ref_generate(free[c], parse_gen_kwargs(kw)) for c, kw in reqs]
-    for batch_tokens in (4096, 20):
-        got = generate_until(model, TOK, reqs, state=start, batch_tokens=batch_tokens)
+    for batch_tokens, max_rows in ((4096, None), (20, None), (4096, 3)):
+        got = generate_until(model, TOK, reqs, state=start, batch_tokens=batch_tokens, max_rows=max_rows)
         assert got == want, batch_tokens
     cut = sum(
         len(w) < len(_ref_generate(free[c], GenRequest((), parse_gen_kwargs(kw).max_gen_toks)))
@@ -215,6 +216,8 @@ def test_gen_kwargs():
 def test_bad_inputs(model):
     with pytest.raises(ValueError, match="batch_tokens"):
         loglikelihood(model, TOK, [("a", "b")], batch_tokens=0)
+    with pytest.raises(ValueError, match="max_rows"):
+        generate_until(model, TOK, [("a", {})], max_rows=0)
     other = _mamba1() if model.arch == "mamba2" else _mamba2()
     foreign = other.encode(torch.tensor([TOK.encode("abc")]))
     with pytest.raises(Exception, match="mamba|model"):

@@ -122,9 +122,11 @@ def _check_start(model: Any, state: State | None) -> State | None:
     return state
 
 
-def _check_budget(batch_tokens: int) -> None:
+def _check_budget(batch_tokens: int, max_rows: int | None) -> None:
     if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
         raise ValueError(f"batch_tokens must be an int >= 1, got {batch_tokens!r}")
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+        raise ValueError(f"max_rows must be an int >= 1 or None, got {max_rows!r}")
 
 
 def _max_rows(model: Any, state_memory_mb: float) -> int:
@@ -269,6 +271,7 @@ def loglikelihood_tokens(
     *,
     state: State | None = None,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    max_rows: int | None = None,
     state_memory_mb: float = DEFAULT_STATE_MEMORY_MB,
     progress: bool = False,
     on_result: Callable[[int, tuple[float, bool]], None] | None = None,
@@ -278,7 +281,7 @@ def loglikelihood_tokens(
     An empty continuation scores ``(0.0, True)``. ``on_result(i, result)`` is called as each result is known
     (the lm-eval adapter feeds its cache with it).
     """
-    _check_budget(batch_tokens)
+    _check_budget(batch_tokens, max_rows)
     start = _check_start(model, state)
     results: list[tuple[float, bool] | None] = [None] * len(pairs)
     members: dict[tuple[int, ...], list[int]] = {}
@@ -291,14 +294,14 @@ def loglikelihood_tokens(
             continue
         members.setdefault(ctx, []).append(i)
     contexts = list(members)
-    max_rows = _max_rows(model, state_memory_mb)
+    held = _max_rows(model, state_memory_mb) if max_rows is None else min(max_rows, _max_rows(model, state_memory_mb))
     with _Bar(progress, len(pairs), "loglikelihood") as bar:
         bar.advance(sum(r is not None for r in results))
-        for group in _buckets([len(c) - 1 for c in contexts], batch_tokens, max_rows):
+        for group in _buckets([len(c) - 1 for c in contexts], batch_tokens, held):
             # the context minus its last token, read once for all of its continuations
             ctx_state = _encode_rows(model, [contexts[k][:-1] for k in group], start, batch_tokens)
             rows = [(j, i) for j, k in enumerate(group) for i in members[contexts[k]]]
-            for sub in _buckets([len(pairs[i][1]) for _, i in rows], batch_tokens):
+            for sub in _buckets([len(pairs[i][1]) for _, i in rows], batch_tokens, max_rows):
                 picked = [rows[s] for s in sub]
                 inputs = [(contexts[group[j]][-1], *tuple(pairs[i][1])[:-1]) for j, i in picked]
                 targets = [tuple(pairs[i][1]) for _, i in picked]
@@ -318,6 +321,7 @@ def loglikelihood(
     *,
     state: State | None = None,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    max_rows: int | None = None,
     progress: bool = False,
 ) -> list[tuple[float, bool]]:
     """``(Σ log p(continuation | context), is_greedy)`` for each ``(context, continuation)`` request.
@@ -330,14 +334,17 @@ def loglikelihood(
         tokenizer: its tokenizer.
         requests: ``N`` ``(context, continuation)`` string pairs.
         state: batch-1 start state of every request (a skill or soup), or ``None`` (zero state).
-        batch_tokens: padded positions per pass.
+        batch_tokens: padded positions per pass (``rows * longest row``).
+        max_rows: at most this many rows per pass (``None``: only ``batch_tokens`` limits a pass).
         progress: show a progress bar on stderr.
 
     Returns:
         ``N`` ``(float, bool)`` pairs in input order.
     """
     pairs = [encode_pair(tokenizer, c, x) for c, x in requests]
-    return loglikelihood_tokens(model, pairs, state=state, batch_tokens=batch_tokens, progress=progress)
+    return loglikelihood_tokens(
+        model, pairs, state=state, batch_tokens=batch_tokens, max_rows=max_rows, progress=progress
+    )
 
 
 @torch.no_grad()
@@ -348,14 +355,16 @@ def loglikelihood_rolling(
     *,
     state: State | None = None,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    max_rows: int | None = None,
     progress: bool = False,
 ) -> list[float]:
     """``Σ_t log p(token t | prefix token, tokens < t)`` over every token of each text (perplexity tasks).
 
     The whole text is read from the start state after the prefix token (BOS, else EOS); there are no windows, a
-    state-space model having no maximum length (see the module doc). An empty text scores 0.0.
+    state-space model having no maximum length (see the module doc). An empty text scores 0.0. Arguments as in
+    :func:`loglikelihood`.
     """
-    _check_budget(batch_tokens)
+    _check_budget(batch_tokens, max_rows)
     start = _check_start(model, state)
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, got a single str")
@@ -368,7 +377,7 @@ def loglikelihood_rolling(
     todo = [i for i, r in enumerate(ids) if r]
     with _Bar(progress, len(ids), "loglikelihood_rolling") as bar:
         bar.advance(len(ids) - len(todo))
-        for sub in _buckets([len(ids[i]) for i in todo], batch_tokens):
+        for sub in _buckets([len(ids[i]) for i in todo], batch_tokens, max_rows):
             picked = [todo[s] for s in sub]
             inputs = [[p, *ids[i][:-1]] for i in picked]
             st = None if start is None else start.expand(len(picked))
@@ -450,6 +459,7 @@ def generate_until(
     *,
     state: State | None = None,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    max_rows: int | None = None,
     state_memory_mb: float = DEFAULT_STATE_MEMORY_MB,
     progress: bool = False,
     stop_at_eos: bool = True,
@@ -462,10 +472,12 @@ def generate_until(
     without the output head), then decoded together, finished rows leaving the batch between steps; requests
     with the same context and settings are generated once. An empty context starts from the prefix token.
 
+    ``batch_tokens`` and ``max_rows`` as in :func:`loglikelihood`.
+
     Returns:
         ``N`` strings in input order; each equals generating that request alone.
     """
-    _check_budget(batch_tokens)
+    _check_budget(batch_tokens, max_rows)
     start = _check_start(model, state)
     jobs: dict[tuple[tuple[int, ...], GenRequest], list[int]] = {}
     for i, req in enumerate(requests):
@@ -484,7 +496,10 @@ def generate_until(
 
     out: list[str] = [""] * len(requests)
     with _Bar(progress, len(requests), "generate_until") as bar:
-        for group in _buckets([len(k[0]) for k in keys], batch_tokens, _max_rows(model, state_memory_mb)):
+        held = _max_rows(model, state_memory_mb)
+        for group in _buckets(
+            [len(k[0]) for k in keys], batch_tokens, held if max_rows is None else min(held, max_rows)
+        ):
             st = _encode_rows(model, [keys[k][0][:-1] for k in group], start, batch_tokens)
             cur = torch.tensor([keys[k][0][-1] for k in group], dtype=torch.long, device=model.device)
             gen: list[list[int]] = [[] for _ in group]
