@@ -51,6 +51,10 @@ from statelab.experiments.birdie_cli import app as birdie_app  # noqa: E402
 
 app.add_typer(birdie_app, name="birdie")
 
+from statelab.serve.cli import serve_command  # noqa: E402  (imports the web stack only when it runs)
+
+app.command("serve")(serve_command)
+
 
 def main() -> None:
     app()
