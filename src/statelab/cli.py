@@ -34,6 +34,15 @@ app.command("mix")(mix_command)
 app.command("generate")(generate_command)
 app.command("score")(score_command)
 
+from statelab.eval.eval_cli import eval_command, lm_eval_command  # noqa: E402  (scoring imported when it runs)
+
+app.command("eval")(eval_command)
+# every argument goes to lm-eval's own parser, --help included
+app.command(
+    "lm-eval",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+)(lm_eval_command)
+
 from statelab.experiments.gdssm_cli import app as gdssm_app  # noqa: E402
 
 app.add_typer(gdssm_app, name="gdssm")

@@ -26,9 +26,10 @@ def model(request):
     return _mamba1() if request.param == "mamba1" else _mamba2()
 
 
-@pytest.fixture
-def store(tmp_path, model):
-    st = StateStore(tmp_path / "skills")
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, model):
+    # read-only for every test: built once per model
+    st = StateStore(tmp_path_factory.mktemp("skills") / "skills")
     for i, name in enumerate(["a", "b", "c"]):
         ids = torch.randint(0, 37, (1, 5 + 3 * i), generator=torch.Generator().manual_seed(i))
         st.add(model.encode(ids), name=name, prompt=f"prompt {name}")
@@ -103,3 +104,16 @@ def test_parsers():
     assert parse_weights("0.7+0.3") == [0.7, 0.3] == parse_weights("0.7,0.3")
     with pytest.raises(ConfigError, match="numbers"):
         parse_weights("0.7+x")
+
+
+def test_a_skill_of_the_checkpoint_in_another_dtype_is_adopted_only_when_asked(tmp_path):
+    fp32 = statelab.load_model("embedded")
+    bf16 = statelab.load_model("embedded", dtype=torch.bfloat16)
+    st = StateStore(tmp_path / "skills")
+    st.add(fp32.encode(torch.tensor([[81, 58, 32, 99, 97, 116, 10]])), name="s")
+    with pytest.raises(StateMismatchError, match="bfloat16|float32"):
+        start_state(bf16, store=st, skill="s")
+    got = start_state(bf16, store=st, skill="s", adopt=True)
+    assert got.equal(bf16.adopt_state(st.get("s")))
+    assert got.fingerprint == bf16.fingerprint and got.dtype == torch.bfloat16
+    assert start_state(bf16, store=st, soup="s+s", adopt=True).fingerprint == bf16.fingerprint

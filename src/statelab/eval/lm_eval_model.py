@@ -20,8 +20,9 @@ Every argument after ``lm-eval`` goes to lm-eval's parser unchanged. From Python
 * ``tokenizer``: tokenizer file or directory (default: the checkpoint's).
 * ``skill=NAME``, ``soup=A+B``, ``mix=mean``, ``weights=0.5+0.5`` with ``store=PATH``: the start state of every
   request (:func:`statelab.eval.skills.start_state`).
-* ``dtype``: ``float32`` (default), ``bfloat16`` or ``float16``. A skill is verified against the checkpoint's
-  fp32 weights (the store records their fingerprint), then cast with the model.
+* ``dtype``: ``float32`` (default), ``bfloat16`` or ``float16``. A skill stored from the same checkpoint in
+  another dtype (usually fp32) is adopted (``model.adopt_state``: cast to this model's state dtype); a skill of
+  another model is refused.
 * ``batch_tokens``: padded positions per pass (default 4096); lm-eval's ``--batch_size N`` caps the rows per pass
   (``auto``: no cap, the token budget decides). lm-eval's default ``--batch_size`` is 1: pass ``auto`` for speed.
 * ``max_gen_toks``: new-token limit of a generation request that names none (default 256).
@@ -128,14 +129,12 @@ class StatelabLM(LM):
         if weights is not None:
             weight_list = [float(weights)] if isinstance(weights, int | float) else parse_weights(str(weights))
         skill_name = None if skill is None else str(skill)  # lm-eval turns an all-digit name into an int
-        # the store records the fingerprint of the weights a skill was made with: check against fp32 weights
-        model = load_model(pretrained, device=self._device)
-        state = start_state(model, store=store, skill=skill_name, soup=soup_names, mix=mix, weights=weight_list)
-        if _DTYPES[dtype] != torch.float32:
-            model = load_model(pretrained, dtype=_DTYPES[dtype], device=self._device)
-            if state is not None:
-                state_dtype = model.zero_state(1, device="meta").dtype
-                state = state.to(dtype=state_dtype).replace(fingerprint=model.fingerprint)
+        model = load_model(pretrained, dtype=_DTYPES[dtype], device=self._device)
+        # a skill stored from this checkpoint in another dtype (usually fp32) is adopted: cast to this model's
+        # state dtype (model.adopt_state); a skill of another model is refused
+        state = start_state(
+            model, store=store, skill=skill_name, soup=soup_names, mix=mix, weights=weight_list, adopt=True
+        )
         self.model = model
         self.start = state
         self.skill, self.soup, self.mix, self.dtype = skill_name, soup_names, mix, dtype

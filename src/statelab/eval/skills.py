@@ -5,7 +5,8 @@ its start state here, so they all accept the same things and refuse the same thi
 
 * ``skill="NAME"``: the store entry ``NAME`` (by name, or by id when the name is all digits), verified (checksum)
   and checked against the model: a state made by another model is a ``StateMismatchError`` naming both
-  fingerprints.
+  fingerprints. A state made by the same checkpoint loaded in another dtype is refused too, unless ``adopt=True``
+  (then it is cast to this model's state dtype with ``model.adopt_state``).
 * ``soup=["A", "B", ...]`` (or the string ``"A+B"``): those entries, each checked the same way, mixed with
   :func:`statelab.mix` (``mix="mean"`` by default, ``weights`` one per entry). Ordered methods (``adecay``,
   ``append``, ``hybrid``, ``picaso_*``) get the model's decay ``A``.
@@ -79,19 +80,28 @@ def open_store(store: Any) -> Any:
     return StateStore(path)
 
 
-def _entry_state(store: Any, name: str, model: Any) -> State:
-    """Entry ``name`` of ``store``, checked against ``model`` and moved to its device."""
+def _entry_state(store: Any, name: str, model: Any, adopt: bool) -> State:
+    """Entry ``name`` of ``store``, checked against ``model`` (adopted from a sibling dtype when ``adopt``) and
+    moved to its device."""
     if not isinstance(name, str | int) or isinstance(name, bool) or (isinstance(name, str) and not name.strip()):
         raise StoreError(f"a skill is named by a non-empty store entry name, got {name!r}")
     if name not in store:
         raise StoreError(f"no skill named {name!r} in store {store.path}; see `statelab store list {store.path}`")
-    state = store.get(name)
+    state = store.get(name).to(device=model.device)
     if state.fingerprint != model.fingerprint:
+        sibling = model.sibling_dtype(state.fingerprint)
+        if sibling is not None and adopt:
+            return model.adopt_state(state)
+        fix = "encode the skill again with this model"
+        if sibling is not None:
+            fix = (
+                f"it was made by this checkpoint loaded in {sibling}: load the model in {sibling}, or adopt the "
+                "skill (adopt=True; the lm-eval adapter does)"
+            )
         raise StateMismatchError(
             f"skill {name!r} was made by model {state.fingerprint}, but this model's fingerprint is "
-            f"{model.fingerprint}; encode the skill again with this model"
+            f"{model.fingerprint}; {fix}"
         )
-    state = state.to(device=model.device)
     model.check_state(state, batch_size=1)
     return state
 
@@ -104,6 +114,7 @@ def start_state(
     soup: Sequence[str] | str | None = None,
     mix: str = "mean",
     weights: Sequence[float] | None = None,
+    adopt: bool = False,
 ) -> State | None:
     """The state every request starts from (see the module doc).
 
@@ -114,6 +125,8 @@ def start_state(
         soup: store entry names (a list, or one ``"A+B"`` string), mixed with ``mix``.
         mix: a mixing method of :data:`statelab.MIX_METHODS` (soups only).
         weights: one weight per soup entry (soups only; ``None`` = the method's default).
+        adopt: take over entries made by the same checkpoint loaded in another dtype (``model.adopt_state``:
+            cast to this model's state dtype); without it they are refused, naming the dtype.
 
     Returns:
         ``None`` (neither given: the zero state) or a batch-1 ``State`` of ``model`` on its device.
@@ -134,7 +147,7 @@ def start_state(
         raise StoreError("a skill or soup is read from a state store; give the store (-s/--store, store=PATH)")
     st = open_store(store)
     if skill is not None:
-        return _entry_state(st, skill, model)
+        return _entry_state(st, skill, model, adopt)
 
     from statelab.state.mix import MIX_METHODS
     from statelab.state.mix import mix as mix_states
@@ -147,7 +160,7 @@ def start_state(
         raise ConfigError(f"unknown mixing method {mix!r}; known: {', '.join(sorted(MIX_METHODS))}")
     if weights is not None and len(weights) != len(names):
         raise ConfigError(f"a soup of {len(names)} entries needs {len(names)} weights, got {len(weights)}")
-    states = [_entry_state(st, n, model) for n in names]
+    states = [_entry_state(st, n, model, adopt) for n in names]
     options: dict[str, Any] = {}
     if "A" in inspect.signature(fn).parameters:
         options["A"] = model.decay_A().detach()

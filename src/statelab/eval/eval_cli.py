@@ -1,0 +1,333 @@
+"""``statelab eval FILE.jsonl --model DIR``: score a dataset, from the zero state, a stored skill or a soup.
+
+Each line of ``FILE.jsonl`` is one item, of either kind (a file may mix them):
+
+* **generation**: ``{"prompt": "Q: cat\\nA: ", "answer": "CAT"}`` (``"context"`` is accepted for ``"prompt"``).
+  The model continues the prompt greedily for at most ``--max-new-tokens`` tokens, stopping at EOS or at a stop
+  string (``--stop``, repeatable; by default a newline: one answer per line), and the text before the first stop
+  string is compared with ``answer``, both stripped of surrounding whitespace (exact match).
+* **multiple choice**: ``{"context": "Q: cat\\nA:", "choices": [" CAT", " cat"], "answer": 0}``. Every choice is
+  scored as a continuation of the context, exactly as given (include the space a format needs), by its total
+  log-likelihood; the prediction is the best choice (``acc``), and, for ``acc_norm``, the best log-likelihood per
+  character of the choice (lm-eval's length normalisation). Ties go to the first choice.
+
+An optional ``"id"`` is kept in the per-item output; any other key is an error (a misspelt ``"answer"`` would
+otherwise turn an item into another kind). A bad line stops the command before the model is loaded, with one
+line naming the file and line number, exit code 2.
+
+Scoring goes through :mod:`statelab.eval.scoring` (ragged batches under ``--batch-tokens``; each multiple-choice
+context is read once and its choices run from its state). With ``--skill NAME -s STORE`` or ``--soup A --soup B
+[--mix METHOD --weights W,W]``, every item starts from that state (:func:`statelab.eval.skills.start_state`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from statelab.errors import StatelabError
+
+__all__ = ["eval_command", "lm_eval_command", "EvalItem", "read_items", "DatasetError"]
+
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+class DatasetError(StatelabError, ValueError):
+    """A line of an evaluation file that is not a valid item."""
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One item of an evaluation file.
+
+    Attributes:
+        line: 1-based line number in the file.
+        kind: ``"generation"`` or ``"multiple_choice"``.
+        context: the prompt (generation) or the context (multiple choice).
+        answer: the expected text (generation) or the index of the right choice (multiple choice).
+        choices: the choices (multiple choice only).
+        id: the item's ``"id"``, if it has one.
+    """
+
+    line: int
+    kind: str
+    context: str
+    answer: str | int
+    choices: tuple[str, ...] = field(default=())
+    id: Any = None
+
+
+_GEN_KEYS = {"prompt", "context", "answer", "id"}
+_MC_KEYS = {"context", "choices", "answer", "id"}
+
+
+def _item(obj: Any, where: str, line: int) -> EvalItem:
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{where}: an item is a JSON object, got {type(obj).__name__}")
+    if "choices" in obj:
+        extra = sorted(set(obj) - _MC_KEYS)
+        if extra:
+            raise DatasetError(f"{where}: unknown key(s) {extra}; a multiple-choice item has context, choices, answer")
+        for key in ("context", "answer"):
+            if key not in obj:
+                raise DatasetError(f"{where}: a multiple-choice item needs {key!r}")
+        ctx, choices, answer = obj["context"], obj["choices"], obj["answer"]
+        if not isinstance(ctx, str):
+            raise DatasetError(f"{where}: context must be a string, got {type(ctx).__name__}")
+        if not isinstance(choices, list) or len(choices) < 2 or any(not isinstance(c, str) or not c for c in choices):
+            raise DatasetError(f"{where}: choices must be a list of at least 2 non-empty strings, got {choices!r}")
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise DatasetError(
+                f"{where}: answer must be the index of the right choice (0..{len(choices) - 1}), got {answer!r}"
+            )
+        return EvalItem(line, "multiple_choice", ctx, answer, tuple(choices), obj.get("id"))
+    extra = sorted(set(obj) - _GEN_KEYS)
+    if extra:
+        raise DatasetError(
+            f"{where}: unknown key(s) {extra}; a generation item has prompt (or context) and answer, "
+            "a multiple-choice item context, choices and answer"
+        )
+    if ("prompt" in obj) == ("context" in obj):
+        raise DatasetError(f"{where}: a generation item needs exactly one of 'prompt' or 'context'")
+    prompt = obj.get("prompt", obj.get("context"))
+    if not isinstance(prompt, str):
+        raise DatasetError(f"{where}: the prompt must be a string, got {type(prompt).__name__}")
+    if "answer" not in obj:
+        raise DatasetError(f"{where}: a generation item needs 'answer'")
+    if not isinstance(obj["answer"], str):
+        raise DatasetError(
+            f"{where}: a generation answer must be a string, got {type(obj['answer']).__name__} "
+            "(a multiple-choice item also needs 'choices')"
+        )
+    return EvalItem(line, "generation", prompt, obj["answer"], (), obj.get("id"))
+
+
+def read_items(path: str | Path) -> list[EvalItem]:
+    """Every item of a JSONL evaluation file (blank lines skipped), checked (see the module doc).
+
+    Raises:
+        DatasetError: a line that is not JSON or not a valid item (``FILE:LINE: what is wrong``), or no item.
+        OSError: the file cannot be read.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    items = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        where = f"{p}:{n}"
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        items.append(_item(obj, where, n))
+    if not items:
+        raise DatasetError(f"{p}: no items (expected one JSON object per line)")
+    return items
+
+
+def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad arguments, bad files and refused states: one line on stderr and exit code 2 (a usage error)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (StatelabError, ValueError, TypeError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as e:
+            typer.echo(f"error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _argmax(xs: list[float]) -> int:
+    return max(range(len(xs)), key=xs.__getitem__)  # the first of equal maxima, as numpy's argmax
+
+
+def score_items(
+    model: Any,
+    tokenizer: Any,
+    items: list[EvalItem],
+    *,
+    state: Any = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    stop: tuple[str, ...] = ("\n",),
+    batch_tokens: int = 4096,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score ``items`` (see the module doc); returns the summary and per-item results as JSON-able data."""
+    from statelab.eval import scoring
+
+    gen = [it for it in items if it.kind == "generation"]
+    mc = [it for it in items if it.kind == "multiple_choice"]
+    per_item: dict[int, dict[str, Any]] = {}
+    summary: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    if gen:
+        g = scoring.GenRequest(tuple(stop), max_new_tokens)
+        outs = scoring.generate_until(
+            model, tokenizer, [(it.context, g) for it in gen], state=state, batch_tokens=batch_tokens,
+            progress=progress,
+        )  # fmt: skip
+        hits = 0
+        for it, out in zip(gen, outs, strict=True):
+            ok = out.strip() == str(it.answer).strip()
+            hits += ok
+            per_item[it.line] = {"output": out, "correct": ok}
+        summary["generation"] = {"items": len(gen), "correct": hits, "exact_match": hits / len(gen)}
+    if mc:
+        reqs = [(it.context, c) for it in mc for c in it.choices]
+        lls = scoring.loglikelihood(model, tokenizer, reqs, state=state, batch_tokens=batch_tokens, progress=progress)
+        k = acc = acc_norm = 0
+        for it in mc:
+            lp = [ll for ll, _ in lls[k : k + len(it.choices)]]
+            k += len(it.choices)
+            pred = _argmax(lp)
+            pred_norm = _argmax([v / len(c) for v, c in zip(lp, it.choices, strict=True)])
+            acc += pred == it.answer
+            acc_norm += pred_norm == it.answer
+            per_item[it.line] = {
+                "loglikelihoods": lp, "prediction": pred, "prediction_norm": pred_norm,
+                "correct": pred == it.answer, "correct_norm": pred_norm == it.answer,
+            }  # fmt: skip
+        summary["multiple_choice"] = {
+            "items": len(mc),
+            "acc": acc / len(mc),
+            "acc_norm": acc_norm / len(mc),
+            "chance": sum(1 / len(it.choices) for it in mc) / len(mc),
+        }
+    seconds = time.perf_counter() - t0
+    summary["seconds"] = seconds
+    summary["items_per_second"] = len(items) / max(seconds, 1e-9)
+    summary["items"] = [
+        {"line": it.line, "kind": it.kind, **({"id": it.id} if it.id is not None else {}), **per_item[it.line]}
+        for it in items
+    ]
+    return summary
+
+
+def _soup_names(soup: list[str] | None) -> list[str] | None:
+    from statelab.eval.skills import parse_soup
+
+    if not soup:
+        return None
+    return [name for part in soup for name in parse_soup(part)]
+
+
+@_fail_cleanly
+def eval_command(
+    file: Annotated[Path, typer.Argument(help="JSONL file: one generation or multiple-choice item per line.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint directory or 'embedded'.")],
+    tokenizer: Annotated[
+        str | None, typer.Option("--tokenizer", help="Tokenizer file or directory (default: the model's).")
+    ] = None,
+    skill: Annotated[str | None, typer.Option("--skill", help="Start every item from this store entry.")] = None,
+    store: Annotated[Path | None, typer.Option("--store", "-s", help="State store of --skill / --soup.")] = None,
+    soup: Annotated[
+        list[str] | None,
+        typer.Option("--soup", help="Store entries to mix into the start state (repeat, or NAME+NAME)."),
+    ] = None,
+    mix: Annotated[str, typer.Option("--mix", help="Mixing method of the soup.")] = "mean",
+    weights: Annotated[str | None, typer.Option("--weights", help="Soup weights, comma-separated.")] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", "-n", min=1, help="Token limit of a generated answer.")
+    ] = DEFAULT_MAX_NEW_TOKENS,
+    stop: Annotated[
+        list[str] | None,
+        typer.Option("--stop", help="Stop string of generated answers (repeatable; default: a newline)."),
+    ] = None,
+    batch_tokens: Annotated[
+        int, typer.Option("--batch-tokens", min=1, help="Padded tokens per batch (rows x longest row).")
+    ] = 4096,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (summary and every item).")] = False,
+) -> None:
+    """Score a JSONL dataset: exact match of generated answers, accuracy of multiple choice by log-likelihood.
+
+    Items are {"prompt", "answer"} (generation; greedy, stops at a newline by default) or {"context", "choices",
+    "answer": index} (multiple choice; acc and length-normalised acc_norm). With --skill or --soup every item
+    starts from that stored state.
+
+    Example: statelab eval data.jsonl --model embedded --skill upper-3shot -s skills
+    """
+    from statelab.eval.skills import parse_weights, start_state
+    from statelab.models.loading import load_model
+    from statelab.models.tokenizer import load_tokenizer
+
+    if skill is not None and soup:
+        raise DatasetError("give --skill or --soup, not both")
+    if (skill is not None or soup) and store is None:
+        raise DatasetError("--skill and --soup read a state store: give it with -s/--store")
+    if store is not None and skill is None and not soup:
+        raise DatasetError("-s/--store is read only with --skill or --soup")
+    items = read_items(file)
+    m = load_model(model)
+    tok = load_tokenizer(tokenizer if tokenizer is not None else model)
+    state = start_state(
+        m, store=store, skill=skill, soup=_soup_names(soup), mix=mix,
+        weights=None if weights is None else parse_weights(weights),
+    )  # fmt: skip
+    stops = ("\n",) if stop is None else tuple(stop)
+    result = score_items(
+        m, tok, items, state=state, max_new_tokens=max_new_tokens, stop=stops, batch_tokens=batch_tokens,
+        progress=progress and not as_json,
+    )  # fmt: skip
+    result = {
+        "file": str(file), "model": model, "skill": skill, "soup": _soup_names(soup),
+        "mix": mix if soup else None, "stop": list(stops), "max_new_tokens": max_new_tokens, **result,
+    }  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(result, indent=1, sort_keys=True))
+    else:
+        _table(result)
+
+
+def _table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    start = "zero state"
+    if result["skill"]:
+        start = f"skill {result['skill']}"
+    elif result["soup"]:
+        start = f"soup {'+'.join(result['soup'])} ({result['mix']})"
+    table = Table(title=f"{result['file']}: {result['model']}, {start}")
+    table.add_column("items")
+    table.add_column("n", justify="right")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    if "generation" in result:
+        g = result["generation"]
+        table.add_row("generation", str(g["items"]), "exact match", f"{g['exact_match']:.1%} ({g['correct']})")
+    if "multiple_choice" in result:
+        c = result["multiple_choice"]
+        table.add_row("multiple choice", str(c["items"]), "acc", f"{c['acc']:.1%}")
+        table.add_row("", "", "acc_norm", f"{c['acc_norm']:.1%}")
+        table.add_row("", "", "chance", f"{c['chance']:.1%}")
+    Console().print(table)
+    n = len(result["items"])
+    typer.echo(f"{n} items in {result['seconds']:.2f} s ({result['items_per_second']:.1f} items/s)")
+
+
+def lm_eval_command(ctx: typer.Context) -> None:
+    """Run lm-evaluation-harness with --model statelab available; every argument goes to lm-eval unchanged.
+
+    Example: statelab lm-eval --model statelab --model_args pretrained=embedded,skill=upper,store=skills
+    --tasks hellaswag --batch_size auto --device cpu
+    """
+    from statelab.eval.lm_eval_cli import main
+
+    main(ctx.args)
