@@ -23,6 +23,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ImportError:  # pragma: no cover - the eval extra is missing
         sys.exit("error: lm-eval is not installed; install statelab's eval extra: pip install 'statelab[eval]'")
     import statelab.eval.lm_eval_model  # noqa: F401  (registers --model statelab)
+
     args = list(sys.argv[1:] if argv is None else argv)
     # lm-eval's parser reads sys.argv itself
     saved = sys.argv
