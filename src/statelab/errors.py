@@ -9,6 +9,7 @@ __all__ = [
     "StateFileError",
     "StoreError",
     "ConfigError",
+    "StatelabWarning",
 ]
 
 
@@ -34,3 +35,7 @@ class StoreError(StatelabError, RuntimeError):
 
 class ConfigError(StatelabError, ValueError):
     """A config has an unknown key, a wrong type or an invalid value."""
+
+
+class StatelabWarning(UserWarning):
+    """Something statelab recovered from on its own and wants you to know about (e.g. a rebuilt index cache)."""

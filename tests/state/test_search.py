@@ -1,3 +1,4 @@
+import re
 import shutil
 
 import numpy as np
@@ -223,5 +224,94 @@ def test_index_follows_adds_and_removes(library, kind):
     if kind != "sketch":
         files = sorted(p.name for p in (library.path / "index").iterdir() if p.name.startswith(kind + "-"))
         files = [f for f in files if not f.startswith("faiss-ivf-")] if kind == "faiss" else files
-        assert len(files) == 1 and files[0].endswith(f"-r1-m{twin.id}.idx")
+        assert len(files) == 1 and re.search(rf"-r1-m{twin.id}-[0-9a-f]{{12}}\.idx$", files[0]), files
     assert store.check().ok
+
+
+# ---- index caches are verified before FAISS / usearch read them ---------------------------------------------------
+def _cache_file(store, kind):
+    files = [p for p in (store.path / "index").iterdir() if re.match(rf"{kind}-[0-9a-f]{{16}}-r", p.name)]
+    assert len(files) == 1, files
+    return files[0]
+
+
+@pytest.mark.parametrize("kind", ["faiss", "faiss-ivf", "usearch"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_a_damaged_index_cache_is_rebuilt_with_one_warning(library, kind, damage):
+    """The trial's corrupted caches (usearch segfaulted, FAISS returned a cosine of 94.5): the bytes no longer
+    match their recorded SHA-256, so the file is never parsed; search rebuilds, says so once, and check reports it."""
+    from statelab.errors import StatelabWarning
+
+    store = StateStore(library.path, index=kind)
+    queries = [task_state(t, 7777 + t) for t in range(5)]
+    want = [[h.name for h in store.search(q, k=4)] for q in queries]
+    path = _cache_file(store, kind)
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        for i in range(64, len(data), max(1, len(data) // 50)):
+            data[i] ^= 0xFF
+    elif damage == "truncate":
+        data = data[: len(data) // 3]
+    else:
+        data = bytearray(np.random.default_rng(0).bytes(len(data)))
+    path.write_bytes(bytes(data))
+
+    report = StateStore(library.path).check()
+    assert not report.ok and report.bad_indexes == [path.name] and "do not match their checksum" in report.summary()
+
+    fresh = StateStore(library.path, index=kind)
+    with pytest.warns(StatelabWarning, match=f"index cache {re.escape(path.name)} .* rebuilding it") as caught:
+        got = [[h.name for h in fresh.search(q, k=4)] for q in queries]
+    assert len([w for w in caught if issubclass(w.category, StatelabWarning)]) == 1  # once, not once per search
+    assert got == want
+    assert all(-1.0001 <= h.score <= 1.0001 for q in queries for h in fresh.search(q, k=4))
+    assert StateStore(library.path).check().ok  # the rebuild replaced the bad file and its record
+
+
+@pytest.mark.parametrize("kind", ["faiss", "usearch"])
+def test_check_repair_rebuilds_a_bad_index_cache(library, kind):
+    store = StateStore(library.path, index=kind)
+    q = task_state(2, 4242)
+    want = [h.name for h in store.search(q, k=5)]
+    path = _cache_file(store, kind)
+    data = path.read_bytes()
+    path.write_bytes(data[:100] + bytes(b ^ 0x5A for b in data[100:200]) + data[200:])
+    report = StateStore(library.path).check(repair=True)
+    assert report.bad_indexes == [path.name] and len(report.rebuilt_indexes) == 1
+    assert "rebuilt index caches" in report.summary()
+    assert StateStore(library.path).check().ok
+    rebuilt = _cache_file(store, kind)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rebuilt cache is trusted: no warning
+        assert [h.name for h in StateStore(library.path, index=kind).search(q, k=5)] == want
+    assert rebuilt.exists()
+
+
+def test_an_unrecorded_index_file_is_never_read(library):
+    """A file in index/ that the database has no record of (dropped there by hand, or left by an interrupted save)
+    is not parsed; check calls it stale and repair deletes it."""
+    store = StateStore(library.path, index="usearch")
+    store.search(task_state(0, 1), k=1)
+    real = _cache_file(store, "usearch")
+    fake = real.with_name(real.name.replace("-r0-m", "-r0-m9").replace(".idx", "0.idx"))
+    fake.write_bytes(b"\xde\xad" * 500)
+    fresh = StateStore(library.path, index="usearch")
+    assert fresh.search(task_state(0, 1), k=1)[0].task == "t0"
+    report = fresh.check()
+    assert report.ok and fake.name in report.stale_indexes
+    fresh.check(repair=True)
+    assert not fake.exists() and real.exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"k": 2.5}, "k must be an int"), ({"k": True}, "k must be an int"), ({"k": 0}, "k must be an int"),
+     ({"threshold": float("nan")}, "threshold must be a finite number"),
+     ({"threshold": float("inf")}, "threshold must be a finite number"), ({"threshold": "0.5"}, "threshold must"),
+     ({"rerank": -1}, "rerank must be an int"), ({"task": 3}, "task must be a string")],
+)  # fmt: skip
+def test_search_arguments_are_checked(library, kwargs, message):
+    with pytest.raises(StoreError, match=message):
+        library.search(task_state(0, 1), **kwargs)

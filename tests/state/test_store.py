@@ -419,7 +419,7 @@ def test_add_many_failure_inside_the_transaction_rolls_back_every_row(store):
     db.close()
     before = snapshot(store)
     items = [{"name": n, "state": make_state(30 + i), "tags": [n]} for i, n in enumerate("bcd")]
-    with pytest.raises(sqlite3.DatabaseError, match="refused"):
+    with pytest.raises(StoreError, match="refused"):  # the database's error, as a one-line StoreError
         store.add_many(items)
     assert snapshot(store) == before and store.check().ok
 
@@ -484,3 +484,104 @@ def test_search_hits_carry_the_stored_prompt(tmp_path):
             "e3": "prompt 3\n",
         }
         assert hits[0].to_dict()["prompt"] == "prompt 2\n"
+
+
+# ---- hardening: multi-name removal, names that read as ids, stores that must not be created ----------------------
+def test_remove_many_is_all_or_nothing(store):
+    """`statelab store rm a2 nope` used to delete a2 and then fail on nope without saying a2 was gone."""
+    for i, n in enumerate(["a1", "a2", "a3"]):
+        store.add(make_state(i), name=n, tags=["x"])
+    before = snapshot(store)
+    with pytest.raises(StoreError, match="no entry named 'nope'.*nothing was removed"):
+        store.remove_many(["a2", "nope"])
+    assert snapshot(store) == before
+    a1 = store.entry("a1")
+    removed = store.remove_many(["a3", a1.id, "a3"])  # by name and by id; an entry named twice goes once
+    assert [e.name for e in removed] == ["a3", "a1"] and [e.name for e in store.list()] == ["a2"]
+    assert len(blob_files(store)) == 1 and store.check().ok
+    with pytest.raises(StoreError, match="at least one"):
+        store.remove_many([])
+    with pytest.raises(StoreError, match="list of names"):
+        store.remove_many("a2")
+
+
+def test_a_name_of_digits_is_refused_and_an_old_one_is_ambiguous(store):
+    """An entry named '1' used to shadow id 1 in show/get/rm."""
+    first = store.add(make_state(1), name="first")
+    for bad in ("1", "42", "007"):
+        with pytest.raises(StoreError, match="only digits"):
+            store.add(make_state(2), name=bad)
+        with pytest.raises(StoreError, match="only digits"):
+            store.add_many([{"name": bad, "state": make_state(2)}])
+    store.add(make_state(2), name="second")
+    assert store.entry(str(first.id)).name == "first" and store.entry("second").name == "second"
+    # a store written before the rule: entry 2 is named "1", so "1" is a name and another entry's id
+    db = sqlite3.connect(store.path / "store.db")
+    db.execute("UPDATE entries SET name = ? WHERE name = 'second'", (str(first.id),))
+    db.commit()
+    db.close()
+    for call in (store.entry, store.get, store.remove):
+        with pytest.raises(StoreError, match="ambiguous.*rename the entry"):
+            call(str(first.id))
+    assert store.entry(first.id).name == "first"  # an int is always an id
+    assert len(store) == 2
+
+
+def test_a_missing_store_is_not_created_when_create_is_false(tmp_path):
+    """A mistyped path on a read command used to create an empty store silently."""
+    for path, why in ((tmp_path / "skilz", "does not exist"), (tmp_path, "is not a state store")):
+        with pytest.raises(StoreError, match=f"no state store at .*{why}.*statelab store init"):
+            StateStore(path, create=False)
+    assert not (tmp_path / "skilz").exists() and not (tmp_path / "store.db").exists()
+    StateStore(tmp_path / "real").add(make_state(1), name="a")
+    assert StateStore(tmp_path / "real", create=False).entry("a").name == "a"
+
+
+def test_import_of_a_malformed_archive_is_a_store_error(tmp_path, store):
+    """Archives whose manifest has the wrong types, or a truncated tar: one StoreError each, nothing added."""
+    src = StateStore(tmp_path / "src")
+    src.add(make_state(1), name="a", tags=["x"], prompt="p")
+    good = tmp_path / "good.tar"
+    src.export(good)
+    with tarfile.open(good) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    manifest = json.loads(members["manifest.json"])
+
+    def archive(name, manifest_value, extra=None, raw=None):
+        path = tmp_path / f"{name}.tar"
+        with tarfile.open(path, "w") as tar:
+            data = raw if raw is not None else json.dumps(manifest_value).encode()
+            blobs = [(k, v) for k, v in members.items() if k != "manifest.json"]
+            for member, payload in [("manifest.json", data), *blobs, *(extra or [])]:
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+        return path
+
+    entry = manifest["entries"][0]
+    cases = {
+        "tags-int": (archive("t1", {**manifest, "entries": [{**entry, "tags": 3}]}), "tags must be a list"),
+        "prompt-dict": (archive("t2", {**manifest, "entries": [{**entry, "prompt": {"a": 1}}]}), "prompt must be"),
+        "entries-dict": (archive("t3", {**manifest, "entries": {"a": entry}}), "'entries' must be a list"),
+        "manifest-list": (archive("t4", [manifest]), "must be a JSON object"),
+        "entry-int": (archive("t5", {**manifest, "entries": [7]}), "entry 0 must be a JSON object"),
+        "name-int": (archive("t6", {**manifest, "entries": [{**entry, "name": 5}]}), "non-empty name"),
+        "shots-str": (archive("t7", {**manifest, "entries": [{**entry, "shots": "4"}]}), "shots must be"),
+        "created-int": (archive("t8", {**manifest, "entries": [{**entry, "created": 5}]}), "'created' must be"),
+        "blob-list": (archive("t9", {**manifest, "entries": [{**entry, "blob": [1]}]}), "refers to a blob"),
+        "not-utf8": (archive("t10", None, raw=b"\xff\xfe{"), "manifest.json is not JSON"),
+        "deep-json": (archive("t11", None, raw=b"[" * 100_000), "manifest.json is not JSON"),
+        "twice": (archive("t12", manifest, extra=[("manifest.json", b"{}")]), "appears twice"),
+        "truncated": (None, "truncated or not a tar archive"),
+        "directory": (tmp_path, "is a directory"),
+    }
+    truncated = tmp_path / "cut.tar"
+    truncated.write_bytes(good.read_bytes()[:700])
+    cases["truncated"] = (truncated, cases["truncated"][1])
+    store.add(make_state(9), name="mine")
+    before = snapshot(store)
+    for label, (path, message) in cases.items():
+        with pytest.raises(StoreError, match=message):
+            store.import_(path)
+        assert snapshot(store) == before, label
+    assert [e.name for e in store.import_(good)] == ["a"]

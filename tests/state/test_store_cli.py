@@ -85,11 +85,13 @@ def test_errors_are_one_line_and_exit_1(tmp_path, files):
     store = tmp_path / "store"
     p = files[(0, 0)]
     assert run("store", "add", p, "-n", "a", "-s", store).exit_code == 0
+    assert run("store", "init", "-s", tmp_path / "empty").exit_code == 0
     cases = [
         (("store", "add", p, "-n", "a", "-s", store), "already has an entry named 'a'"),
         (("store", "add", tmp_path / "missing.safetensors", "-n", "b", "-s", store), "does not exist"),
         (("store", "show", "nope", "-s", store), "no entry named 'nope'"),
         (("search", p, "-s", tmp_path / "empty"), "is empty"),
+        (("search", p, "-s", tmp_path / "emtpy"), "no state store at"),
         (("search", p, "-s", store, "--layers", "x"), "comma-separated integers"),
         (("search", p, "-s", store, "--index", "annoy"), "unknown index"),
         (("store", "import", tmp_path / "missing.tar", "-s", store), "cannot read archive"),

@@ -243,7 +243,7 @@ def mix_command(
 
         if not store.is_dir():
             raise CliError(f"--store {store} does not exist")
-        st = StateStore(store)
+        st = StateStore(store, create=False)
     loaded = [_state_or_entry(ref, st, m) for ref in states]
     given: dict[str, Any] = {
         "conv": conv,

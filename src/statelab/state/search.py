@@ -23,6 +23,7 @@ Vectors are unit-normalised before they reach an index, so inner product equals 
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from abc import ABC, abstractmethod
@@ -50,6 +51,8 @@ __all__ = [
     "UsearchIndex",
     "INDEX_KINDS",
     "make_index",
+    "load_index",
+    "index_from_bytes",
     "recall_at_k",
 ]
 
@@ -206,6 +209,11 @@ class VectorIndex(ABC):
     @abstractmethod
     def load(cls, path: str | os.PathLike, dim: int) -> VectorIndex: ...
 
+    @classmethod
+    def from_bytes(cls, data: bytes, dim: int) -> VectorIndex:
+        """Read an index from the bytes its ``save`` wrote (so a caller can verify exactly what is parsed)."""
+        return _load_ids_and_vectors_index(cls, data, dim)
+
 
 class ExactIndex(VectorIndex):
     """Brute force in torch: fp32 matmul over all vectors, then ``topk``. Exact; O(n · dim) per query."""
@@ -310,6 +318,17 @@ class FaissIndex(VectorIndex):
         index.ef_search = faiss.downcast_index(index._index.index).hnsw.efSearch
         if index._index.d != dim:
             raise StoreError(f"faiss index {path} has dimension {index._index.d}, expected {dim}")
+        return index
+
+    @classmethod
+    def from_bytes(cls, data, dim):
+        faiss = _import("faiss", "faiss-cpu")
+        index = cls.__new__(cls)
+        VectorIndex.__init__(index, dim)
+        index._index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        index.ef_search = faiss.downcast_index(index._index.index).hnsw.efSearch
+        if index._index.d != dim:
+            raise StoreError(f"faiss index has dimension {index._index.d}, expected {dim}")
         return index
 
 
@@ -455,6 +474,16 @@ class UsearchIndex(VectorIndex):
             raise StoreError(f"usearch index {path} is unreadable or not of dimension {dim}")
         return index
 
+    @classmethod
+    def from_bytes(cls, data, dim):
+        usearch_index = _import("usearch.index", "usearch")
+        index = cls.__new__(cls)
+        VectorIndex.__init__(index, dim)
+        index._index = usearch_index.Index.restore(bytes(data))
+        if index._index is None or index._index.ndim != dim:
+            raise StoreError(f"usearch index is unreadable or not of dimension {dim}")
+        return index
+
 
 def _faiss_search(index, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``index.search(q, k)``; with fewer than 8 queries on one OpenMP thread (a few queries gain nothing from
@@ -499,6 +528,22 @@ def load_index(kind: str, path: Path, dim: int) -> VectorIndex:
     if kind not in INDEX_KINDS:
         raise StoreError(f"unknown index kind {kind!r}; known: {sorted(INDEX_KINDS)}")
     return INDEX_KINDS[kind].load(path, dim)
+
+
+def index_from_bytes(kind: str, data: bytes, dim: int) -> VectorIndex:
+    """Read an index of ``kind`` from the bytes its ``save`` wrote (the store verifies them first: FAISS and usearch
+    trust their input, and a corrupted file can crash them or return wrong hits)."""
+    if kind not in INDEX_KINDS:
+        raise StoreError(f"unknown index kind {kind!r}; known: {sorted(INDEX_KINDS)}")
+    return INDEX_KINDS[kind].from_bytes(data, dim)
+
+
+def _load_ids_and_vectors_index(cls: type[VectorIndex], data: bytes, dim: int) -> VectorIndex:
+    f = io.BytesIO(data)
+    ids, vecs = np.load(f, allow_pickle=False), np.load(f, allow_pickle=False)
+    index = cls(dim)
+    index.add(ids, vecs)
+    return index
 
 
 def _save_ids_and_vectors(path, ids: np.ndarray, vecs: np.ndarray) -> None:

@@ -1,7 +1,10 @@
 """``statelab store …`` and ``statelab search``: the state store from the command line.
 
 Every command takes the store directory as ``--store`` (or the ``STATELAB_STORE`` environment variable), prints a
-table for people or JSON with ``--json``, and reports a failure as one line on stderr with exit code 1.
+table for people or JSON with ``--json``, and reports a failure as one line on stderr with exit code 1 (a
+warning, such as a rebuilt index cache, is one line starting with ``warning:``). Only ``init``, ``add``, ``ingest``
+and ``import`` create a store; the other commands refuse a path that holds none, so a mistyped ``--store`` is an
+error and not a new empty store. A store this user cannot write (read-only mount, another user's) can be read.
 ``store ingest`` encodes a JSONL file of prompts with a model and adds them all in one transaction; ``search``
 takes a query state file or a ``--text`` to encode, and every hit carries its entry's stored prompt.
 """
@@ -10,50 +13,64 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from statelab.errors import StatelabError
+from statelab.errors import StatelabError, StatelabWarning
 from statelab.state.model_cli import TokenizerOpt
 
 __all__ = ["store_app", "search_command", "read_prompts_jsonl", "INGEST_KEYS"]
 
 store_app = typer.Typer(
     name="store",
-    help="Keep states in a store: add, ingest, list, show, get, rm, check, export, import.\n\n"
+    help="Keep states in a store: init, add, ingest, list, show, get, rm, check, export, import.\n\n"
     "Example: statelab store --help; statelab store list --store skills",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 
 StoreOpt = Annotated[
-    Path, typer.Option("--store", "-s", envvar="STATELAB_STORE", help="Store directory (created if missing).")
+    Path,
+    typer.Option(
+        "--store", "-s", envvar="STATELAB_STORE", help="Store directory (init, add, ingest and import create it)."
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn statelab errors (and unreadable files) into one line on stderr and exit code 1."""
+    """Turn statelab errors (and unreadable files) into one line on stderr and exit code 1, and statelab warnings
+    into one ``warning:`` line each."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (StatelabError, OSError) as e:
-            msg = str(e) if isinstance(e, StatelabError) else f"{e.strerror or e}: {getattr(e, 'filename', '')}"
-            typer.echo(f"error: {msg}", err=True)
-            raise typer.Exit(1) from None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", StatelabWarning)
+            try:
+                return fn(*args, **kwargs)
+            except (StatelabError, OSError) as e:
+                msg = str(e) if isinstance(e, StatelabError) else f"{e.strerror or e}: {getattr(e, 'filename', '')}"
+                typer.echo(f"error: {msg}", err=True)
+                raise typer.Exit(1) from None
+            finally:
+                for w in caught:
+                    if issubclass(w.category, StatelabWarning):
+                        typer.echo(f"warning: {w.message}", err=True)
+                    else:
+                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
     return wrapper
 
 
-def _open(store: Path, index: str = "exact"):
+def _open(store: Path, index: str = "exact", *, create: bool = False):
+    """The store at ``store``; only the commands that add entries pass ``create=True``."""
     from statelab.state.store import StateStore
 
-    return StateStore(store, index=index)
+    return StateStore(store, index=index, create=create)
 
 
 def _load_model(model: str, tokenizer: str | None):
@@ -93,6 +110,33 @@ def _entries_table(entries: list, title: str) -> None:
     Console().print(t)
 
 
+@store_app.command("init")
+@_fail_cleanly
+def init_command(
+    store: StoreOpt,
+    sketch_dim: Annotated[int | None, typer.Option(help="Sketch dimension (default 256).")] = None,
+    sketch_seed: Annotated[int | None, typer.Option(help="Sketch hash seed (default 0).")] = None,
+    layers: Annotated[str | None, typer.Option(help="Comma-separated layers to search (default: middle).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an empty store (or check that an existing one has these settings).
+
+    Example: statelab store init -s skills
+    """
+    from statelab.state.store import StateStore
+
+    layer_list = None
+    if layers:
+        try:
+            layer_list = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise StatelabError(f"--layers must be comma-separated integers, got {layers!r}") from None
+    existed = (store / "store.db").is_file()
+    st = StateStore(store, sketch_dim=sketch_dim, sketch_seed=sketch_seed, layers=layer_list, create=True)
+    info = {"store": str(store), "created": not existed, "entries": len(st), "sketch_dim": st.sketch_dim}
+    _emit(as_json, info, lambda: typer.echo(f"{'store exists' if existed else 'created store'} {store}"))
+
+
 @store_app.command("add")
 @_fail_cleanly
 def add_command(
@@ -115,7 +159,7 @@ def add_command(
     state = load_state(state_file)
     if prompt is None:
         prompt = read_metadata(state_file).get("prompt")
-    entry = _open(store).add(
+    entry = _open(store, create=True).add(
         state, name=name, task=task, tags=tag or (), description=description, prompt=prompt, shots=shots
     )
     _emit(as_json, entry.to_dict(), lambda: typer.echo(f"added {entry.name} (id {entry.id}, blob {entry.blob[:12]})"))
@@ -204,7 +248,7 @@ def ingest_command(
     from statelab.state.store import NewEntry
 
     lines = read_prompts_jsonl(prompts)
-    st = _open(store)
+    st = _open(store, create=True)
     for n, obj in lines:
         if obj["name"] in st:
             raise StoreError(f"{prompts} line {n}: store {store} already has an entry named {obj['name']!r}")
@@ -291,12 +335,12 @@ def rm_command(
     store: StoreOpt,
     as_json: JsonOpt = False,
 ) -> None:
-    """Remove entries (their state files go when no other entry shares them).
+    """Remove entries (their state files go when no other entry shares them): all of them, or none if one is
+    missing.
 
     Example: statelab store rm sst2-a sst2-b -s skills
     """
-    st = _open(store)
-    removed = [st.remove(n).name for n in name]
+    removed = [e.name for e in _open(store).remove_many(name)]  # one transaction: all of them or none
     _emit(as_json, {"removed": removed}, lambda: typer.echo(f"removed {', '.join(removed)}"))
 
 
@@ -347,7 +391,7 @@ def import_command(
 
     Example: statelab store import skills.tar -s other-store
     """
-    added = _open(store).import_(archive)
+    added = _open(store, create=True).import_(archive)
     names = [e.name for e in added]
     _emit(as_json, {"imported": names}, lambda: typer.echo(f"imported {len(names)} entries"))
 
