@@ -69,9 +69,11 @@ def test_soup_cli_runs_on_a_hf_checkpoint(hf_dir, tmp_path):
     for png in ("retrieval_vs_k.png", "accuracy_by_method.png", "library_pca.png", "composition.png"):
         assert (run / png).stat().st_size > 1000, png
     report = (run / "report.md").read_text()
-    headings = ("## Retrieval", "## Few-shot accuracy", "## Ordered composition", "## Cross-task mixing", "## Targets")
+    headings = ("## Retrieval", "## Few-shot accuracy", "## Ordered composition", "## Cross-task mixing")
     for heading in headings:
         assert heading in report
+    # a user's checkpoint is not judged against the embedded demo's targets
+    assert "## Targets" not in report and "met" not in result.output
     assert json.loads((run / "config.json").read_text())["library_shots"] == 3
     from statelab.state.store import StateStore
 
@@ -133,3 +135,50 @@ def test_unknown_task_is_named(hf_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="no_such_task"):
         load_task_data(load_soup_config(None, ["tasks=['uppercase', 'no_such_task']"]))
+
+
+def test_soup_run_with_a_users_jsonl_task(hf_dir, tmp_path, monkeypatch):
+    """A JSONL file of {"input", "output"} pairs is a task beside the built-in ones; the report names the file and
+    judges nothing against the demo's targets."""
+    from statelab.cli import app
+    from statelab.experiments.soup import load_task_data
+    from statelab.tasks.user import load_jsonl_task, task_file_digest
+
+    words = ["cat", "dog", "sun", "sea", "tree", "book", "lamp", "road", "milk", "hand", "door", "bird", "fish"]
+    words += ["rain", "snow", "wind", "leaf", "rock", "sand", "star", "moon", "ship", "coin", "bell", "rope"]
+    task_file = tmp_path / "shout.jsonl"
+    task_file.write_text("\n".join(json.dumps({"input": w, "output": w.upper() + "!"}) for w in words) + "\n")
+    monkeypatch.chdir(tmp_path)  # relative task files are read from the working directory
+    tiny = [a for a in TINY if not a.startswith("tasks=")] + ["tasks=['shout.jsonl', 'uppercase', 'reverse']"]
+    args = ["soup", "run", "--model", str(hf_dir), f"out_dir={json.dumps(str(tmp_path))}", "name=user", *tiny]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    res = json.loads((tmp_path / "user" / "results.json").read_text())
+    assert res["tasks"] == ["shout", "uppercase", "reverse"]
+    data = {t.name: t for t in load_task_data(load_soup_config(None, tiny))}
+    task = load_jsonl_task(task_file)
+    assert set(data["shout"].train) == set(task.pool("train")) and set(data["shout"].test) == set(task.pool("test"))
+    assert not set(data["shout"].train) & set(data["shout"].test)
+    from statelab.state.store import StateStore
+
+    assert {e.task for e in StateStore(tmp_path / "user" / "library").list()} == {"shout", "uppercase", "reverse"}
+    report = (tmp_path / "user" / "report.md").read_text()
+    assert "## Targets" not in report and "met" not in result.output
+    assert f"`shout.jsonl`: sha256 `{task_file_digest(task_file)[:16]}`" in report
+
+
+def test_task_files_in_the_config_are_checked(tmp_path, monkeypatch):
+    from statelab.experiments.soup import load_task_data, uses_demo_targets
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "uppercase.jsonl").write_text('{"input": "a", "output": "A"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"input": "a", "output": "A"}\n{"input": "a", "output": "B"}\n')
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_task_data(load_soup_config(None, ["tasks=['missing.jsonl', 'reverse']"]))
+    with pytest.raises(ConfigError, match="named \\['uppercase'\\]"):
+        load_task_data(load_soup_config(None, ["tasks=['uppercase.jsonl', 'uppercase']"]))
+    with pytest.raises(ConfigError, match="bad.jsonl:2"):
+        load_task_data(load_soup_config(None, ["tasks=['bad.jsonl', 'reverse']"]))
+    assert uses_demo_targets(load_soup_config(None, []))
+    assert not uses_demo_targets(load_soup_config(None, ["model='some/dir'"]))
+    assert not uses_demo_targets(load_soup_config(None, ["tasks=['uppercase.jsonl', 'reverse']"]))

@@ -189,30 +189,42 @@ class TaskData:
 
 
 def load_task_data(cfg: SoupConfig) -> list[TaskData]:
-    """The word-function tasks of :mod:`statelab.tasks` that ``cfg`` names.
+    """The word-function tasks of :mod:`statelab.tasks` that ``cfg`` names, and the user's own tasks.
 
-    With ``cfg.tasks`` empty: every task with enough train items for the library's disjoint sets.
+    With ``cfg.tasks`` empty: every task with enough train items for the library's disjoint sets. An entry ending
+    in ``.jsonl`` is a file of ``{"input", "output"}`` pairs (:func:`statelab.tasks.user.load_jsonl_task`; a
+    relative path is read from the working directory), named after the file and split by key like the built-in
+    tasks.
     """
     from statelab import tasks as suite
+    from statelab.tasks.user import is_task_file, load_jsonl_task
 
     need = cfg.library_sets * cfg.library_shots
+    user = {n: load_jsonl_task(n) for n in cfg.tasks if is_task_file(n)}
     if cfg.tasks:
         names = list(cfg.tasks)
         known = suite.word_task_names()
-        unknown = [n for n in names if n not in known]
+        unknown = [n for n in names if n not in known and n not in user]
         if unknown:
-            raise ConfigError(f"soup config: unknown task(s) {unknown}; known: {', '.join(known)}")
+            raise ConfigError(
+                f"soup config: unknown task(s) {unknown}; known: {', '.join(known)}, or a .jsonl file of "
+                '{"input", "output"} pairs'
+            )
+        labels = [user[n].name if n in user else n for n in names]
+        clash = sorted({x for x in labels if labels.count(x) > 1})
+        if clash:
+            raise ConfigError(f"soup config: two tasks are named {clash}; a task file is named after its file")
     else:
         names = [n for n in suite.word_task_names() if len(suite.get_word_task(n).pool("train")) >= need]
     if cfg.max_tasks:
         names = names[: cfg.max_tasks]
     out = []
     for name in names:
-        task = suite.get_word_task(name)
+        task = user[name] if name in user else suite.get_word_task(name)
         library = task.disjoint_sets("train", cfg.library_sets, cfg.library_shots, seed=cfg.seed)
         out.append(
             TaskData(
-                name,
+                task.name,
                 task.split("train", seed=cfg.seed),
                 task.split("test", seed=cfg.seed),
                 tuple(tuple(s) for s in library),
@@ -767,15 +779,29 @@ def write_report(runner: SoupRunner, res: SoupResults, run_dir: Path) -> Path:
             lines += [f"**{a} + {b}** (first library state of each)", "", f"| state | {a} | {b} |", "|---|---|---|"]
             lines += [f"| {r['state']} | {_pct(r[a])} | {_pct(r[b])} |" for r in block["rows"]]
             lines.append("")
-    lines += ["## Targets", ""] + [f"- {line}" for line in targets(res, cfg)] + [""]
+    if uses_demo_targets(cfg):
+        lines += ["## Targets", ""] + [f"- {line}" for line in targets(res, cfg)] + [""]
+    user_files = [t for t in cfg.tasks if t.lower().endswith(".jsonl")]
+    if user_files:
+        from statelab.tasks.user import task_file_digest
+
+        lines += ["## Task files", ""]
+        lines += [f"- `{f}`: sha256 `{task_file_digest(f)[:16]}`" for f in user_files] + [""]
     lines += ["Plots: " + ", ".join(f"`{p}`" for p in plots), ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
 
+def uses_demo_targets(cfg: SoupConfig) -> bool:
+    """True when the run is the demo the targets were set for: the embedded model on built-in tasks only. A run on
+    a user's checkpoint or task files reports its figures without judging them against those targets."""
+    return cfg.model == "embedded" and not cfg.tokenizer and not any(t.lower().endswith(".jsonl") for t in cfg.tasks)
+
+
 def targets(res: SoupResults, cfg: SoupConfig) -> list[str]:
-    """The issue's three targets, each with the measured figures and whether it holds."""
+    """The issue's three targets, each with the measured figures and whether it holds (demo runs only, see
+    :func:`uses_demo_targets`)."""
     out = []
     if "2" in res.retrieval_by_k:
         v = res.retrieval_by_k["2"]
@@ -834,7 +860,7 @@ def print_summary(res: SoupResults, cfg: SoupConfig, report: Path) -> None:
     for m, v in res.composition.items():
         t.add_row(f"perplexity: {m}", f"{v:.3f}")
     console.print(t)
-    for line in targets(res, cfg):
+    for line in targets(res, cfg) if uses_demo_targets(cfg) else ():
         console.print(f"  {line}")
     console.print(f"report: {report}")
 
