@@ -168,7 +168,8 @@ def test_length_buckets_properties():
         n = rng.randint(0, 60)
         lengths = [rng.choice([1, 2, rng.randint(1, 400), rng.randint(1, 40)]) for _ in range(n)]
         budget = rng.choice([1, 7, 64, 400, 1000, 10_000])
-        buckets = length_buckets(lengths, budget)
+        max_pad = rng.choice([0.0, 0.25, 0.5, 1.0])
+        buckets = length_buckets(lengths, budget, max_pad)
         flat = [i for b in buckets for i in b]
         assert sorted(flat) == list(range(n)), "every index exactly once"
         assert [lengths[i] for i in flat] == sorted(lengths, reverse=True), "sorted by length, longest first"
@@ -176,9 +177,12 @@ def test_length_buckets_properties():
             width = max(lengths[i] for i in b)
             assert width == lengths[b[0]]
             assert width * len(b) <= budget or len(b) == 1, f"trial {trial}: bucket {k} over budget"
+            assert all(width - lengths[i] <= max_pad * width for i in b), f"trial {trial}: bucket {k} over-padded"
             if k + 1 < len(buckets):  # greedy: the next index did not fit
-                assert width * (len(b) + 1) > budget
-    assert length_buckets([3, 10, 4, 9, 1], 20) == [[1, 3], [2, 0, 4]]
+                nxt = lengths[buckets[k + 1][0]]
+                assert width * (len(b) + 1) > budget or width - nxt > max_pad * width
+    assert length_buckets([3, 10, 4, 9, 1], 20, max_pad=1.0) == [[1, 3], [2, 0, 4]]
+    assert length_buckets([3, 10, 4, 9, 1], 20) == [[1, 3], [2, 0], [4]], "a row at most a quarter padding"
     assert length_buckets([500, 2, 2], 100) == [[0], [1, 2]], "an over-long length runs alone"
     assert length_buckets(torch.tensor([5, 5, 5]), 10) == [[0, 1], [2]]
     assert length_buckets([], 10) == []
@@ -197,6 +201,8 @@ def test_bad_input_is_a_clear_error(model):
         encode_texts(model, tok, ["a"], batch_tokens=0)
     with pytest.raises(ValueError, match=r"lengths must be ints >= 1; entries \[1\]"):
         length_buckets([3, 0], 10)
+    with pytest.raises(ValueError, match=r"max_pad must be a number in \[0, 1\]"):
+        length_buckets([3], 10, max_pad=1.5)
     two = model.encode(torch.tensor([[1, 2], [3, 4]]))
     with pytest.raises(StateMismatchError, match="must have batch 1"):
         encode_texts(model, tok, ["a"], state=two)

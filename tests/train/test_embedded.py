@@ -57,3 +57,28 @@ def test_builder_trains_copies_evaluates_and_writes_a_card(tmp_path):
     text = card.read_text()
     assert "| d_model | 16 |" in text and "`uppercase`, `first_letter`" in text
     assert Path(dest / "training_curve.png").stat().st_size > 1000
+
+
+def test_accuracy_by_shots_equals_scoring_each_prompt_alone():
+    """The bulk evaluation (prompts encoded in ragged batches, every k scored in one pass) gives the accuracies of
+    encoding each prompt alone and scoring its items on their own."""
+    import numpy as np
+
+    from statelab.experiments.soup import Prompter, exact_match
+    from statelab.tasks import DEFAULT_TEMPLATE, TASKS
+    from statelab.train.embedded import accuracy_by_shots
+
+    model, tok = statelab.load_model("embedded"), statelab.load_tokenizer("embedded")
+    tasks, shots, items, prompts = ["uppercase", "first_letter"], (0, 1, 4), 8, 2
+    got = accuracy_by_shots(model, tok, tasks, DEFAULT_TEMPLATE, shots=shots, items=items, prompts=prompts)
+    p = Prompter(DEFAULT_TEMPLATE, tok)
+    for ti, name in enumerate(tasks):
+        its = [p.item(x, y) for x, y in TASKS[name].examples("test", items, seed=0)]
+        for k in shots:
+            hits = []
+            for j in range(1 if k == 0 else prompts):
+                demos = TASKS[name].examples("train", k, seed=17 * ti + 7919 * j + k)
+                state = model.encode(torch.tensor([p.ids(p.demos(demos))])) if k else None
+                hits += exact_match(model, state, its[j :: 1 if k == 0 else prompts])
+            assert got[name][str(k)] == float(np.mean(hits)), (name, k)
+    assert list(got["uppercase"]) == ["0", "1", "4"] and np.mean([v for r in got.values() for v in r.values()]) > 0

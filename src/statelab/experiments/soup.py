@@ -20,7 +20,9 @@ model (the embedded one by default) and writes ``<out_dir>/<name>/`` with ``repo
    their mixtures.
 
 Greedy exact match is computed by teacher forcing: greedy decoding emits the answer iff the argmax at every answer
-position (given the correct prefix) is the answer token, so one batched forward pass per prompt scores it exactly.
+position (given the correct prefix) is the answer token, so one batched forward pass scores a whole set of items
+exactly, each item from its own start state (its prompt's state, a retrieved skill, a soup). Prompts are encoded in
+bulk (:func:`statelab.encode_texts`: length-bucketed ragged batches, each state equal to its prompt encoded alone).
 """
 
 from __future__ import annotations
@@ -351,12 +353,11 @@ class SoupRunner:
         )
 
     # -- primitives ----------------------------------------------------------------------------------------------
-    def tokens(self, ids: Sequence[int]) -> torch.Tensor:
-        return torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+    def encode_many(self, texts: Sequence[str]) -> list[State]:
+        """The state after each text, from the zero state (batch 1 each), in length-bucketed ragged batches."""
+        from statelab.models.batching import encode_texts
 
-    def encode(self, text: str) -> State:
-        """The state after ``text``, from the zero state (batch 1)."""
-        return self.model.encode(self.tokens(self.prompter.ids(text)))
+        return encode_texts(self.model, self.prompter.tokenizer, texts)
 
     def exact_match(self, state: State | None, items: Sequence[tuple[list[int], list[int]]]) -> list[bool]:
         return exact_match(self.model, state, items)
@@ -378,16 +379,19 @@ class SoupRunner:
             shutil.rmtree(lib_dir)
         self.store = StateStore(lib_dir, layers=list(cfg.retrieval_layers) or None)
         bar = progress.add_task("skill library", total=len(self.tasks) * cfg.library_sets)
-        for task in self.tasks:
-            states = []
-            for s, demos in enumerate(task.library):
-                text = self.prompter.demos(demos)
-                state = self.encode(text)
-                name = f"{task.name}/{s}"
-                self.store.add(state, name=name, task=task.name, tags=("soup", "skill"), prompt=text, shots=len(demos))
-                states.append(state)
-                progress.advance(bar)
-            self.library[task.name] = states
+        sets = [(task.name, s, demos) for task in self.tasks for s, demos in enumerate(task.library)]
+        texts = [self.prompter.demos(demos) for _, _, demos in sets]
+        states = self.encode_many(texts)
+        self.store.add_many(
+            [
+                {"name": f"{name}/{s}", "state": state, "task": name, "tags": ("soup", "skill"), "prompt": text,
+                 "shots": len(demos)}
+                for (name, s, demos), text, state in zip(sets, texts, states, strict=True)
+            ]
+        )  # fmt: skip
+        for (name, _, _), state in zip(sets, states, strict=True):
+            self.library.setdefault(name, []).append(state)
+        progress.update(bar, completed=len(sets))
 
     # -- 2. retrieval --------------------------------------------------------------------------------------------
     def retrieval(self, progress: Any) -> None:
@@ -404,16 +408,20 @@ class SoupRunner:
             layer: {k: [] for k in cfg.retrieval_shots} for layer in range(L)
         }
         self.query_states: dict[tuple[str, int], list[State]] = {}
+        queries = []  # (task, k, query text), every query drawn before any is encoded
         for ti, task in enumerate(self.tasks):
             for k in cfg.retrieval_shots:
                 rng = _rng(cfg.seed, 2, ti, k)
                 for _ in range(cfg.retrieval_queries):
-                    q = self.encode(self.prompter.demos(_pick(rng, task.test, k, f"query of task {task.name}")))
-                    self.query_states.setdefault((task.name, k), []).append(q)
-                    hits_default[k].append(self.top1(q, default)[1] == task.name)
-                    for layer in range(L):
-                        hits_layer[layer][k].append(self.top1(q, [layer])[1] == task.name)
-                    progress.advance(bar)
+                    demos = _pick(rng, task.test, k, f"query of task {task.name}")
+                    queries.append((task, k, self.prompter.demos(demos)))
+        states = self.encode_many([text for _, _, text in queries])
+        for (task, k, _), q in zip(queries, states, strict=True):
+            self.query_states.setdefault((task.name, k), []).append(q)
+            hits_default[k].append(self.top1(q, default)[1] == task.name)
+            for layer in range(L):
+                hits_layer[layer][k].append(self.top1(q, [layer])[1] == task.name)
+            progress.advance(bar)
         self.results.retrieval_by_k = {str(k): float(np.mean(v)) for k, v in hits_default.items()}
         self.results.retrieval_by_layer = {
             str(layer): {str(k): float(np.mean(v)) for k, v in by_k.items()} for layer, by_k in hits_layer.items()
@@ -433,20 +441,27 @@ class SoupRunner:
             acc: dict[str, list[bool]] = {m: [] for m in ICL_METHODS}
             acc["0-shot"] = self.exact_match(None, items)
             n_prompts = min(cfg.icl_prompts, len(items))
-            for p in range(n_prompts):
-                group = items[p::n_prompts]  # each prompt serves an equal share of the items
-                demos = _pick(rng, task.train, cfg.icl_shots, f"demonstrations of {task.name}")
-                q = self.encode(self.prompter.demos(demos))
-                acc["k-shot prompt"] += self.exact_match(q, group)
+            groups = [items[p::n_prompts] for p in range(n_prompts)]  # each prompt serves an equal share of the items
+            prompts = [_pick(rng, task.train, cfg.icl_shots, f"demonstrations of {task.name}") for _ in groups]
+            many = _pick(rng, task.train, cfg.library_shots, f"{cfg.library_shots}-shot prompt of {task.name}")
+            # every prompt of the task in one bulk encode: the k-shot prompts, the many-shot one, its one-shot parts
+            texts = [self.prompter.demos(d) for d in prompts] + [self.prompter.demos(many)]
+            states = self.encode_many(texts + [self.prompter.demos([ex]) for ex in many])
+            queries, long_prompt, ones = states[: len(groups)], states[len(groups)], states[len(groups) + 1 :]
+            per_item: dict[str, list[State]] = {m: [] for m in ("k-shot prompt", "retrieved skill", "query + soup")}
+            for q, group in zip(queries, groups, strict=True):
                 hit_name, hit_task = self.top1(q, default)
                 skill = self.library[hit_task][int(hit_name.rsplit("/", 1)[1])]
-                acc["retrieved skill"] += self.exact_match(skill, group)
                 soup = mix(self.library[hit_task], method="mean")
                 mixed = mix([q, soup], method="mean", weights=[cfg.query_weight, 1.0 - cfg.query_weight])
-                acc["query + retrieved soup"] += self.exact_match(mixed, group)
-            many = _pick(rng, task.train, cfg.library_shots, f"{cfg.library_shots}-shot prompt of {task.name}")
-            acc["32-shot prompt"] = self.exact_match(self.encode(self.prompter.demos(many)), items)
-            ones = [self.encode(self.prompter.demos([ex])) for ex in many]
+                for m, st in zip(per_item, (q, skill, mixed), strict=True):
+                    per_item[m].append(st.expand(len(group)))
+            # one teacher-forced pass per condition over the items of all prompts, each item from its prompt's state
+            in_order = [it for group in groups for it in group]
+            acc["k-shot prompt"] = self.exact_match(State.cat(per_item["k-shot prompt"]), in_order)
+            acc["retrieved skill"] = self.exact_match(State.cat(per_item["retrieved skill"]), in_order)
+            acc["query + retrieved soup"] = self.exact_match(State.cat(per_item["query + soup"]), in_order)
+            acc["32-shot prompt"] = self.exact_match(long_prompt, items)
             acc["mean of one-shot states"] = self.exact_match(mix(ones, method="mean"), items)
             acc["norm-matched mean"] = self.exact_match(mix(ones, method="norm_matched"), items)
             self.results.icl[task.name] = {m: float(np.mean(v)) for m, v in acc.items()}

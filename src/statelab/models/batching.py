@@ -2,10 +2,11 @@
 
 ``encode_texts(model, tokenizer, texts)`` gives the state after each text, as if each had been encoded alone, but
 runs them in few passes: the texts are sorted by length, cut into groups whose padded size ``rows * longest`` stays
-under ``batch_tokens`` (:func:`length_buckets`), and each group runs as one right-padded batch with ``lengths``
-(see :mod:`statelab.models.base`: a row of a padded batch gets exactly the state it gets alone, up to fp32
-round-off of the batched matrix products). Sorting first keeps the padding small: a group holds texts of similar
-length, so most of the ``rows * longest`` positions it pays for are real tokens.
+under ``batch_tokens`` and whose rows are each at least three quarters real tokens (:func:`length_buckets`), and
+each group runs as one right-padded batch with ``lengths`` (see :mod:`statelab.models.base`: a row of a padded
+batch gets exactly the state it gets alone, up to fp32 round-off of the batched matrix products). Sorting first
+keeps the padding small: a group holds texts of similar length, so most of the ``rows * longest`` positions it
+pays for are real tokens.
 
 Example:
     >>> import statelab
@@ -26,34 +27,55 @@ import torch
 from statelab.errors import StateMismatchError
 from statelab.state.core import State
 
-__all__ = ["length_buckets", "encode_texts", "tokenize_texts", "EmptyTextError", "DEFAULT_BATCH_TOKENS"]
+__all__ = [
+    "length_buckets",
+    "encode_texts",
+    "tokenize_texts",
+    "EmptyTextError",
+    "DEFAULT_BATCH_TOKENS",
+    "DEFAULT_MAX_PAD",
+]
 
 DEFAULT_BATCH_TOKENS = 8192
+# a row may be padded by at most this share of its batch's width (see length_buckets)
+DEFAULT_MAX_PAD = 0.25
 # texts tokenized per encode_batch call: bounds the padded [chunk, longest] tensor a tokenizer builds
 _TOKENIZE_CHUNK = 1024
 
 
-def length_buckets(lengths: Sequence[int] | torch.Tensor, batch_tokens: int) -> list[list[int]]:
+def length_buckets(
+    lengths: Sequence[int] | torch.Tensor, batch_tokens: int, max_pad: float = DEFAULT_MAX_PAD
+) -> list[list[int]]:
     """Indices of ``lengths`` grouped into batches of similar length with ``max_len * rows <= batch_tokens``.
 
     The indices are sorted by length, longest first (ties in index order), and cut greedily: a batch takes the
-    next index while its padded size, ``rows * (length of its first, longest, index)``, stays within the budget.
-    A single length above ``batch_tokens`` gets a batch of its own (it cannot be split). Longest first means the
-    largest batch in memory comes first, so a budget that is too large fails at once rather than at the end.
+    next index while its padded size, ``rows * width`` (``width``: the length of its first, longest, index), stays
+    within the budget and the new row's padding, ``width - length``, is at most ``max_pad * width``. A single
+    length above ``batch_tokens`` gets a batch of its own (it cannot be split). Longest first means the largest
+    batch in memory comes first, so a budget that is too large fails at once rather than at the end.
+
+    Why the padding cap: a pass costs about ``rows * width`` token steps (on a CPU exactly that), so a few texts
+    of very different lengths in one batch would cost more than running them one by one; with many texts the
+    budget cuts first and the cap rarely matters.
 
     Args:
         lengths: ``[N]`` token counts, each ``>= 1``.
         batch_tokens: the budget of padded positions per batch, ``>= 1``.
+        max_pad: the largest share of a batch's width a row may spend on padding, in ``[0, 1]`` (1: no cap).
 
     Returns:
         A list of batches, each a list of indices into ``lengths``; every index appears exactly once. Within a
         batch and from one batch to the next, lengths never increase.
 
-    >>> length_buckets([3, 10, 4, 9, 1], batch_tokens=20)
+    >>> length_buckets([3, 10, 4, 9, 1], batch_tokens=20, max_pad=1.0)
     [[1, 3], [2, 0, 4]]
+    >>> length_buckets([3, 10, 4, 9, 1], batch_tokens=20)
+    [[1, 3], [2, 0], [4]]
     """
     if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
         raise ValueError(f"batch_tokens must be an int >= 1, got {batch_tokens!r}")
+    if isinstance(max_pad, bool) or not isinstance(max_pad, (int, float)) or not 0 <= max_pad <= 1:
+        raise ValueError(f"max_pad must be a number in [0, 1], got {max_pad!r}")
     if isinstance(lengths, torch.Tensor):
         lengths = lengths.tolist()
     lens = list(lengths)
@@ -63,10 +85,12 @@ def length_buckets(lengths: Sequence[int] | torch.Tensor, batch_tokens: int) -> 
     order = sorted(range(len(lens)), key=lambda i: (-lens[i], i))
     buckets: list[list[int]] = []
     for i in order:
-        if buckets and (len(buckets[-1]) + 1) * lens[buckets[-1][0]] <= batch_tokens:
-            buckets[-1].append(i)
-        else:
-            buckets.append([i])
+        if buckets:
+            width = lens[buckets[-1][0]]
+            if (len(buckets[-1]) + 1) * width <= batch_tokens and width - lens[i] <= max_pad * width:
+                buckets[-1].append(i)
+                continue
+        buckets.append([i])
     return buckets
 
 
@@ -161,7 +185,8 @@ def encode_texts(
         state: a batch-1 state of ``model`` that every text continues from (a shared prefix, a skill), or ``None``
             for the zero state.
         batch_tokens: padded positions per batch (``rows * longest row``); a text longer than this runs alone.
-            Peak memory grows with it; throughput stops growing once a batch fills the machine.
+            Peak memory grows with it; throughput stops growing once a batch fills the machine. Rows are grouped
+            by :func:`length_buckets` (a row is padded by at most ``DEFAULT_MAX_PAD`` of its batch's width).
         progress: show a progress bar (texts done, tokens per second) on stderr.
 
     Returns:

@@ -50,9 +50,13 @@ def accuracy_by_shots(
 ) -> dict[str, dict[str, float]]:
     """Greedy exact-match accuracy ``{task: {k: acc}}`` on ``items`` test items per task, ``k`` train demos.
 
-    For each ``(task, k)``, ``prompts`` different k-shot prompts each serve an equal share of the items.
+    For each ``(task, k)``, ``prompts`` different k-shot prompts each serve an equal share of the items. A task's
+    prompts are encoded in bulk (:func:`statelab.encode_texts`) and its items for every ``k > 0`` are scored in one
+    teacher-forced pass, each item from its own prompt's state (greedy exact match, as ``exact_match`` decides it).
     """
     from statelab.experiments.soup import Prompter, exact_match
+    from statelab.models.batching import encode_texts
+    from statelab.state.core import State
     from statelab.tasks import TASKS
 
     p = Prompter(template, tokenizer)
@@ -62,17 +66,28 @@ def accuracy_by_shots(
         test = task.examples("test", min(items, len(task.pool("test"))), seed=seed)
         its = [p.item(x, y) for x, y in test]
         out[name] = {}
+        jobs = []  # (k, the items one prompt serves, its demonstrations)
         for k in shots:
-            hits: list[bool] = []
-            n_p = 1 if k == 0 else min(prompts, len(its))
+            if k == 0:
+                out[name]["0"] = float(np.mean(exact_match(model, None, its)))
+                continue
+            n_p = min(prompts, len(its))
             for j in range(n_p):
-                group = its[j::n_p]
-                state = None
-                if k:
-                    demos = task.examples("train", k, seed=seed * 1000 + 17 * ti + 7919 * j + k)
-                    state = model.encode(torch.tensor([p.ids(p.demos(demos))], device=model.device))
-                hits += exact_match(model, state, group)
-            out[name][str(k)] = float(np.mean(hits))
+                demos = task.examples("train", k, seed=seed * 1000 + 17 * ti + 7919 * j + k)
+                jobs.append((k, its[j::n_p], demos))
+        if not jobs:
+            continue
+        states = encode_texts(model, tokenizer, [p.demos(demos) for _, _, demos in jobs])
+        rows = [it for _, group, _ in jobs for it in group]
+        start = State.cat([s.expand(len(group)) for (_, group, _), s in zip(jobs, states, strict=True)])
+        hits = exact_match(model, start, rows)
+        at = 0
+        for k in shots:
+            n = sum(len(group) for kk, group, _ in jobs if kk == k)
+            if k:
+                out[name][str(k)] = float(np.mean(hits[at : at + n]))
+                at += n
+        out[name] = {str(k): out[name][str(k)] for k in shots}  # in the order of shots
     return out
 
 
