@@ -540,6 +540,8 @@ class StateStore:
         kept open for the clean-up after a failed transaction, which then needs no new lock files (on a full disk,
         a new connection could not be opened to remove the blob a failed add wrote).
         """
+        if self._read_only_reason() is not None:  # SQLite would open such a file read-only without a word
+            raise self._write_error(PermissionError(errno.EACCES, "not writable"), what)
         db = None
         try:
             db = self._open_db("rw")
