@@ -5,8 +5,13 @@ change what a file means (a flipped bit in the header's padding), in the origina
 nothing on disk changes. The counts (``max_examples``) are the number of cases run on every test run.
 """
 
+import hashlib
+import io
 import json
+import sqlite3
+import tarfile
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,6 +20,7 @@ from statelab.errors import StatelabError
 from statelab.state import io as state_io
 from statelab.state.core import State
 from statelab.state.io import decode_state, encode_state, load_state, read_metadata
+from statelab.state.store import ARCHIVE_FORMAT, ARCHIVE_VERSION, StateStore
 
 FP = "ab" * 32
 SETTINGS = dict(
@@ -175,3 +181,167 @@ def test_reader_crafted_with_valid_checksums(tmp_path, changes, tensor, value):
 @given(data=st.binary(max_size=600), prefix=st.sampled_from([b"", b"\x80\x04", b"PK\x03\x04", b"{", b"\x10\0\0\0"]))
 def test_reader_random_bytes(tmp_path, data, prefix):
     assert read_all_ways(prefix + data, tmp_path / "s.safetensors") is None
+
+
+# ---- the archive importer -------------------------------------------------------------------------------------------
+def _tar(members) -> bytes:
+    """A tar of ``(name, payload, type)`` members (type: a tarfile member type; payload bytes or a link target)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, payload, kind in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+                info.linkname = payload.decode(errors="replace")
+                tar.addfile(info)
+            elif kind == tarfile.REGTYPE:
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+            else:
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+class Importer(tuple):
+    """(store, members of a good archive, its bytes, a scratch directory, where its last member's data ends)."""
+
+    def __repr__(self) -> str:  # hypothesis prints the arguments of a failing case: keep the bytes out of it
+        return f"Importer({self[0]!r})"
+
+
+@pytest.fixture(scope="module")
+def importer(tmp_path_factory):
+    """A store with one entry, and a good archive of two other entries."""
+    d = tmp_path_factory.mktemp("importer")
+    store = StateStore(d / "store")
+    store.add(tiny_state(1), name="mine", tags=["x"])
+    src = StateStore(d / "src")
+    src.add(tiny_state(2), name="a", task="t", tags=["x", "y"], prompt="Q: a\nA: b\n", shots=1)
+    src.add(tiny_state(3, arch="mamba2"), name="b")
+    src.export(d / "good.tar")
+    with tarfile.open(d / "good.tar") as tar:
+        infos = tar.getmembers()
+        members = {m.name: tar.extractfile(m).read() for m in infos}
+    end = max(m.offset_data + m.size for m in infos)
+    return Importer((store, members, (d / "good.tar").read_bytes(), d, end))
+
+
+def store_snapshot(store: StateStore):
+    """Rows, tags and every file but the database's own (whose bytes SQLite may rewrite without changing a row)."""
+    db = sqlite3.connect(store.path / "store.db")
+    try:
+        rows = db.execute("SELECT id, name, task, prompt, blob FROM entries ORDER BY id").fetchall()
+        tags = db.execute("SELECT entry_id, tag FROM tags ORDER BY entry_id, tag").fetchall()
+    finally:
+        db.close()
+    files = {
+        str(p.relative_to(store.path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in store.path.rglob("*")
+        if p.is_file() and not p.name.startswith("store.db")
+    }
+    return rows, tags, files
+
+
+def try_import(importer, data: bytes, name: str) -> list | None:
+    """Import ``data``; None after a clean StatelabError with the store unchanged. A successful import is checked
+    (every entry's state verified against its blob) and undone, so the next case starts from the same store."""
+    store, _, _, d, _ = importer
+    path = d / name
+    path.write_bytes(data)
+    before = store_snapshot(store)
+    try:
+        added = store.import_(path)
+    except StatelabError as e:
+        assert str(e).strip() and "\n" not in str(e).strip(), repr(e)
+        assert store_snapshot(store) == before
+        return None
+    for e in added:
+        assert store.get(e.name).fingerprint == FP
+    if added:
+        store.remove_many([e.name for e in added])
+    rows, tags, files = store_snapshot(store)
+    assert (rows, tags) == before[:2] and files == before[2]
+    return added
+
+
+@settings(max_examples=IMPORT_CASES["truncate"], **SETTINGS)
+@given(cut=st.floats(0, 1, exclude_max=True))
+def test_importer_truncated_archives(importer, cut):
+    """Cut anywhere before the last member's data ends: a clean error. Cut in the zero padding after it, the tar
+    may still hold every member whole (tar needs no end marker): then the import must be complete and right."""
+    good, end = importer[2], importer[4]
+    n = int(cut * min(len(good), end + 1536))  # the zero padding beyond is all alike
+    added = try_import(importer, good[:n], "cut.tar")
+    if n < end or added is not None:
+        assert (added is None) if n < end else [e.name for e in added] == ["a", "b"]
+
+
+@settings(max_examples=IMPORT_CASES["flip"], **SETTINGS)
+@given(flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 7)), min_size=1, max_size=8))
+def test_importer_bit_flips(importer, flips):
+    data = bytearray(importer[2])
+    for where, bit in flips:  # within the headers and members: a flip in the zero padding after them is harmless
+        data[int(where * importer[4])] ^= 1 << bit
+    try_import(importer, bytes(data), "flip.tar")
+
+
+entry_values = {
+    "name": st.text(max_size=8) | st.integers() | st.none() | st.sampled_from(["a", "b", "z1", "12", "mine", " "]),
+    "task": st.none() | st.text(max_size=5) | st.integers() | st.lists(st.integers(), max_size=2),
+    "tags": st.lists(st.text(max_size=4), max_size=3) | st.integers() | st.text(max_size=3) | st.none(),
+    "prompt": st.none() | st.text(max_size=10) | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    "description": st.none() | st.text(max_size=5) | st.booleans(),
+    "shots": st.none() | st.integers(-3, 5) | st.text(max_size=2) | st.floats(allow_nan=True),
+    "created": st.none() | st.text(max_size=12) | st.integers(),
+    "blob": st.sampled_from(["good0", "good1", "", "0" * 64, None, 5]),
+}
+
+
+@settings(max_examples=IMPORT_CASES["manifest"], **SETTINGS)
+@given(
+    entries=st.lists(st.fixed_dictionaries({}, optional=entry_values), max_size=3)
+    | json_values
+    | st.dictionaries(st.text(max_size=3), json_values, max_size=2),
+    top=st.sampled_from(["ok", "list", "format", "version", "string", "missing-entries"]),
+)
+def test_importer_random_manifests(importer, entries, top):
+    _, members, _, _, _ = importer
+    blobs = sorted(k for k in members if k != "manifest.json")
+    if isinstance(entries, list):
+        for e in entries:
+            if isinstance(e, dict) and e.get("blob") in ("good0", "good1"):
+                e["blob"] = blobs[int(e["blob"][-1])].removeprefix("blobs/").removesuffix(".safetensors")
+    manifest = {"format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION, "entries": entries}
+    manifest = {
+        "ok": manifest, "list": [manifest], "format": {**manifest, "format": "zip"},
+        "version": {**manifest, "version": 2}, "string": "statelab", "missing-entries": {"format": ARCHIVE_FORMAT},
+    }[top]  # fmt: skip
+    data = _tar([("manifest.json", json.dumps(manifest).encode(), tarfile.REGTYPE)]
+                + [(b, members[b], tarfile.REGTYPE) for b in blobs])  # fmt: skip
+    try_import(importer, data, "manifest.tar")
+
+
+member_names = st.sampled_from(
+    ["manifest.json", "blobs/" + "a" * 64 + ".safetensors", "../evil", "/etc/passwd", "blobs/x.safetensors",
+     "blobs/", "store.db", "blobs/../../x", "good0", "good1"]
+) | st.text(max_size=20)  # fmt: skip
+member_types = st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE])
+
+
+@settings(max_examples=IMPORT_CASES["members"], **SETTINGS)
+@given(
+    extra=st.lists(st.tuples(member_names, st.binary(max_size=64), member_types), min_size=1, max_size=4),
+    keep=st.lists(st.booleans(), min_size=3, max_size=3),
+)
+def test_importer_random_tar_members(importer, extra, keep):
+    """Links, directories, paths outside blobs/, duplicated and missing members, random contents."""
+    _, members, _, _, _ = importer
+    names = sorted(members)
+    real = [(n, members[n], tarfile.REGTYPE) for n, k in zip(names, keep, strict=True) if k]
+    mapped = []
+    for name, payload, kind in extra:
+        if name in ("good0", "good1"):
+            name = [n for n in names if n.startswith("blobs/")][int(name[-1])]
+            payload = payload or members[name]
+        mapped.append((name, payload, kind))
+    assert try_import(importer, _tar(real + mapped), "members.tar") is None
