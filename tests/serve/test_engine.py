@@ -47,12 +47,18 @@ def _ids(text: str) -> list[int]:
     return TOK.encode(text)
 
 
-def test_concurrent_greedy_rows_equal_generate(model):
+# the prefill reads a prompt in one pass with logits everywhere, or (large batches) without the head and then its
+# last token: logit_floats=0 forces the second way
+PREFILL = {"one-pass": 1 << 30, "head-on-last-token": 0}
+
+
+@pytest.mark.parametrize("logit_floats", list(PREFILL.values()), ids=list(PREFILL))
+def test_concurrent_greedy_rows_equal_generate(model, logit_floats):
     """Seven rows of awkward prompt lengths and budgets through three slots: rows join and leave between steps,
     and each gets exactly the tokens of generate on its prompt alone."""
     prompts = [TEXT[:n] for n in (1, 3, 4, 17, 40, 64, len(TEXT))]
     budgets = [12, 5, 30, 1, 20, 9, 16]
-    with Engine(model, TOK, max_batch=3) as eng:
+    with Engine(model, TOK, max_batch=3, logit_floats=logit_floats) as eng:
         pending = [
             submit(eng, [_ids(p)], SamplingParams(max_tokens=b, temperature=0))
             for p, b in zip(prompts, budgets, strict=True)
@@ -101,7 +107,8 @@ def test_seeded_sampling_is_per_request(embedded):
     assert alone[0].token_ids != alone[1].token_ids  # two seeds, two samples
 
 
-def test_prefix_cache_on_equals_off(model):
+@pytest.mark.parametrize("logit_floats", list(PREFILL.values()), ids=list(PREFILL))
+def test_prefix_cache_on_equals_off(model, logit_floats):
     """Prompts that share blocks, end exactly on a block boundary or are shorter than a block give the same
     tokens with the cache as without; repeated prompts read only what follows their cached blocks."""
     K = 8
@@ -117,7 +124,7 @@ def test_prefix_cache_on_equals_off(model):
     with Engine(model, TOK, max_batch=4) as off:
         want = {k: run(off, [p], params)[0].token_ids for k, p in prompts.items()}
     cache = PrefixCache(64 << 20, K)
-    with Engine(model, TOK, max_batch=4, cache=cache) as on:
+    with Engine(model, TOK, max_batch=4, cache=cache, logit_floats=logit_floats) as on:
         for rnd in range(2):
             for name, p in prompts.items():
                 before = on.stats.snapshot()["prompt_tokens_read"]

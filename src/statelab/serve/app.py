@@ -33,7 +33,7 @@ from typing import Any
 
 from statelab.errors import ConfigError, StateMismatchError, StoreError
 from statelab.serve.cache import PrefixCache, state_digest
-from statelab.serve.engine import Delta, Engine, Failure, GenerationRequest
+from statelab.serve.engine import Delta, Engine, Failure, GenerationRequest, embedding_rows
 from statelab.serve.metrics import RequestCounts, metrics_json, render_prometheus
 from statelab.serve.protocol import (
     ApiError,
@@ -121,7 +121,7 @@ def create_app(model: Any, tokenizer: Any, config: ServeConfig, store: Any = Non
         max_prompt_tokens=config.max_prompt_tokens,
         max_tokens=config.max_tokens,
         max_rows=config.max_rows,
-        vocab_size=_embedding_rows(model),
+        vocab_size=embedding_rows(model),
     )
     counts = RequestCounts()
     created = int(time.time())
@@ -459,9 +459,14 @@ class BackgroundServer:
         require_serve_extra()
         import uvicorn
 
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )[0]
+        # proto must say TCP: asyncio sets TCP_NODELAY only on sockets that do, and without it every keep-alive
+        # response waits ~40 ms for a delayed ACK between its header and body writes
+        self.sock = socket.socket(family, kind, proto)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
+        self.sock.bind(addr)
         self.host, self.port = self.sock.getsockname()[:2]
         cfg = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(cfg)
@@ -502,13 +507,6 @@ class BackgroundServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _embedding_rows(model: Any) -> int | None:
-    """How many token ids the model can read (its embedding rows), or ``None`` if it does not say."""
-    emb = getattr(model, "embedding", None)
-    weight = getattr(emb, "weight", None)
-    return int(weight.shape[0]) if weight is not None else None
 
 
 def default_model_id(model: str) -> str:

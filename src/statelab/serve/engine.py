@@ -51,6 +51,7 @@ __all__ = [
     "Engine",
     "EngineStats",
     "BATCH_BUCKETS",
+    "embedding_rows",
 ]
 
 log = logging.getLogger("statelab.serve")
@@ -308,6 +309,10 @@ class Engine:
         cache: the prefix-state cache (``None``: no caching).
         prefill_tokens: padded tokens per prefill batch at most (rows x longest new part); a longer prompt is
             read alone.
+        logit_floats: a prefill batch computes the logits of all its positions only while they are at most this
+            many floats (rows x positions x vocabulary); beyond it, only the last position's, at the cost of one
+            more call (see ``_prefill``). The head over all positions costs ``2 x floats x d_model`` FLOPs: at the
+            default 2^20 that is about one decode step of a 130m model, and nothing for a byte-level one.
 
     Use ``start()`` / ``stop()`` (or ``with Engine(...)``), ``submit(request)``, and ``call(fn)`` to run
     ``fn(model)`` on the engine thread between steps (encoding a skill, for instance).
@@ -321,6 +326,7 @@ class Engine:
         max_batch: int = 16,
         cache: PrefixCache | None = None,
         prefill_tokens: int = 16384,
+        logit_floats: int = 1 << 20,
     ) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
@@ -331,6 +337,8 @@ class Engine:
         self.max_batch = max_batch
         self.cache = cache if cache is not None else PrefixCache(0, 256)
         self.prefill_tokens = prefill_tokens
+        self.logit_floats = logit_floats
+        self._vocab_rows = embedding_rows(model) or 1
         self.stats = EngineStats()
         self._vocab = getattr(tokenizer, "vocab_size", None)
         self._eos = getattr(tokenizer, "eos_token_id", None)
@@ -563,9 +571,9 @@ class Engine:
     def _prefill(self, group: list[_Job]) -> tuple[State, torch.Tensor]:
         """Read each job's new tokens from its start; returns ``(state [G], logits of each last token [G, V])``.
 
-        Two passes: every token but the last in one ragged pass without the output head, which also yields the
-        states the cache keeps (one token before each block boundary), then the last tokens in one step with the
-        head. So the head runs on one position per prompt, not on all of them.
+        The same pass yields the states the cache keeps (one token before each block boundary). When the logits of
+        every position would exceed ``logit_floats``, every token but the last is read without the output head and
+        the last tokens in one more step with it, so the head runs on one position per prompt, not on all of them.
         """
         dev = self.model.device
         body = [len(j.new) - 1 for j in group]
@@ -582,16 +590,25 @@ class Engine:
         else:
             zero = self.model.zero_state(1, device=dev)
             start = State.cat([zero if j.start is None else j.start.to(device=dev) for j in group])
-        state, at, positions = start, None, sorted({r for _, r, _, _ in wants if r > 0})
-        T = max(body)
-        if T > 0:
-            ids = torch.full((len(group), T), self._pad, dtype=torch.long, device=dev)
-            for g, j in enumerate(group):
-                if body[g]:
-                    ids[g, : body[g]] = torch.tensor(j.new[:-1], dtype=torch.long, device=dev)
-            lengths = None if all(n == T for n in body) else torch.tensor(body, dtype=torch.long, device=dev)
-            out = self.model._run(ids, start, positions or None, False, lengths)
+        positions = sorted({r for _, r, _, _ in wants if r > 0})
+        lens = [n + 1 for n in body]
+        G = len(group)
+        if G * max(lens) * self._vocab_rows <= self.logit_floats:
+            # small enough to keep every position's logits: one pass, as generate reads a prompt
+            out = self.model._run(self._padded([j.new for j in group], dev), start, positions or None, True,
+                                  self._lengths(lens, dev))  # fmt: skip
+            assert out.logits is not None
             state, at = out.state, out.states_at
+            last = torch.tensor([n - 1 for n in lens], device=dev)
+            logits = out.logits[torch.arange(G, device=dev), last]
+        else:
+            state, at = start, None
+            if max(body) > 0:
+                ids = self._padded([j.new[:-1] for j in group], dev)
+                out = self.model._run(ids, start, positions or None, False, self._lengths(body, dev))
+                state, at = out.state, out.states_at
+            step, state = self.model(torch.tensor([[j.new[-1]] for j in group], dtype=torch.long, device=dev), state)
+            logits = step[:, -1]
         for g, r, key, n in wants:
             if r == 0:  # a boundary right at the start (block size 1): the start state itself
                 kept = start.select([g]) if start is not None else self.model.zero_state(1, device=dev)
@@ -599,10 +616,20 @@ class Engine:
                 assert at is not None
                 kept = at[positions.index(r)].select([g])
             self.cache.insert(key, CachedPrefix(kept, n))
-        last = torch.tensor([[j.new[-1]] for j in group], dtype=torch.long, device=dev)
-        logits, state = self.model(last, state)
-        self.stats.add(prefill_batches=1, prefill_rows=len(group), tokens_read=sum(body) + len(group))
-        return state, logits[:, -1]
+        self.stats.add(prefill_batches=1, prefill_rows=G, tokens_read=sum(lens))
+        return state, logits
+
+    def _padded(self, rows: list[list[int]], dev: torch.device) -> torch.Tensor:
+        """``rows`` right-padded into ``[len(rows), longest]`` (a row may be empty)."""
+        ids = torch.full((len(rows), max(map(len, rows))), self._pad, dtype=torch.long, device=dev)
+        for g, r in enumerate(rows):
+            if r:
+                ids[g, : len(r)] = torch.tensor(r, dtype=torch.long, device=dev)
+        return ids
+
+    @staticmethod
+    def _lengths(lens: list[int], dev: torch.device) -> torch.Tensor | None:
+        return None if all(n == max(lens) for n in lens) else torch.tensor(lens, dtype=torch.long, device=dev)
 
     # ---- decoding ----------------------------------------------------------------------------------------
     def _step(self) -> None:
@@ -695,6 +722,12 @@ class Engine:
         """The text of one token alone, or ``"<|token:ID|>"`` for a token without text (EOS, padding)."""
         s = self.decode([token_id])
         return s if s else f"<|token:{token_id}|>"
+
+
+def embedding_rows(model: Any) -> int | None:
+    """How many token ids the model reads (its embedding rows; its logits have as many columns), or ``None``."""
+    weight = getattr(getattr(model, "embedding", None), "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
