@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_gdssm.py
 	$(BIN)/python benchmarks/bench_birdie.py
+	$(BIN)/python benchmarks/bench_serve.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
