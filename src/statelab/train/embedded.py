@@ -51,8 +51,9 @@ def accuracy_by_shots(
     """Greedy exact-match accuracy ``{task: {k: acc}}`` on ``items`` test items per task, ``k`` train demos.
 
     For each ``(task, k)``, ``prompts`` different k-shot prompts each serve an equal share of the items. A task's
-    prompts are encoded in bulk (:func:`statelab.encode_texts`) and its items for every ``k > 0`` are scored in one
-    teacher-forced pass, each item from its own prompt's state (greedy exact match, as ``exact_match`` decides it).
+    prompts are encoded in bulk (:func:`statelab.encode_texts`) and the items of all prompts of one ``k`` are scored
+    in one teacher-forced pass, each item from its own prompt's state (greedy exact match, as ``exact_match``
+    decides it).
     """
     from statelab.experiments.soup import Prompter, exact_match
     from statelab.models.batching import encode_texts
@@ -78,15 +79,12 @@ def accuracy_by_shots(
         if not jobs:
             continue
         states = encode_texts(model, tokenizer, [p.demos(demos) for _, _, demos in jobs])
-        rows = [it for _, group, _ in jobs for it in group]
-        start = State.cat([s.expand(len(group)) for (_, group, _), s in zip(jobs, states, strict=True)])
-        hits = exact_match(model, start, rows)
-        at = 0
         for k in shots:
-            n = sum(len(group) for kk, group, _ in jobs if kk == k)
-            if k:
-                out[name][str(k)] = float(np.mean(hits[at : at + n]))
-                at += n
+            if k == 0:
+                continue
+            mine = [(group, s) for (kk, group, _), s in zip(jobs, states, strict=True) if kk == k]
+            start = State.cat([s.expand(len(group)) for group, s in mine])
+            out[name][str(k)] = float(np.mean(exact_match(model, start, [it for group, _ in mine for it in group])))
         out[name] = {str(k): out[name][str(k)] for k in shots}  # in the order of shots
     return out
 
