@@ -238,7 +238,10 @@ def create_app(model: Any, tokenizer: Any, config: ServeConfig, store: Any = Non
         greq = GenerationRequest(prompts, req.params, sink, n=req.n, start=start, start_key=key)
         if not engine.running:
             raise ApiError("the server is shutting down", status=503, code="unavailable", type="server_error")
-        engine.submit(greq)
+        try:
+            engine.submit(greq)
+        except StateMismatchError as e:  # start_state checked it already; the engine checks again before queueing
+            raise ApiError(str(e), code="state_mismatch", param="soup" if req.soup is not None else "skill") from None
         rid, now = new_id(), int(time.time())
         choices = {i: Choice(i) for i in range(greq.num_choices)}
 
