@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_gdssm.py
 	$(BIN)/python benchmarks/bench_birdie.py
 	$(BIN)/python benchmarks/bench_serve.py
+	$(BIN)/python benchmarks/bench_eval.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
