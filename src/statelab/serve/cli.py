@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from statelab.state.model_cli import TokenizerOpt, tokenizer_for
+
 __all__ = ["serve_command", "parse_bytes"]
 
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -39,9 +41,7 @@ def _runtime_error(msg: str) -> typer.Exit:
 
 def serve_command(
     model: Annotated[str, typer.Option("--model", help="Checkpoint directory or 'embedded'.", show_default=False)],
-    tokenizer: Annotated[
-        str | None, typer.Option("--tokenizer", help="Tokenizer directory or file (default: the model's).")
-    ] = None,
+    tokenizer: TokenizerOpt = None,
     store: Annotated[
         Path | None,
         typer.Option(
@@ -102,7 +102,6 @@ def serve_command(
 
     from statelab.errors import StatelabError
     from statelab.models.loading import load_model
-    from statelab.models.tokenizer import load_tokenizer
     from statelab.serve.app import BackgroundServer, ServeConfig, create_app, default_model_id
 
     if threads is not None:
@@ -113,7 +112,7 @@ def serve_command(
         raise _usage_error(f"--device: {e}") from None
     try:
         m = load_model(model, device=dev)
-        tok = load_tokenizer(tokenizer if tokenizer is not None else model)
+        tok = tokenizer_for(model, m, tokenizer)
         st = None
         if store is not None:
             from statelab.state.store import StateStore

@@ -19,7 +19,15 @@ import typer
 
 from statelab.errors import StatelabError
 
-__all__ = ["encode_command", "mix_command", "generate_command", "score_command", "TokenizerOpt", "TOKENIZER_HELP"]
+__all__ = [
+    "encode_command",
+    "mix_command",
+    "generate_command",
+    "score_command",
+    "TokenizerOpt",
+    "TOKENIZER_HELP",
+    "tokenizer_for",
+]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a summary.")]
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint directory, 'embedded' or a hub id.", show_default=False)]
@@ -61,10 +69,18 @@ def _emit(as_json: bool, payload: Any, text: Callable[[], None]) -> None:
 
 def _load(model: str, tokenizer: str | None = None):
     """``(model, tokenizer)`` for ``MODEL``: the tokenizer ``--tokenizer`` names, else the checkpoint's own."""
-    from statelab.models.loading import _resolve, load_model
-    from statelab.models.tokenizer import has_tokenizer, load_tokenizer
+    from statelab.models.loading import load_model
 
     m = load_model(model)
+    return m, tokenizer_for(model, m, tokenizer)
+
+
+def tokenizer_for(model: str, m: Any, tokenizer: str | None = None):
+    """The tokenizer of the loaded model ``m`` (named ``model`` on the command line): the one ``--tokenizer``
+    names, else the checkpoint's own; a clear ``CliError`` when there is none or it does not fit ``m``."""
+    from statelab.models.loading import _resolve
+    from statelab.models.tokenizer import has_tokenizer, load_tokenizer
+
     if tokenizer is None:
         directory = _resolve(model)  # the local directory of MODEL, a hub id's snapshot included
         if not has_tokenizer(directory):
@@ -81,7 +97,7 @@ def _load(model: str, tokenizer: str | None = None):
             f"the tokenizer has {tok.vocab_size} tokens but {model} embeds only {rows}: it is not this model's "
             "tokenizer; name the right one with --tokenizer"
         )
-    return m, tok
+    return tok
 
 
 def _text(text: str | None, file: Path | None, what: str = "--text") -> str:
