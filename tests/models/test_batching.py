@@ -40,6 +40,15 @@ def _mamba2() -> Mamba2LM:
     return m.eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for these tiny models: on a busy 2-core machine a second thread made them 30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module", params=["mamba1", "mamba2"])
 def model(request):
     return {"mamba1": _mamba1, "mamba2": _mamba2}[request.param]()
