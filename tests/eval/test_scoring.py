@@ -84,8 +84,8 @@ def _ref_ll(model, ctx, cont, state):
 
 
 def _mc_requests(model, start):
-    contexts = ["Q: apple\nA:", "Q: a much longer question about a banana\nA: ", "x", "", "   ", "Q: pear\nA:"]
-    conts = [" APPLE", " B", "\n", "ab", " a longer answer that runs on", ""]
+    contexts = ["Q: apple\nA:", "Q: a much longer question about a banana\nA: ", "x", "", "   "]
+    conts = [" APPLE", "\n", " a longer answer that runs on", ""]
     reqs = [(c, x) for c in contexts for x in conts]
     # make some continuations the greedy ones, so that is_greedy is true somewhere
     reqs += [(c, TOK.decode(_free_tokens(model, c, 3, start))) for c in contexts if c == c.rstrip()]
@@ -173,7 +173,7 @@ def _ref_generate(free, g):
 
 
 def test_generate_equals_one_at_a_time(model, start):
-    contexts = ["Q: apple\nA:", "Q: a much longer question about a banana\nA: ", "x", "", "Q: pear\nA:"]
+    contexts = ["Q: apple\nA:", "Q: a much longer question about a banana\nA: ", "x", ""]
     free = {c: _free_tokens(model, c, 10, start) for c in contexts}
     reqs = []
     for i, c in enumerate(contexts):

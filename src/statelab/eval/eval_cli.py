@@ -33,6 +33,7 @@ from typing import Annotated, Any
 import typer
 
 from statelab.errors import StatelabError
+from statelab.state.model_cli import TokenizerOpt
 
 __all__ = ["eval_command", "lm_eval_command", "EvalItem", "read_items", "DatasetError"]
 
@@ -231,9 +232,7 @@ def _soup_names(soup: list[str] | None) -> list[str] | None:
 def eval_command(
     file: Annotated[Path, typer.Argument(help="JSONL file: one generation or multiple-choice item per line.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint directory or 'embedded'.")],
-    tokenizer: Annotated[
-        str | None, typer.Option("--tokenizer", help="Tokenizer file or directory (default: the model's).")
-    ] = None,
+    tokenizer: TokenizerOpt = None,
     skill: Annotated[str | None, typer.Option("--skill", help="Start every item from this store entry.")] = None,
     store: Annotated[Path | None, typer.Option("--store", "-s", help="State store of --skill / --soup.")] = None,
     soup: Annotated[
