@@ -58,6 +58,12 @@ def in_child(fn: Callable[[], Any], *, setup: Callable[[], None] | None = None) 
     if pid == 0:  # the child: single-threaded, so it may unshare its mount namespace
         try:
             os.close(r)
+            # the parent's OpenMP threads did not come along: a parallel region would wait for them forever
+            import sys
+
+            if "torch" in sys.modules:
+                sys.modules["torch"].set_num_threads(1)
+            signal.alarm(120)  # a child stuck for any other reason dies, and the parent reports it
             if setup is not None:
                 setup()
             out = {"ok": fn()}
