@@ -84,6 +84,7 @@ def _read_only_checks(store_dir: Path, files: Path) -> dict:
     out["search"] = [h.name for h in st.search(make_state(3), k=2)]
     out["search_faiss"] = StateStore(store_dir, index="faiss").search(make_state(3), k=1)[0].name
     out["check_ok"] = st.check().ok
+    out["read_only"] = st.read_only
     st.export(files / "out" / "copy.tar")
     out["exported"] = (files / "out" / "copy.tar").stat().st_size > 0
     writes = {
@@ -114,6 +115,7 @@ def _read_only_checks(store_dir: Path, files: Path) -> dict:
         "rm": cli("store", "rm", "a", "-s", s),
         "import": cli("store", "import", files / "other.tar", "-s", s),
         "repair": cli("store", "check", "--repair", "-s", s),
+        "ingest": cli("store", "ingest", files / "prompts.jsonl", "-s", s, "--model", "embedded"),
     }
     return out
 
@@ -146,6 +148,7 @@ def test_a_read_only_store_reads_and_refuses_writes_in_one_line(shared_dir, how,
         st.add(make_state(i), name=n, task="t")
     StateStore(store_dir, index="faiss").search(make_state(3), k=1)  # a recorded index cache exists too
     save_state(make_state(3), files / "q.safetensors")
+    (files / "prompts.jsonl").write_text('{"name": "p1", "prompt": "Q: cat\\nA: CAT\\n"}\n')
     other = StateStore(shared_dir / "other")
     other.add(make_state(8), name="x")
     other.export(files / "other.tar")
@@ -181,7 +184,7 @@ def test_a_read_only_store_reads_and_refuses_writes_in_one_line(shared_dir, how,
         if owner is not None:
             owner.close()
     assert out["names"] == ["a", "b", "c"] and out["get"] and out["search"][0] == "c"
-    assert out["search_faiss"] == "c" and out["check_ok"] and out["exported"]
+    assert out["search_faiss"] == "c" and out["check_ok"] and out["exported"] and out["read_only"]
     for name, message in out["writes"].items():
         assert "is read-only" in message and "nothing was changed" in message, (name, message)
     cause = "mounted read-only" if how == "read-only mount" else "not writable"

@@ -426,6 +426,11 @@ class StateStore:
                 return f"{p} is not writable by this user (uid {os.geteuid()})"
         return None
 
+    @property
+    def read_only(self) -> str | None:
+        """Why this process cannot write the store (read-only file system, no write permission), or None."""
+        return self._read_only_reason()
+
     def _free_bytes(self) -> int | None:
         try:
             st = os.statvfs(self.path)

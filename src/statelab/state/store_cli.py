@@ -249,6 +249,8 @@ def ingest_command(
 
     lines = read_prompts_jsonl(prompts)
     st = _open(store, create=True)
+    if st.read_only:  # say so before the model is loaded and every prompt encoded
+        raise StoreError(f"store {store} is read-only ({st.read_only}): cannot ingest; nothing was changed")
     for n, obj in lines:
         if obj["name"] in st:
             raise StoreError(f"{prompts} line {n}: store {store} already has an entry named {obj['name']!r}")
