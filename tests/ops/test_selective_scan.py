@@ -103,3 +103,21 @@ def test_intra_op_threads_restored():
     u, delta, A, Bm, Cm, Dsk, h0 = (t.detach() for t in _inputs(40, seed=5))
     selective_scan_chunk(u, delta, A, Bm, Cm, Dsk, h0, True)
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("block_rows", [1, 2, 3])
+def test_row_blocked_forward_equals_one_block(monkeypatch, block_rows):
+    """Without autograd a batch is scanned in blocks of rows (cache-sized); the result equals one block and the
+    naive loop, with states at positions too."""
+    from statelab.ops.selective_scan import chunk
+
+    args = [t.detach() for t in _inputs(70, B=5, seed=3)]
+    pos = [0, 1, 33, 70]
+    with torch.no_grad():
+        whole = selective_scan_chunk(*args, output_final_state=True, return_states_at=pos)
+        monkeypatch.setattr(chunk, "ROW_BLOCK_BYTES", block_rows * chunk.CHUNK * D * N * 4)
+        blocked = selective_scan_chunk(*args, output_final_state=True, return_states_at=pos)
+        ref = selective_scan_naive(*args, output_final_state=True, return_states_at=pos)
+    for name in ("y", "final_state", "states_at", "sum_delta"):
+        assert torch.equal(getattr(whole, name), getattr(blocked, name)), name
+        assert_close(name, getattr(ref, name), getattr(blocked, name), rtol=1e-4, atol=1e-5)

@@ -540,6 +540,47 @@ class StatefulLM(nn.Module):
         mask = batch.to_caller(torch.cat([torch.zeros_like(valid[:, :1]), valid], dim=1))[:, 1:]
         return ScoreResult(logprobs=full, perplexity=ppl, state=out.state, mask=mask)
 
+    def _prefill(self, batch: RaggedBatch, state: State | None) -> tuple[torch.Tensor, State]:
+        """Read each row's prompt: ``(logits [B, V] after its last real token, state after it)``.
+
+        All but the last token of every row run without the output head (a prompt's other logits are not needed,
+        and the head dominates the cost of large vocabularies), then the last tokens run together with it. Rows
+        whose lengths differ a lot run in separate groups, so that few padded positions are paid for; the states
+        are put back in the rows' order.
+        """
+        B, T = batch.ids.shape
+        dev = batch.ids.device
+        lengths = batch.row_lengths()
+        groups = _prefill_groups(lengths) if batch.lengths is not None else [list(range(B))]
+        prefix_states: list[State] = []
+        for idx in groups:
+            width = lengths[idx[0]]  # groups are longest first
+            if width < 2:
+                prefix_states.append(self.zero_state(len(idx), device=dev) if state is None else state.select(idx))
+                continue
+            rows = torch.tensor(idx, device=dev)
+            sub_len = torch.tensor([lengths[i] - 1 for i in idx], device=dev)
+            part = self._run(
+                batch.ids.index_select(0, rows)[:, : width - 1],
+                None if state is None else state.select(idx),
+                None,
+                False,
+                None if bool((sub_len == width - 1).all()) else sub_len,
+            )
+            prefix_states.append(part.state)
+        order = [i for idx in groups for i in idx]
+        prefix = prefix_states[0] if len(prefix_states) == 1 else State.cat(prefix_states)
+        if order != list(range(B)):
+            inverse = [0] * B
+            for pos, i in enumerate(order):
+                inverse[i] = pos
+            prefix = prefix.select(inverse)
+        last = torch.tensor([n - 1 for n in lengths], device=dev)
+        last_ids = batch.ids.gather(1, last[:, None])
+        out = self._run(last_ids, prefix, None, True)
+        assert out.logits is not None
+        return out.logits[:, -1], out.state
+
     @torch.no_grad()
     def generate(
         self,
@@ -575,11 +616,9 @@ class StatefulLM(nn.Module):
             gen.manual_seed(seed if seed is not None else torch.seed())
         B, T = batch.ids.shape
         dev = input_ids.device
-        out_run = self._run(batch.ids, state, None, True, batch.lengths)
-        assert out_run.logits is not None
-        last = torch.full((B,), T - 1, dtype=torch.long, device=dev) if batch.lengths is None else batch.lengths - 1
-        next_logits = out_run.logits[torch.arange(B, device=dev), last]
-        state = out_run.state
+        if state is not None:
+            self.check_state(state, B)
+        next_logits, state = self._prefill(batch, state)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         produced = torch.zeros(B, dtype=torch.long, device=dev)
         out: list[torch.Tensor] = []
@@ -600,6 +639,19 @@ class StatefulLM(nn.Module):
                 break
         tokens = torch.stack(out, dim=1) if out else torch.empty(B, 0, dtype=torch.long, device=dev)
         return Generation(tokens, state, produced)
+
+
+def _prefill_groups(lengths: list[int], max_pad: float = 0.25) -> list[list[int]]:
+    """Rows grouped by similar length (longest first) so that no row of a group spends more than ``max_pad`` of the
+    group's width on padding: a padded position costs as much as a real one."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[groups[-1][0]] - lengths[i] <= max_pad * lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -24,9 +24,11 @@ import torch
 
 from statelab.ops.selective_scan.naive import ScanOutput, check_scan_args
 
-__all__ = ["selective_scan_chunk", "CHUNK", "SCAN_THREADS"]
+__all__ = ["selective_scan_chunk", "CHUNK", "SCAN_THREADS", "ROW_BLOCK_BYTES"]
 
 CHUNK = 32  # tokens per chunk: two [Q, B, D, N] fp32 buffers stay within the last-level cache at Mamba sizes
+# without autograd, a batch is scanned in blocks of rows whose [Q, rows, D, N] fp32 buffer is at most this big
+ROW_BLOCK_BYTES = 4 << 20
 
 # Intra-op threads for the scan. Its per-chunk ops are small, so with several threads each one is a
 # synchronisation point; on a machine shared with other jobs a stalled worker turns every such point into a
@@ -94,6 +96,36 @@ def _forward(
                 states[p] = s[p - c0 - 1].clone()
         h = s[q - 1].clone()  # the buffers are reused by the next chunk
     return y, h, bounds, states
+
+
+def _forward_rows(
+    uT: torch.Tensor,
+    dT: torch.Tensor,
+    A: torch.Tensor,
+    BT: torch.Tensor,
+    CT: torch.Tensor,
+    h0: torch.Tensor,
+    positions: Sequence[int],
+    Q: int,
+) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+    """``_forward`` (no autograd) over blocks of batch rows, each small enough that its ``[Q, rows, D, N]``
+    buffers stay in cache: rows are independent, and one big batch that spills to memory ran slower than the same
+    rows one by one (a 130m-sized layer: 20 rows x 1536 x 16 states make 63 MB per buffer)."""
+    T, Bsz, D = uT.shape
+    N = A.shape[1]
+    rows = max(1, ROW_BLOCK_BYTES // (min(Q, T) * D * N * 4))
+    if rows >= Bsz:
+        y, h, _, states = _forward(uT, dT, A, BT, CT, h0, positions, False, Q)
+        return y, h, states
+    ys, hs, parts = [], [], []
+    for r0 in range(0, Bsz, rows):
+        r = slice(r0, min(Bsz, r0 + rows))
+        y, h, _, st = _forward(uT[:, r], dT[:, r], A, BT[:, r], CT[:, r], h0[r], positions, False, Q)
+        ys.append(y)
+        hs.append(h)
+        parts.append(st)
+    states = {p: torch.cat([st[p] for st in parts], 0) for p in parts[0]}
+    return torch.cat(ys, 1), torch.cat(hs, 0), states
 
 
 class _ChunkScan(torch.autograd.Function):
@@ -214,7 +246,7 @@ def selective_scan_chunk(
             states_at = at.transpose(0, 1) if pos is not None else None
         else:
             with _threads(SCAN_THREADS):
-                yT, h, _, states = _forward(uT, dT, Af, BT, CT, h0, plist, False, chunk_size)
+                yT, h, states = _forward_rows(uT, dT, Af, BT, CT, h0, plist, chunk_size)
             states_at = torch.stack([states[p] for p in plist], 1) if pos is not None and plist else None
             if pos is not None and not plist:
                 states_at = h0.new_empty(Bsz, 0, D, N)
