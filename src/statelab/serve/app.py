@@ -87,7 +87,7 @@ class ServeConfig:
     model_id: str
     max_batch: int = 16
     cache_bytes: int = 1 << 30
-    block_tokens: int = 256
+    block_tokens: int = 64
     max_prompt_tokens: int = 8192
     max_tokens: int = 2048
     max_rows: int = 256

@@ -54,7 +54,14 @@ def serve_command(
     cache_bytes: Annotated[
         str, typer.Option("--cache-bytes", help="Prefix-state cache budget, e.g. 1G or 512M (0: no cache).")
     ] = "1G",
-    block_tokens: Annotated[int, typer.Option("--block-tokens", help="Tokens between cached states.")] = 256,
+    block_tokens: Annotated[
+        int,
+        typer.Option(
+            "--block-tokens",
+            help="Tokens between cached states: a shared prefix is re-read from the last boundary before its end "
+            "(64: a 2,000-token prefix re-reads at most 64 tokens; larger blocks keep fewer states).",
+        ),
+    ] = 64,
     max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", help="Longest prompt accepted.")] = 8192,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most new tokens per choice.")] = 2048,
     device: Annotated[str, typer.Option(help="Device for the model: cpu, cuda, cuda:1, ...")] = "cpu",
