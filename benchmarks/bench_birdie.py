@@ -46,8 +46,9 @@ def main() -> None:
     text = load_corpus()[:200_000]
     configs = birdie_grid(cfg.seq_len)
     torch.manual_seed(0)
-    model = BirdieLM(BirdieModelConfig(vocab_size=VOCAB.size, d_model=cfg.d_model, n_layer=cfg.n_layer,
-                                       d_state=cfg.d_state))
+    model = BirdieLM(
+        BirdieModelConfig(vocab_size=VOCAB.size, d_model=cfg.d_model, n_layer=cfg.n_layer, d_state=cfg.d_state)
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sampler = ObjectiveSampler(configs, text, cfg.seq_len, seed=0)
     batch = sampler.next_batch(cfg.batch_size)
@@ -62,8 +63,9 @@ def main() -> None:
     train_step()
     step_s = median_time(train_step, 7)
     birdie_batch_s = median_time(lambda: sampler.next_batch(cfg.batch_size), 20)
-    ntp = ObjectiveSampler(configs, text, cfg.seq_len, seed=0,
-                           probs=np.array([c.class_name == "next_token" for c in configs], float))
+    ntp = ObjectiveSampler(
+        configs, text, cfg.seq_len, seed=0, probs=np.array([c.class_name == "next_token" for c in configs], float)
+    )
     ntp_batch_s = median_time(lambda: ntp.next_batch(cfg.batch_size), 20)
 
     val = validation_batch(configs, text, cfg.seq_len, cfg.n_val_per_config, seed=1)
@@ -71,8 +73,9 @@ def main() -> None:
     def validate():
         with torch.no_grad():
             logits, _ = model(val.tokens, None, val.seq_start, val.is_prefix)
-            tok = torch.nn.functional.cross_entropy(logits.flatten(0, 1), val.labels.flatten(),
-                                                    ignore_index=IGNORE, reduction="none")
+            tok = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), val.labels.flatten(), ignore_index=IGNORE, reduction="none"
+            )
         per_config_loss(tok.view_as(val.labels), val, len(configs))
 
     val_s = median_time(validate, 5)
@@ -83,11 +86,18 @@ def main() -> None:
     settings = {
         f"study ({cfg.controller_layers} layers, hidden {cfg.controller_hidden}, fit {cfg.controller_fit_steps}, "
         f"{cfg.controller_candidates} candidates)": ControllerConfig(
-            total_steps=1000, hidden=cfg.controller_hidden, n_state=cfg.controller_state,
-            n_layers=cfg.controller_layers, fit_steps=cfg.controller_fit_steps,
-            n_candidates=cfg.controller_candidates, lr=cfg.controller_lr, explore=False),
+            total_steps=1000,
+            hidden=cfg.controller_hidden,
+            n_state=cfg.controller_state,
+            n_layers=cfg.controller_layers,
+            fit_steps=cfg.controller_fit_steps,
+            n_candidates=cfg.controller_candidates,
+            lr=cfg.controller_lr,
+            explore=False,
+        ),
         "paper (4 layers, hidden 256, state 512, fit 200, 2048 candidates)": ControllerConfig(
-            total_steps=1000, explore=False),
+            total_steps=1000, explore=False
+        ),
     }
     for name, cc in settings.items():
         ctrl = BirdieController(configs, cc)
@@ -99,11 +109,11 @@ def main() -> None:
             times.append(time.perf_counter() - t)
             loss = loss * (1 - 0.01 * rng.random(len(configs)))
         upd = float(np.mean(times[1:]))  # the first update has no history to fit
-        for sched_name, interval in ((f"quick study: {cfg.n_evals} evaluations in ~{est_steps:.0f} steps",
-                                      study_interval),
-                                     ("paper schedule, every 1000 steps", 1000.0),
-                                     (f"paper schedule at 32k steps: {len(eval_schedule(32000))} evals",
-                                      32000 / len(eval_schedule(32000)))):
+        for sched_name, interval in (
+            (f"quick study: {cfg.n_evals} evaluations in ~{est_steps:.0f} steps", study_interval),
+            ("paper schedule, every 1000 steps", 1000.0),
+            (f"paper schedule at 32k steps: {len(eval_schedule(32000))} evals", 32000 / len(eval_schedule(32000))),
+        ):
             rows.append((name, sched_name, upd, interval, upd / (interval * step_s)))
 
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")

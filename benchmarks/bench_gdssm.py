@@ -57,8 +57,13 @@ def bench(windows: list[int], chunks: list[int], repeats: int) -> list[dict]:
                     h, s = scan_chunked(a, g, log_decay, chunk_size=chunk)
                 (h.sum() + s.sum()).backward()
 
-            rows.append({"windows": w, "path": "naive" if chunk is None else f"chunk {chunk}",
-                         "ms": 1000 * _time(step, repeats)})
+            rows.append(
+                {
+                    "windows": w,
+                    "path": "naive" if chunk is None else f"chunk {chunk}",
+                    "ms": 1000 * _time(step, repeats),
+                }
+            )
             bar.advance(task)
     for r in rows:
         base = next(x["ms"] for x in rows if x["windows"] == r["windows"] and x["path"] == "naive")

@@ -393,9 +393,20 @@ default sketch is {DEFAULT_SKETCH_DIM} dims ({4 * DEFAULT_SKETCH_DIM:,} bytes pe
 {sketch_default["recall@10 rerank50"]:.3f} here, against {sketch[-1]["recall@10 rerank50"]:.3f} at {sketch[-1]["dim"]}
 dims for {sketch[-1]["dim"] // DEFAULT_SKETCH_DIM}x the bytes.
 
-{md_table(sketch, ["dim", "recall@10", "recall@10 rerank50", "top1 task", "exact top1 task", "ms/state", "bytes"],
-          {"recall@10": ".3f", "recall@10 rerank50": ".3f", "top1 task": ".3f", "exact top1 task": ".3f",
-           "ms/state": ".2f", "bytes": ","})}
+{
+        md_table(
+            sketch,
+            ["dim", "recall@10", "recall@10 rerank50", "top1 task", "exact top1 task", "ms/state", "bytes"],
+            {
+                "recall@10": ".3f",
+                "recall@10 rerank50": ".3f",
+                "top1 task": ".3f",
+                "exact top1 task": ".3f",
+                "ms/state": ".2f",
+                "bytes": ",",
+            },
+        )
+    }
 
 **Index search** over {DEFAULT_SKETCH_DIM}-dim unit sketches (synthetic clustered vectors at every size, not
 sketches of real states); single-query top-10 latency (median), recall@10 against the exact top 10; "x exact"
@@ -406,8 +417,13 @@ tens of minutes here).
 
 {choice}
 
-{md_table(index, ["n", "backend", "build_s", "ms", "x exact", "recall@10"],
-          {"n": ",", "build_s": ".1f", "ms": ".3f", "x exact": ".3f", "recall@10": ".3f"})}
+{
+        md_table(
+            index,
+            ["n", "backend", "build_s", "ms", "x exact", "recall@10"],
+            {"n": ",", "build_s": ".1f", "ms": ".3f", "x exact": ".3f", "recall@10": ".3f"},
+        )
+    }
 
 **Store end to end** ({20 if quick else 200} entries of 130m-sized states; recall@10 against `index="exact"`).
 

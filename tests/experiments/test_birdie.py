@@ -55,11 +55,29 @@ def test_config_rejects_unknown_arms():
 
 def tiny(tmp_path, **changes):
     base = dict(
-        name="t", out_dir=str(tmp_path), d_model=16, n_layer=2, d_state=16, seq_len=160, batch_size=2,
-        token_budget=600, seeds=(0,), arms=("ntp", "ul2", "birdie"), n_val_per_config=1, n_evals=2,
-        controller_hidden=8, controller_state=8, controller_fit_steps=2, controller_candidates=16,
-        finetune_steps=1, n_eval_examples=2, phonebook_entries=2, phonebook_queries=(1, 2), mqar_pairs=4,
-        mqar_queries=2, workers=1,
+        name="t",
+        out_dir=str(tmp_path),
+        d_model=16,
+        n_layer=2,
+        d_state=16,
+        seq_len=160,
+        batch_size=2,
+        token_budget=600,
+        seeds=(0,),
+        arms=("ntp", "ul2", "birdie"),
+        n_val_per_config=1,
+        n_evals=2,
+        controller_hidden=8,
+        controller_state=8,
+        controller_fit_steps=2,
+        controller_candidates=16,
+        finetune_steps=1,
+        n_eval_examples=2,
+        phonebook_entries=2,
+        phonebook_queries=(1, 2),
+        mqar_pairs=4,
+        mqar_queries=2,
+        workers=1,
     )
     return BirdieExperimentConfig(**{**base, **changes})
 

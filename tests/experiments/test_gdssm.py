@@ -44,41 +44,118 @@ SHIPPED = sorted(p.name for p in CONFIGS.glob("*.toml"))
 # What the experiment's own TOML reader (removed when GD-SSM moved onto statelab.config) built from each shipped
 # config, written out field by field so that a change in how a file is read shows up here.
 _FULL = ExperimentConfig(
-    name="gdssm-full", seeds=(0, 1, 2), threads=1, workers=2, out_dir="runs", eta_tasks=100_000,
-    task=RegressionConfig(d=10, n_examples=10, target="vector", function="linear", x_range=1.0, x_dist="uniform",
-                          w_scale=1.0, noise_std=0.0, n_distractors=0),
-    train=TrainSection(steps=10_000, batch_size=64, lr=2e-4, lr_recurrence=1e-4, weight_decay=0.05, eval_every=250,
-                       val_tasks=2000, test_tasks=10_000, baseline_lr=1e-3),
+    name="gdssm-full",
+    seeds=(0, 1, 2),
+    threads=1,
+    workers=2,
+    out_dir="runs",
+    eta_tasks=100_000,
+    task=RegressionConfig(
+        d=10,
+        n_examples=10,
+        target="vector",
+        function="linear",
+        x_range=1.0,
+        x_dist="uniform",
+        w_scale=1.0,
+        noise_std=0.0,
+        n_distractors=0,
+    ),
+    train=TrainSection(
+        steps=10_000,
+        batch_size=64,
+        lr=2e-4,
+        lr_recurrence=1e-4,
+        weight_decay=0.05,
+        eval_every=250,
+        val_tasks=2000,
+        test_tasks=10_000,
+        baseline_lr=1e-3,
+    ),
     gdssm=GDSSMSection(depths=(1, 2, 3, 4), decay="real", backend="naive", init_scale=0.1, extra_init_scales=(1.0,)),
-    baselines=BaselineSection(models=("lsa", "s5", "mamba1", "mamba2", "transformer"), windows=(False, True),
-                              width=32, layers=1, heads=2, d_state=16, seeds=(0, 1)),
+    baselines=BaselineSection(
+        models=("lsa", "s5", "mamba1", "mamba2", "transformer"),
+        windows=(False, True),
+        width=32,
+        layers=1,
+        heads=2,
+        d_state=16,
+        seeds=(0, 1),
+    ),
 )
 _NO_GDSSM = GDSSMSection(depths=(), decay="real", backend="naive", init_scale=1.0, extra_init_scales=())
 EXPECTED = {
     "full.toml": _FULL,
     "quick.toml": ExperimentConfig(
-        name="gdssm-quick", seeds=(0, 1), threads=1, workers=2, out_dir="runs", eta_tasks=20_000, task=_FULL.task,
-        train=TrainSection(steps=800, batch_size=64, lr=4e-3, lr_recurrence=2e-3, weight_decay=0.05, eval_every=100,
-                           val_tasks=1000, test_tasks=4000, baseline_lr=2e-3),
+        name="gdssm-quick",
+        seeds=(0, 1),
+        threads=1,
+        workers=2,
+        out_dir="runs",
+        eta_tasks=20_000,
+        task=_FULL.task,
+        train=TrainSection(
+            steps=800,
+            batch_size=64,
+            lr=4e-3,
+            lr_recurrence=2e-3,
+            weight_decay=0.05,
+            eval_every=100,
+            val_tasks=1000,
+            test_tasks=4000,
+            baseline_lr=2e-3,
+        ),
         gdssm=GDSSMSection(depths=(1, 2), decay="real", backend="naive", init_scale=0.1, extra_init_scales=(1.0,)),
         baselines=dataclasses.replace(_FULL.baselines, seeds=()),
     ),
     "smoke.toml": ExperimentConfig(
-        name="gdssm-smoke", seeds=(0, 1), threads=1, workers=1, out_dir="runs", eta_tasks=5000,
-        task=RegressionConfig(d=4, n_examples=4, target="vector", function="linear", x_range=1.0, x_dist="uniform",
-                              w_scale=1.0, noise_std=0.0, n_distractors=0),
-        train=TrainSection(steps=30, batch_size=16, lr=2e-3, lr_recurrence=1e-3, weight_decay=0.05, eval_every=10,
-                           val_tasks=64, test_tasks=128, baseline_lr=1e-3),
+        name="gdssm-smoke",
+        seeds=(0, 1),
+        threads=1,
+        workers=1,
+        out_dir="runs",
+        eta_tasks=5000,
+        task=RegressionConfig(
+            d=4,
+            n_examples=4,
+            target="vector",
+            function="linear",
+            x_range=1.0,
+            x_dist="uniform",
+            w_scale=1.0,
+            noise_std=0.0,
+            n_distractors=0,
+        ),
+        train=TrainSection(
+            steps=30,
+            batch_size=16,
+            lr=2e-3,
+            lr_recurrence=1e-3,
+            weight_decay=0.05,
+            eval_every=10,
+            val_tasks=64,
+            test_tasks=128,
+            baseline_lr=1e-3,
+        ),
         gdssm=GDSSMSection(depths=(1, 2), decay="real", backend="naive", init_scale=1.0, extra_init_scales=()),
-        baselines=BaselineSection(models=("lsa", "transformer"), windows=(False, True), width=8, layers=1, heads=2,
-                                  d_state=4, seeds=()),
+        baselines=BaselineSection(
+            models=("lsa", "transformer"), windows=(False, True), width=8, layers=1, heads=2, d_state=4, seeds=()
+        ),
     ),
     "full-baselines.toml": dataclasses.replace(
-        _FULL, name="gdssm-full-baselines", seeds=(0,), workers=1, gdssm=_NO_GDSSM,
+        _FULL,
+        name="gdssm-full-baselines",
+        seeds=(0,),
+        workers=1,
+        gdssm=_NO_GDSSM,
         baselines=dataclasses.replace(_FULL.baselines, models=("lsa", "s5", "transformer"), seeds=()),
     ),
     "full-baselines-mamba.toml": dataclasses.replace(
-        _FULL, name="gdssm-full-baselines-mamba", seeds=(0,), workers=2, gdssm=_NO_GDSSM,
+        _FULL,
+        name="gdssm-full-baselines-mamba",
+        seeds=(0,),
+        workers=2,
+        gdssm=_NO_GDSSM,
         baselines=dataclasses.replace(_FULL.baselines, models=("mamba2", "mamba1"), seeds=()),
     ),
 }
@@ -114,10 +191,14 @@ def test_shipped_configs_plan_every_run(name):
 
 
 def test_overrides_reach_nested_sections():
-    cfg = load_config(CONFIGS / "smoke.toml", ["train.steps=7", "gdssm.depths=[3]", "task.target=\"scalar\"",
-                                               "seeds=[4]", "baselines.windows=[true]"])
+    cfg = load_config(
+        CONFIGS / "smoke.toml",
+        ["train.steps=7", "gdssm.depths=[3]", 'task.target="scalar"', "seeds=[4]", "baselines.windows=[true]"],
+    )
     assert cfg == dataclasses.replace(
-        EXPECTED["smoke.toml"], seeds=(4,), task=dataclasses.replace(EXPECTED["smoke.toml"].task, target="scalar"),
+        EXPECTED["smoke.toml"],
+        seeds=(4,),
+        task=dataclasses.replace(EXPECTED["smoke.toml"].task, target="scalar"),
         train=dataclasses.replace(EXPECTED["smoke.toml"].train, steps=7),
         gdssm=dataclasses.replace(EXPECTED["smoke.toml"].gdssm, depths=(3,)),
         baselines=dataclasses.replace(EXPECTED["smoke.toml"].baselines, windows=(True,)),
@@ -140,9 +221,20 @@ def test_overrides_reach_nested_sections():
         ('[baselines]\nmodels = ["rwkv"]\n', [], "unknown baseline 'rwkv'"),
         ("seeds = []\n", [], "must name at least one seed"),
     ],
-    ids=["unknown-key", "unknown-gdssm-key", "unknown-section-override", "bad-int", "bad-float-override",
-         "float-for-int", "bool-in-int-list", "scalar-for-list", "value-for-table", "bad-literal", "bad-baseline",
-         "no-seeds"],
+    ids=[
+        "unknown-key",
+        "unknown-gdssm-key",
+        "unknown-section-override",
+        "bad-int",
+        "bad-float-override",
+        "float-for-int",
+        "bool-in-int-list",
+        "scalar-for-list",
+        "value-for-table",
+        "bad-literal",
+        "bad-baseline",
+        "no-seeds",
+    ],
 )
 def test_bad_configs_are_refused_naming_the_key(tmp_path, text, overrides, message):
     bad = tmp_path / "bad.toml"
@@ -163,12 +255,20 @@ def test_cli_passes_overrides_and_refuses_bad_keys(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(gdssm, "run_experiment", lambda cfg, out_dir, show_progress: seen.append(cfg) or tmp_path)
     smoke = str(CONFIGS / "smoke.toml")
-    result = CliRunner().invoke(app, ["run", "--config", smoke, "train.steps=5", "seeds=[9]", "--seeds", "3,4",
-                                      "--workers", "2", "--no-progress"])
+    result = CliRunner().invoke(
+        app,
+        ["run", "--config", smoke, "train.steps=5", "seeds=[9]", "--seeds", "3,4", "--workers", "2", "--no-progress"],
+    )
     assert result.exit_code == 0, result.output
     # --seeds wins over seeds=[9]
-    assert seen == [dataclasses.replace(EXPECTED["smoke.toml"], seeds=(3, 4), workers=2,
-                                        train=dataclasses.replace(EXPECTED["smoke.toml"].train, steps=5))]
+    assert seen == [
+        dataclasses.replace(
+            EXPECTED["smoke.toml"],
+            seeds=(3, 4),
+            workers=2,
+            train=dataclasses.replace(EXPECTED["smoke.toml"].train, steps=5),
+        )
+    ]
     result = CliRunner().invoke(app, ["run", "--config", smoke, "train.stepz=5"])
     assert result.exit_code == 2 and "train.stepz" in result.output and len(seen) == 1
 
@@ -208,10 +308,12 @@ def test_canonical_parameters_remove_the_scale_symmetry():
 
 def _tiny(steps=300, gdssm=None, **kw):
     return ExperimentConfig(
-        name="t", seeds=(0,), eta_tasks=4000, task=RegressionConfig(d=4, n_examples=4),
+        name="t",
+        seeds=(0,),
+        eta_tasks=4000,
+        task=RegressionConfig(d=4, n_examples=4),
         gdssm=gdssm or GDSSMSection(init_scale=0.1),
-        train=TrainSection(steps=steps, lr=4e-3, lr_recurrence=2e-3, eval_every=100, val_tasks=256,
-                           test_tasks=256),
+        train=TrainSection(steps=steps, lr=4e-3, lr_recurrence=2e-3, eval_every=100, val_tasks=256, test_tasks=256),
         **kw,
     )
 
@@ -237,8 +339,12 @@ def test_build_model_is_reproducible_and_leaves_the_global_rng():
 
 
 def test_run_experiment_writes_report_results_and_plots(tmp_path, one_thread):
-    cfg = _tiny(steps=20, threads=2, gdssm=GDSSMSection(depths=(1, 2), extra_init_scales=(1.0,)),
-                baselines=BaselineSection(models=("lsa",), windows=(True,), width=8, layers=1, d_state=4))
+    cfg = _tiny(
+        steps=20,
+        threads=2,
+        gdssm=GDSSMSection(depths=(1, 2), extra_init_scales=(1.0,)),
+        baselines=BaselineSection(models=("lsa",), windows=(True,), width=8, layers=1, d_state=4),
+    )
     root = run_experiment(cfg, out_dir=tmp_path, show_progress=False)
     assert torch.get_num_threads() == 1  # the config's thread count is not left behind
     results = json.loads((root / "results.json").read_text())
@@ -258,8 +364,11 @@ def test_run_experiment_writes_report_results_and_plots(tmp_path, one_thread):
 def test_report_can_be_rebuilt_from_partial_results(tmp_path, one_thread):
     from statelab.experiments.gdssm import report_from_files
 
-    cfg = _tiny(steps=10, gdssm=GDSSMSection(depths=(1,)),
-                baselines=BaselineSection(models=("s5",), windows=(False,), width=8, layers=1, d_state=4))
+    cfg = _tiny(
+        steps=10,
+        gdssm=GDSSMSection(depths=(1,)),
+        baselines=BaselineSection(models=("s5",), windows=(False,), width=8, layers=1, d_state=4),
+    )
     root = run_experiment(cfg, out_dir=tmp_path, show_progress=False)
     partial = json.loads((root / "results.partial.json").read_text())
     assert partial["meta"]["partial"] and partial["meta"]["done"] == 2

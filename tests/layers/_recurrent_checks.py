@@ -48,8 +48,14 @@ def check_naive_equals_chunked(layer, T=37):
             t.grad = None
         y, s = layer(x, st, start, prefix, naive=naive)
         (y.square().sum() + sum(p.sum() for p in _flat(s))).backward()
-        outs.append((y.detach(), [p.detach() for p in _flat(s)], [t.grad.clone() for t in s0],
-                     {n: p.grad.clone() for n, p in layer.named_parameters()}))
+        outs.append(
+            (
+                y.detach(),
+                [p.detach() for p in _flat(s)],
+                [t.grad.clone() for t in s0],
+                {n: p.grad.clone() for n, p in layer.named_parameters()},
+            )
+        )
     (yr, sr, gr, pr), (yg, sg, gg, pg) = outs
     assert_close("y", yr, yg)
     for i, (a, b) in enumerate(zip(sr, sg, strict=True)):

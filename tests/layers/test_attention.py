@@ -23,8 +23,9 @@ def test_parallel_equals_naive_with_gradients_including_the_cache():
         y, (k, v) = layer(x, (k0, v0), backend=backend)
         (y.pow(2).sum() + k.sum() + v.pow(2).sum()).backward()
         res[backend] = (y.detach(), x.grad.clone(), k0.grad.clone(), v0.grad.clone(), layer.qkv.weight.grad.clone())
-    for name, a, b in zip(["y", "grad x", "grad k0", "grad v0", "grad qkv"], res["naive"], res["parallel"],
-                          strict=True):
+    for name, a, b in zip(
+        ["y", "grad x", "grad k0", "grad v0", "grad qkv"], res["naive"], res["parallel"], strict=True
+    ):
         assert_close(name, a, b)
 
 

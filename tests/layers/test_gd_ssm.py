@@ -132,8 +132,11 @@ def _random_model(num_layers=2, seed=0):
 def test_model_chunk_equals_naive_with_gradients_wrt_parameters_and_state():
     model = _random_model(num_layers=3)
     tokens = torch.randn(2, 23, 4, dtype=torch.float64)
-    s0 = GDSSMState(ssm=torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True),
-                    tail=torch.randn(2, 1, 4, dtype=torch.float64), n_tokens=5)
+    s0 = GDSSMState(
+        ssm=torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True),
+        tail=torch.randn(2, 1, 4, dtype=torch.float64),
+        n_tokens=5,
+    )
     outs = {}
     for backend in ("naive", "chunk"):
         model.zero_grad()

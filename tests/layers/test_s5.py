@@ -18,8 +18,9 @@ def _layer():
 def test_diagonal_scan_chunk_equals_naive_with_gradients(T, chunk):
     gen = torch.Generator().manual_seed(T)
     b = torch.randn(2, T, 3, generator=gen, dtype=torch.complex128).requires_grad_(True)
-    log_decay = torch.complex(-torch.rand(3, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen,
-                              dtype=torch.float64)).requires_grad_(True)
+    log_decay = torch.complex(
+        -torch.rand(3, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
+    ).requires_grad_(True)
     h0 = torch.randn(2, 3, generator=gen, dtype=torch.complex128).requires_grad_(True)
     outs = []
     for backend in ("naive", "chunk"):

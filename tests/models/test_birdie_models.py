@@ -10,9 +10,17 @@ ARCH = ["gated_ssm", "hawk", "transformer", "mamba2"]
 
 def model(arch, bidirectional=False):
     torch.manual_seed(0)
-    cfg = BirdieModelConfig(arch=arch, vocab_size=40, d_model=16, n_layer=3, d_state=12, n_heads=2,
-                            bidirectional=bidirectional, mamba2_state=4,
-                            mamba2_head_dim=8)
+    cfg = BirdieModelConfig(
+        arch=arch,
+        vocab_size=40,
+        d_model=16,
+        n_layer=3,
+        d_state=12,
+        n_heads=2,
+        bidirectional=bidirectional,
+        mamba2_state=4,
+        mamba2_head_dim=8,
+    )
     return BirdieLM(cfg).eval()
 
 

@@ -63,8 +63,18 @@ def test_reward_model_is_causal_and_continues_from_its_state():
 
 
 def small_cfg(**kw):
-    base = dict(total_steps=1000, n_candidates=128, top_k=8, hidden=32, n_state=32, n_layers=2, fit_steps=40,
-                lr=3e-3, explore=False, seed=0)
+    base = dict(
+        total_steps=1000,
+        n_candidates=128,
+        top_k=8,
+        hidden=32,
+        n_state=32,
+        n_layers=2,
+        fit_steps=40,
+        lr=3e-3,
+        explore=False,
+        seed=0,
+    )
     base.update(kw)
     return ControllerConfig(**base)
 

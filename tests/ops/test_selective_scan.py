@@ -77,9 +77,7 @@ def test_continuation_split_equals_whole():
     u, delta, A, Bm, Cm, Dsk, h0 = (t.detach() for t in _inputs(90, seed=3))
     whole = selective_scan_chunk(u, delta, A, Bm, Cm, Dsk, h0, True)
     first = selective_scan_chunk(u[:, :37], delta[:, :37], A, Bm[:, :37], Cm[:, :37], Dsk, h0, True)
-    second = selective_scan_chunk(
-        u[:, 37:], delta[:, 37:], A, Bm[:, 37:], Cm[:, 37:], Dsk, first.final_state, True
-    )
+    second = selective_scan_chunk(u[:, 37:], delta[:, 37:], A, Bm[:, 37:], Cm[:, 37:], Dsk, first.final_state, True)
     assert_close("y", whole.y, torch.cat([first.y, second.y], 1))
     assert_close("final", whole.final_state, second.final_state)
     assert_close("sum_delta", whole.sum_delta, first.sum_delta + second.sum_delta)

@@ -50,8 +50,14 @@ def test_roundtrip_is_bit_exact(tmp_path, arch, dtype):
 
 def test_metadata_fields(tmp_path):
     s = make_state()
-    p = save_state(s, tmp_path / "s.safetensors", prompt="Q: 1+1\nA: 2", token_ids=torch.tensor([5, 6, 7]),
-                   tokenizer_hash="tok123", extra={"shots": 4, "task": "sum"})
+    p = save_state(
+        s,
+        tmp_path / "s.safetensors",
+        prompt="Q: 1+1\nA: 2",
+        token_ids=torch.tensor([5, 6, 7]),
+        tokenizer_hash="tok123",
+        extra={"shots": 4, "task": "sum"},
+    )
     m = read_metadata(p)
     assert m["format"] == "statelab.state" and m["format_version"] == "1"
     assert m["arch"] == "mamba1" and m["fingerprint"] == "ab" * 32 and m["dtype"] == "float32"

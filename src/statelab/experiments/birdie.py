@@ -284,8 +284,9 @@ def arm_configs(arm: str, seq_len: int) -> list[ObjectiveConfig]:
     return ul2_configs(seq_len) if ARMS[arm]["mixture"] == "ul2" else birdie_grid(seq_len)
 
 
-def _make_policy(arm: str, configs: list[ObjectiveConfig], cfg: BirdieExperimentConfig, seed: int,
-                 est_steps: int, log: Path) -> MixturePolicy:
+def _make_policy(
+    arm: str, configs: list[ObjectiveConfig], cfg: BirdieExperimentConfig, seed: int, est_steps: int, log: Path
+) -> MixturePolicy:
     mix = ARMS[arm]["mixture"]
     if mix == "ul2":
         return FixedPolicy(configs, ul2_probs(configs), log)
@@ -312,14 +313,23 @@ def _make_policy(arm: str, configs: list[ObjectiveConfig], cfg: BirdieExperiment
 
 
 def train_arm(
-    arm: str, seed: int, cfg: BirdieExperimentConfig, train_text: np.ndarray, val_text: np.ndarray, run_dir: Path,
+    arm: str,
+    seed: int,
+    cfg: BirdieExperimentConfig,
+    train_text: np.ndarray,
+    val_text: np.ndarray,
+    run_dir: Path,
     report: Callable[[int, float], None] | None = None,
 ) -> tuple[BirdieLM, dict[str, Any]]:
     """Train one arm for one seed until ``cfg.token_budget`` counted tokens; returns the model and a record.
     ``report(counted_tokens, loss)`` is called after every step (progress display)."""
     torch.manual_seed(seed)
     mcfg = BirdieModelConfig(
-        arch=cfg.arch, vocab_size=VOCAB.size, d_model=cfg.d_model, n_layer=cfg.n_layer, d_state=cfg.d_state,
+        arch=cfg.arch,
+        vocab_size=VOCAB.size,
+        d_model=cfg.d_model,
+        n_layer=cfg.n_layer,
+        d_state=cfg.d_state,
         bidirectional=ARMS[arm]["bidirectional"],
     )
     model = BirdieLM(mcfg)
@@ -338,7 +348,8 @@ def train_arm(
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "Lambda" not in n]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95),
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
     )
     counted, step, losses = 0, 0, []
     t_train = t_eval = 0.0
@@ -368,14 +379,26 @@ def train_arm(
         if report is not None:
             report(counted, losses[-1][2])
     rec = {
-        "arm": arm, "seed": seed, "steps": step, "counted_tokens": counted, "train_s": t_train,
-        "val_eval_s": t_eval, "controller_s": getattr(policy, "overhead_s", 0.0),
-        "step_s": t_train / max(step, 1), "losses": losses, "n_params": model.num_parameters(),
-        "class_tokens": _class_tokens(configs, sampler), "sampler_failures": sampler.stats.failures,
+        "arm": arm,
+        "seed": seed,
+        "steps": step,
+        "counted_tokens": counted,
+        "train_s": t_train,
+        "val_eval_s": t_eval,
+        "controller_s": getattr(policy, "overhead_s", 0.0),
+        "step_s": t_train / max(step, 1),
+        "losses": losses,
+        "n_params": model.num_parameters(),
+        "class_tokens": _class_tokens(configs, sampler),
+        "sampler_failures": sampler.stats.failures,
     }
     if controlled and policy.records:
-        plot_action_log(policy.records, [c.class_name for c in configs], run_dir / f"mixture_{arm}_s{seed}.png",
-                        title=f"{arm} seed {seed}: objective mixture")
+        plot_action_log(
+            policy.records,
+            [c.class_name for c in configs],
+            run_dir / f"mixture_{arm}_s{seed}.png",
+            title=f"{arm} seed {seed}: objective mixture",
+        )
         rec["final_mixture"] = _class_share(configs, policy.action)
     return model, rec
 
@@ -487,8 +510,13 @@ def generated_accuracy(model: BirdieLM, items: list[tuple[Example, np.ndarray]],
 def metric_names(cfg: BirdieExperimentConfig) -> list[str]:
     """The metrics of one run, in report order."""
     return [
-        "phonebook", *(f"phonebook_q{q}" for q in cfg.phonebook_queries), "mqar",
-        "selective_copying", "copying", "infilling", "bits_per_byte",
+        "phonebook",
+        *(f"phonebook_q{q}" for q in cfg.phonebook_queries),
+        "mqar",
+        "selective_copying",
+        "copying",
+        "infilling",
+        "bits_per_byte",
     ]
 
 
@@ -519,6 +547,7 @@ def evaluate(model: BirdieLM, cfg: BirdieExperimentConfig, val_text: np.ndarray,
 
 # ---- the whole study ----------------------------------------------------------------------------------------
 
+
 def _split_corpus() -> tuple[np.ndarray, np.ndarray]:
     text = load_corpus()
     cut = int(0.9 * text.shape[0])
@@ -526,7 +555,10 @@ def _split_corpus() -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_one(
-    arm: str, seed: int, cfg: BirdieExperimentConfig, run_dir: Path,
+    arm: str,
+    seed: int,
+    cfg: BirdieExperimentConfig,
+    run_dir: Path,
     report: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one (arm, seed); returns its JSON-ready record (``metrics`` included)."""
@@ -585,17 +617,22 @@ def run_experiment(cfg: BirdieExperimentConfig, show_progress: bool = True) -> P
         (run_dir / "results.json").write_text(json.dumps(body, indent=1))
         return results, fails
 
-    cols = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,.0f} tok"),
-            TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeElapsedColumn()]
+    cols = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f} tok"),
+        TextColumn("{task.fields[tps]:,.0f} tok/s"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*cols, disable=not show_progress) as progress:
-        bars = {j: progress.add_task(f"{j[0]} seed {j[1]}", total=cfg.token_budget, start=False, tps=0.0)
-                for j in jobs}
+        bars = {j: progress.add_task(f"{j[0]} seed {j[1]}", total=cfg.token_budget, start=False, tps=0.0) for j in jobs}
 
         def on_progress(arm: str, seed: int, counted: int, loss: float) -> None:
             bar = bars[(arm, seed)]
             progress.start_task(bar)
-            progress.update(bar, completed=min(counted, cfg.token_budget),
-                            description=f"{arm} seed {seed} loss {loss:.3f}")
+            progress.update(
+                bar, completed=min(counted, cfg.token_budget), description=f"{arm} seed {seed} loss {loss:.3f}"
+            )
             speed = next(t.speed for t in progress.tasks if t.id == bar)
             progress.update(bar, tps=speed or 0.0)
 
@@ -603,8 +640,9 @@ def run_experiment(cfg: BirdieExperimentConfig, show_progress: bool = True) -> P
             torch.set_num_threads(cfg.threads)
             for arm, seed in jobs:
                 try:
-                    done[(arm, seed)] = run_one(arm, seed, cfg, run_dir, lambda c, l, a=arm, s=seed:
-                                                on_progress(a, s, c, l))
+                    done[(arm, seed)] = run_one(
+                        arm, seed, cfg, run_dir, lambda c, l, a=arm, s=seed: on_progress(a, s, c, l)
+                    )
                 except (RuntimeError, ValueError) as e:  # one failing run is recorded, the study continues
                     failures[(arm, seed)] = f"{type(e).__name__}: {e}"
                 save()
@@ -616,8 +654,9 @@ def run_experiment(cfg: BirdieExperimentConfig, show_progress: bool = True) -> P
             n_proc = min(cfg.workers, len(jobs))
             for _ in range(n_proc):
                 job_q.put(None)
-            procs = [ctx.Process(target=_worker, args=(cfg, str(run_dir), job_q, msg_q), daemon=True)
-                     for _ in range(n_proc)]
+            procs = [
+                ctx.Process(target=_worker, args=(cfg, str(run_dir), job_q, msg_q), daemon=True) for _ in range(n_proc)
+            ]
             for p in procs:
                 p.start()
             try:
@@ -675,9 +714,14 @@ def _comparison_lines(
     if "ntp" not in summ or len(summ) < 2:
         return []
     keys = [f"phonebook_q{max(cfg.phonebook_queries)}", "mqar", "bits_per_byte"]
-    lines = ["", "Against next-token (ntp): difference of means, and in units of the pooled std "
-             "(sqrt of the mean of the two variances over seeds).", "",
-             "| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    lines = [
+        "",
+        "Against next-token (ntp): difference of means, and in units of the pooled std "
+        "(sqrt of the mean of the two variances over seeds).",
+        "",
+        "| arm | " + " | ".join(keys) + " |",
+        "|---|" + "---|" * len(keys),
+    ]
     for arm in summ:
         if arm == "ntp":
             continue
@@ -754,24 +798,37 @@ def write_report(
     ]
     for a in arms:
         lines.append(
-            f"| {a} | " + " | ".join(fmt(a, m) for m in metrics)
+            f"| {a} | "
+            + " | ".join(fmt(a, m) for m in metrics)
             + f" | {summ[a]['counted_tokens'][0]:,.0f} | {summ[a]['steps'][0]:.0f} |"
         )
     lines += _comparison_lines(cfg, summ, metrics)
     lines += ["", "![metrics](metrics.png)", "", "![training loss](train_loss.png)", ""]
-    lines += ["## Cost", "", "| arm | step (s) | controller (s) | controller / training | validation evals (s) |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "## Cost",
+        "",
+        "| arm | step (s) | controller (s) | controller / training | validation evals (s) |",
+        "|---|---|---|---|---|",
+    ]
     for a in arms:
         ctrl, tr = summ[a]["controller_s"][0], summ[a]["train_s"][0]
-        lines.append(f"| {a} | {summ[a]['step_s'][0]:.3f} | {ctrl:.2f} | {100 * ctrl / max(tr, 1e-9):.2f}% | "
-                     f"{summ[a]['val_eval_s'][0]:.1f} |")
+        lines.append(
+            f"| {a} | {summ[a]['step_s'][0]:.3f} | {ctrl:.2f} | {100 * ctrl / max(tr, 1e-9):.2f}% | "
+            f"{summ[a]['val_eval_s'][0]:.1f} |"
+        )
     mix = [r for r in results if "final_mixture" in r]
     if mix:
         classes = list(mix[0]["class_tokens"])
-        lines += ["", "## What the controller trained on", "",
-                  "Share of packed tokens per objective class over the whole run (the mixture actually played; the "
-                  "last action of a run can be an ε-exploration step that trains on nothing).", "",
-                  "| run | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+        lines += [
+            "",
+            "## What the controller trained on",
+            "",
+            "Share of packed tokens per objective class over the whole run (the mixture actually played; the "
+            "last action of a run can be an ε-exploration step that trains on nothing).",
+            "",
+            "| run | " + " | ".join(classes) + " |",
+            "|---|" + "---|" * len(classes),
+        ]
         for r in mix:
             tot = max(1, sum(r["class_tokens"].values()))
             vals = " | ".join(f"{r['class_tokens'][c] / tot:.2f}" for c in classes)

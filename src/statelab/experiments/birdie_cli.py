@@ -8,8 +8,9 @@ import typer
 
 __all__ = ["app"]
 
-app = typer.Typer(help="Birdie: objective mixtures, the reward-driven controller and bidirectional SSM layers.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Birdie: objective mixtures, the reward-driven controller and bidirectional SSM layers.", no_args_is_help=True
+)
 
 
 @app.command("run")

@@ -261,8 +261,17 @@ class SeqRegressor(nn.Module):
     (``max_len``) and an MLP per block; LSA blocks have no norm (von Oswald's LSA is purely linear).
     """
 
-    def __init__(self, mixer: str, d_in: int, d_out: int, width: int = 32, layers: int = 2, heads: int = 2,
-                 d_state: int = 16, max_len: int = 64) -> None:
+    def __init__(
+        self,
+        mixer: str,
+        d_in: int,
+        d_out: int,
+        width: int = 32,
+        layers: int = 2,
+        heads: int = 2,
+        d_state: int = 16,
+        max_len: int = 64,
+    ) -> None:
         super().__init__()
         if mixer not in BASELINE_MIXERS:
             raise ConfigError(f"unknown mixer {mixer!r}; known: {sorted(BASELINE_MIXERS)}")
@@ -331,8 +340,9 @@ def build_model(spec: RunSpec, config: ExperimentConfig) -> nn.Module:
             model.backend = config.gdssm.backend
             return model
         d_in = 3 * d if spec.window else d + 1
-        return SeqRegressor(spec.kind, d_in, e, b.width, b.layers, b.heads, b.d_state,
-                            max_len=2 * config.task.n_examples + 1)
+        return SeqRegressor(
+            spec.kind, d_in, e, b.width, b.layers, b.heads, b.d_state, max_len=2 * config.task.n_examples + 1
+        )
 
 
 def query_prediction(spec: RunSpec, model: nn.Module, inputs: torch.Tensor, e: int) -> torch.Tensor:
@@ -364,8 +374,9 @@ class TrainedRun:
     steps_per_s: float
 
 
-def train_run(spec: RunSpec, config: ExperimentConfig, val: RegressionBatch, progress: Any = None,
-              task_id: Any = None) -> TrainedRun:
+def train_run(
+    spec: RunSpec, config: ExperimentConfig, val: RegressionBatch, progress: Any = None, task_id: Any = None
+) -> TrainedRun:
     """Train one model on fresh tasks, ``config.train.steps`` steps; validation loss every ``eval_every`` steps."""
     tr, task = config.train, config.task
     model = build_model(spec, config)
@@ -458,8 +469,9 @@ def _interpolate(model: GDSSM, constructed: GDSSM) -> GDSSM:
     return mix
 
 
-def _gdssm_metrics(run: TrainedRun, config: ExperimentConfig, test: RegressionBatch,
-                   optima: dict[int, tuple[float, float]]) -> dict[str, Any]:
+def _gdssm_metrics(
+    run: TrainedRun, config: ExperimentConfig, test: RegressionBatch, optima: dict[int, tuple[float, float]]
+) -> dict[str, Any]:
     spec, model, task = run.spec, run.model, config.task
     e, n = task.e, task.n_examples
     tokens = interleave(test)
@@ -510,8 +522,9 @@ def _gdssm_metrics(run: TrainedRun, config: ExperimentConfig, test: RegressionBa
     return out
 
 
-def _baseline_metrics(run: TrainedRun, config: ExperimentConfig, test: RegressionBatch,
-                      optima: dict[int, tuple[float, float]]) -> dict[str, Any]:
+def _baseline_metrics(
+    run: TrainedRun, config: ExperimentConfig, test: RegressionBatch, optima: dict[int, tuple[float, float]]
+) -> dict[str, Any]:
     with torch.no_grad():
         pred = query_prediction(run.spec, run.model, model_inputs(run.spec, test), config.task.e)
     gd1 = gd_predict(test.context_x, test.context_y, test.query_x, optima[1][0], 1)
@@ -523,8 +536,13 @@ def _baseline_metrics(run: TrainedRun, config: ExperimentConfig, test: Regressio
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -536,8 +554,9 @@ def _references(config: ExperimentConfig, test: RegressionBatch) -> dict[str, An
     optima, table = {}, []
     for k in depths:
         opt = optimal_gd_lr(task, k, n_tasks=config.eta_tasks, seed=batch_seed(0, "eta", k))
-        test_loss = float(half_mse(gd_predict(test.context_x, test.context_y, test.query_x, opt.eta, k),
-                                   test.query_y.double()))
+        test_loss = float(
+            half_mse(gd_predict(test.context_x, test.context_y, test.query_x, opt.eta, k), test.query_y.double())
+        )
         optima[k] = (opt.eta, opt.loss)
         table.append({"steps": k, "eta": opt.eta, "expected_loss": opt.loss, "test_loss": test_loss})
     closed = one_step_optimum(task.d, task.n_examples, task.x_range, task.w_scale)
@@ -553,8 +572,7 @@ def _references(config: ExperimentConfig, test: RegressionBatch) -> dict[str, An
     gd_prefix = gd_prefix_predict(test.x, test.context_y, c, 1)
     targets = torch.cat([test.y[:, 1:-1], test.query_y[:, None]], dim=1).double()
     positions["construction_test"] = [float(half_mse(gd_prefix[:, i], targets[:, i])) for i in range(n)]
-    lstsq = float(half_mse(least_squares_predict(test.context_x, test.context_y, test.query_x),
-                           test.query_y.double()))
+    lstsq = float(half_mse(least_squares_predict(test.context_x, test.context_y, test.query_x), test.query_y.double()))
     return {
         "zero_predictor": zero_predictor_loss(task.d, task.x_range, task.w_scale),
         "zero_predictor_test": float(half_mse(torch.zeros_like(test.query_y), test.query_y)),
@@ -566,8 +584,13 @@ def _references(config: ExperimentConfig, test: RegressionBatch) -> dict[str, An
     }
 
 
-def execute_run(spec: RunSpec, config: ExperimentConfig, optima: dict[int, tuple[float, float]],
-                progress: Any = None, task_id: Any = None) -> dict[str, Any]:
+def execute_run(
+    spec: RunSpec,
+    config: ExperimentConfig,
+    optima: dict[int, tuple[float, float]],
+    progress: Any = None,
+    task_id: Any = None,
+) -> dict[str, Any]:
     """Train and measure one run with ``config.threads`` threads (restored afterwards); a failure is returned as a
     record with ``error`` (and counted by the caller)."""
     threads = torch.get_num_threads()
@@ -579,8 +602,12 @@ def execute_run(spec: RunSpec, config: ExperimentConfig, optima: dict[int, tuple
         run = train_run(spec, config, val, progress, task_id)
         metrics = (_gdssm_metrics if spec.kind == "gdssm" else _baseline_metrics)(run, config, test, optima)
         record.update(metrics)
-        record.update(curve=run.curve, seconds=run.seconds, steps_per_s=run.steps_per_s,
-                      params=sum(p.numel() for p in run.model.parameters()))
+        record.update(
+            curve=run.curve,
+            seconds=run.seconds,
+            steps_per_s=run.steps_per_s,
+            params=sum(p.numel() for p in run.model.parameters()),
+        )
     except Exception as err:  # a failed run is recorded and counted; the study goes on
         record["error"] = f"{type(err).__name__}: {err}"
         record["traceback"] = traceback.format_exc(limit=4)
@@ -611,8 +638,13 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path | None = None, 
     optima = refs.pop("_optima")
     runs = plan_runs(config)
     records: list[dict[str, Any]] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, disable=not show_progress) as progress:
         total = progress.add_task("all runs", total=len(runs), rate="")
         if config.workers == 1:
@@ -640,7 +672,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path | None = None, 
         "commit": commit,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
-                   f"{config.workers} worker(s) × {config.threads} thread(s)",
+        f"{config.workers} worker(s) × {config.threads} thread(s)",
         "wall_seconds": time.perf_counter() - t_start,
         "failures": failures,
         "runs": len(runs),
@@ -651,8 +683,9 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path | None = None, 
     return root
 
 
-def _write_partial(root: Path, refs: dict[str, Any], records: list[dict[str, Any]], n_runs: int,
-                   t_start: float) -> None:
+def _write_partial(
+    root: Path, refs: dict[str, Any], records: list[dict[str, Any]], n_runs: int, t_start: float
+) -> None:
     """``results.partial.json`` after every finished run, so an interrupted study keeps what it has done."""
     meta = {"partial": True, "done": len(records), "runs": n_runs, "wall_seconds": time.perf_counter() - t_start}
     tmp = root / "results.partial.json.tmp"
@@ -679,8 +712,11 @@ def report_from_files(run_dir: str | Path) -> Path:
         results["runs"].sort(key=lambda r: order.get((r["label"], r["seed"]), len(order)))
         done = {(r["label"], r["seed"]) for r in results["runs"]}
         meta["not_finished"] = [f"{label} seed {seed}" for label, seed in order if (label, seed) not in done]
-        meta.update(commit=_git_commit(), date_utc=time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-                    machine=f"{platform.machine()}, torch {torch.__version__}, {config.workers} worker(s) × "
-                            f"{config.threads} thread(s); INTERRUPTED after {meta['done']} of {meta['runs']} runs",
-                    failures=sum("error" in r for r in results["runs"]))
+        meta.update(
+            commit=_git_commit(),
+            date_utc=time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            machine=f"{platform.machine()}, torch {torch.__version__}, {config.workers} worker(s) × "
+            f"{config.threads} thread(s); INTERRUPTED after {meta['done']} of {meta['runs']} runs",
+            failures=sum("error" in r for r in results["runs"]),
+        )
     return write_report(config, results, root)

@@ -9,8 +9,7 @@ import typer
 
 __all__ = ["app"]
 
-app = typer.Typer(help="GD-SSM: an SSM that does gradient descent in context (arXiv 2410.11687).",
-                  no_args_is_help=True)
+app = typer.Typer(help="GD-SSM: an SSM that does gradient descent in context (arXiv 2410.11687).", no_args_is_help=True)
 
 
 @app.command()

@@ -63,8 +63,13 @@ def _plots(config: Any, results: dict[str, Any], root: Path) -> list[str]:
         mean = [m for m, _, _ in stats]
         std = [s for _, s, _ in stats]
         line = ax.plot(steps, mean, label=name, ls="-" if label == f"gdssm-L{depth}" else "-.")[0]
-        ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
-                        [m + s for m, s in zip(mean, std, strict=True)], color=line.get_color(), alpha=0.2)
+        ax.fill_between(
+            steps,
+            [m - s for m, s in zip(mean, std, strict=True)],
+            [m + s for m, s in zip(mean, std, strict=True)],
+            color=line.get_color(),
+            alpha=0.2,
+        )
         if depth in gd:
             ax.axhline(gd[depth]["expected_loss"], color=line.get_color(), ls="--", lw=0.8)
     ax.axhline(refs["zero_predictor"], color="grey", ls=":", label="zero predictor")
@@ -86,8 +91,15 @@ def _plots(config: Any, results: dict[str, Any], root: Path) -> list[str]:
         rows = [r["position_loss"] for r in runs if r["label"] == f"gdssm-L{depth}"]
         if rows:
             stats = [_stats([row[i] for row in rows]) for i in range(n)]
-            ax.errorbar(xs, [m for m, _, _ in stats], yerr=[s for _, s, _ in stats], marker="o", ms=3, capsize=2,
-                        label=f"GD-SSM {depth} layer{'s' if depth > 1 else ''} (trained at i = N only)")
+            ax.errorbar(
+                xs,
+                [m for m, _, _ in stats],
+                yerr=[s for _, s, _ in stats],
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=f"GD-SSM {depth} layer{'s' if depth > 1 else ''} (trained at i = N only)",
+            )
     ax.plot(xs, refs["positions"]["construction"], "k--", label="1-step GD construction, c = η*/N")
     ax.plot(xs, refs["positions"]["best_per_prefix"], "k:", label="1-step GD, best c per prefix")
     ax.set_xlabel("in-context examples i (window i predicts y_{i+1})")
@@ -103,8 +115,14 @@ def _plots(config: Any, results: dict[str, Any], root: Path) -> list[str]:
     depths = [d for d in config.gdssm.depths if f"gdssm-L{d}" in loss]
     if depths:
         fig, ax = plt.subplots(figsize=(5.2, 3.8))
-        ax.errorbar(depths, [loss[f"gdssm-L{d}"][0] for d in depths], yerr=[loss[f"gdssm-L{d}"][1] for d in depths],
-                    marker="o", capsize=3, label="GD-SSM, L layers (trained)")
+        ax.errorbar(
+            depths,
+            [loss[f"gdssm-L{d}"][0] for d in depths],
+            yerr=[loss[f"gdssm-L{d}"][1] for d in depths],
+            marker="o",
+            capsize=3,
+            label="GD-SSM, L layers (trained)",
+        )
         ks = sorted(gd)
         ax.plot(ks, [gd[k]["expected_loss"] for k in ks], "s--", label="k-step GD, optimal η")
         ax.set_xlabel("layers L / GD steps k")
@@ -121,8 +139,13 @@ def _plots(config: Any, results: dict[str, Any], root: Path) -> list[str]:
     if labels:
         labels = ["gdssm-L1", *sorted(labels)] if "gdssm-L1" in loss else sorted(labels)
         fig, ax = plt.subplots(figsize=(7.2, 4.0))
-        ax.bar(range(len(labels)), [loss[lab][0] for lab in labels], yerr=[loss[lab][1] for lab in labels],
-               capsize=3, color=["C1" if lab.startswith("gdssm") else "C0" for lab in labels])
+        ax.bar(
+            range(len(labels)),
+            [loss[lab][0] for lab in labels],
+            yerr=[loss[lab][1] for lab in labels],
+            capsize=3,
+            color=["C1" if lab.startswith("gdssm") else "C0" for lab in labels],
+        )
         ax.axhline(gd[1]["expected_loss"], color="k", ls="--", lw=0.8, label="1-step GD, optimal η")
         ax.axhline(refs["zero_predictor"], color="grey", ls=":", label="zero predictor")
         ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
@@ -146,8 +169,10 @@ def _plots(config: Any, results: dict[str, Any], root: Path) -> list[str]:
             ("trained W_q / W_q[1,2]", np.array(can["w_q"])),
             ("construction W_q = e₁e₂ᵀ", np.eye(3, k=1) * np.array([[1, 1, 0], [0, 0, 0], [0, 0, 0]])),
             ("trained C·W_q[1,2]·D₃", np.array(can["C"])),
-            (f"construction C = −(η*/N)I = {-eta / config.task.n_examples:.3f}·I",
-             -eta / config.task.n_examples * np.eye(d)),
+            (
+                f"construction C = −(η*/N)I = {-eta / config.task.n_examples:.3f}·I",
+                -eta / config.task.n_examples * np.eye(d),
+            ),
         ]
         for ax, (title, mat) in zip(axes, panels, strict=True):
             lim = max(abs(mat).max(), 1e-9)
@@ -196,8 +221,10 @@ def write_report(config: Any, results: dict[str, Any], root: Path) -> Path:
         f"{refs['one_step_closed_form']['loss']:.4f} | — |",
     ]
     for k in sorted(gd):
-        lines.append(f"| {k}-step GD, optimal η (Monte Carlo) | {gd[k]['eta']:.3f} | {gd[k]['expected_loss']:.4f} "
-                     f"| {gd[k]['test_loss']:.4f} |")
+        lines.append(
+            f"| {k}-step GD, optimal η (Monte Carlo) | {gd[k]['eta']:.3f} | {gd[k]['expected_loss']:.4f} "
+            f"| {gd[k]['test_loss']:.4f} |"
+        )
     lines += [f"| least squares (Bayes, noiseless) | — | 0 | {refs['least_squares_test']:.2e} |", ""]
 
     g = config.gdssm
@@ -233,8 +260,7 @@ def write_report(config: Any, results: dict[str, Any], root: Path) -> Path:
         m1 = loss[lab][0]
         target = refs["one_step_closed_form"]["loss"]
         gap = (m1 - target) / target * 100
-        md1, pd1, il = (aggregate(runs, k).get(lab) for k in ("model_diff_gd1", "pred_diff_gd1",
-                                                                "interpolation_loss"))
+        md1, pd1, il = (aggregate(runs, k).get(lab) for k in ("model_diff_gd1", "pred_diff_gd1", "interpolation_loss"))
         lines += [
             "### One layer vs one GD step",
             "",
@@ -268,16 +294,22 @@ def write_report(config: Any, results: dict[str, Any], root: Path) -> Path:
         "| i | " + " | ".join(str(i) for i in range(1, n + 1)) + " |",
         "|---|" + "---|" * n,
         "| 1-step GD construction (c = η*/N), analytic | "
-        + " | ".join(f"{v:.3f}" for v in refs["positions"]["construction"]) + " |",
+        + " | ".join(f"{v:.3f}" for v in refs["positions"]["construction"])
+        + " |",
         "| 1-step GD construction, test set | "
-        + " | ".join(f"{v:.3f}" for v in refs["positions"]["construction_test"]) + " |",
+        + " | ".join(f"{v:.3f}" for v in refs["positions"]["construction_test"])
+        + " |",
         "| 1-step GD, best c per prefix, analytic | "
-        + " | ".join(f"{v:.3f}" for v in refs["positions"]["best_per_prefix"]) + " |",
+        + " | ".join(f"{v:.3f}" for v in refs["positions"]["best_per_prefix"])
+        + " |",
     ]
     for d, rows in pos_rows.items():
         if rows:
-            lines.append(f"| GD-SSM L = {d} | " + " | ".join(
-                f"{_stats([row[i] for row in rows])[0]:.3f}" for i in range(n)) + " |")
+            lines.append(
+                f"| GD-SSM L = {d} | "
+                + " | ".join(f"{_stats([row[i] for row in rows])[0]:.3f}" for i in range(n))
+                + " |"
+            )
     lines.append("")
 
     base = sorted(lab for lab in loss if not lab.startswith("gdssm"))

@@ -261,8 +261,13 @@ class BidirectionalMamba2Mixer(Mamba2Mixer):
         log_a = (delta * A)[..., None, None].expand(Bsz, T, H, P, N).reshape(Bsz, T, H * P * N)
         u = (delta[..., None, None] * xs[..., None] * Bh[:, :, :, None, :]).reshape(Bsz, T, H * P * N)
         h, h_last = split_scan(
-            log_a, u, None if h0 is None else h0.reshape(Bsz, -1).float(), seq_start, is_prefix,
-            self.bidirectional, naive=naive,
+            log_a,
+            u,
+            None if h0 is None else h0.reshape(Bsz, -1).float(),
+            seq_start,
+            is_prefix,
+            self.bidirectional,
+            naive=naive,
         )
         y = (h.reshape(Bsz, T, H, P, N) * Ch[:, :, :, None, :]).sum(-1) + self.D.float()[:, None] * xs
         out = self.out_proj(self.norm(y.reshape(Bsz, T, D).to(x.dtype), z))

@@ -61,8 +61,6 @@ class GatedSSMLayer(nn.Module):
         i, z, o, f = self.in_proj(x).chunk(4, dim=-1)
         log_f = F.logsigmoid(f.float())  # decays in fp32
         u = torch.sigmoid(i) * z
-        h, new = split_scan(
-            log_f, u, state, seq_start, is_prefix, self.bidirectional, naive=naive
-        )
+        h, new = split_scan(log_f, u, state, seq_start, is_prefix, self.bidirectional, naive=naive)
         y = self.out_proj(F.gelu(o) * h.to(x.dtype))
         return y, new

@@ -27,8 +27,14 @@ __all__ = ["LinearSelfAttention"]
 class LinearSelfAttention(nn.Module):
     """Causal linear self-attention. ``forward(x [B, T, M], state=None) -> (y [B, T, M], S [B, H, Dv, Dk])``."""
 
-    def __init__(self, d_model: int, n_heads: int = 1, d_key: int | None = None, d_value: int | None = None,
-                 init_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int = 1,
+        d_key: int | None = None,
+        d_value: int | None = None,
+        init_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         if d_model < 1 or n_heads < 1:
             raise ConfigError(f"d_model and n_heads must be >= 1, got {d_model}, {n_heads}")

@@ -27,7 +27,10 @@ __all__ = ["S5Layer", "diagonal_scan"]
 
 
 def diagonal_scan(
-    b: torch.Tensor, log_decay: torch.Tensor, h0: torch.Tensor, backend: Literal["naive", "chunk"] = "chunk",
+    b: torch.Tensor,
+    log_decay: torch.Tensor,
+    h0: torch.Tensor,
+    backend: Literal["naive", "chunk"] = "chunk",
     chunk_size: int = 32,
 ) -> torch.Tensor:
     """All states of ``h_t = exp(log_decay) ⊙ h_{t-1} + b_t``: ``b: [B, T, P]``, ``log_decay: [P]``, ``h0: [B, P]``.

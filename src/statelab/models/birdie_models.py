@@ -157,7 +157,12 @@ class _Block(nn.Module):
             self.mixer = HawkLayer(cfg.d_model, cfg.d_state, cfg.conv_kernel, bidirectional=bi)
         elif cfg.arch == "mamba2":
             self.mixer = BidirectionalMamba2Mixer(
-                cfg.d_model, 2 * cfg.d_model, cfg.mamba2_state, 1, cfg.mamba2_head_dim, cfg.conv_kernel,
+                cfg.d_model,
+                2 * cfg.d_model,
+                cfg.mamba2_state,
+                1,
+                cfg.mamba2_head_dim,
+                cfg.conv_kernel,
                 bidirectional=bi,
             )
         else:

@@ -282,7 +282,10 @@ class ExpWeightsPolicy(MixturePolicy):
     """
 
     def __init__(
-        self, configs: Sequence[ObjectiveConfig], eta: float = 1.0, gamma: float = 0.1,
+        self,
+        configs: Sequence[ObjectiveConfig],
+        eta: float = 1.0,
+        gamma: float = 0.1,
         log_path: str | Path | None = None,
     ) -> None:
         super().__init__(configs, log_path)

@@ -187,9 +187,7 @@ def deshuffling(
         perm = rng.permutation(k)
     y = x.copy()
     y[pos] = x[pos[perm]]
-    return Example(
-        input=y, target=np.concatenate([x, [vocab.eos]]).astype(_I64), masked_fraction=k / n, n_spans=0
-    )
+    return Example(input=y, target=np.concatenate([x, [vocab.eos]]).astype(_I64), masked_fraction=k / n, n_spans=0)
 
 
 def selective_copying(

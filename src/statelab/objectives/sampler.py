@@ -45,9 +45,7 @@ class SamplerStats:
             return np.where(self.masked_n > 0, self.masked_sum / np.maximum(self.masked_n, 1), np.nan)
 
 
-def _draw(
-    text: np.ndarray, cfg: ObjectiveConfig, rng: np.random.Generator, seq_len: int, vocab: Vocab
-) -> Example:
+def _draw(text: np.ndarray, cfg: ObjectiveConfig, rng: np.random.Generator, seq_len: int, vocab: Vocab) -> Example:
     lo, hi = cfg.length
     lo = max(lo, cfg.min_length())
     hi = min(max(hi, lo), text.shape[0])

@@ -68,9 +68,7 @@ class State:
         for name in ("conv", "sum_delta"):
             t = getattr(self, name)
             if tuple(t.shape[:2]) != (L, B):
-                raise StateMismatchError(
-                    f"{name} leads with {tuple(t.shape[:2])} but ssm with (L={L}, B={B})"
-                )
+                raise StateMismatchError(f"{name} leads with {tuple(t.shape[:2])} but ssm with (L={L}, B={B})")
         if self.sum_delta.dtype != torch.float32:
             raise StateMismatchError(f"sum_delta must be float32, got {self.sum_delta.dtype}")
         if not self.ssm.is_floating_point() or self.conv.dtype != self.ssm.dtype:

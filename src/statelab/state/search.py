@@ -103,9 +103,10 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 def cosine_scores(queries: torch.Tensor, keys: torch.Tensor, *, block: int = 65536) -> torch.Tensor:
     """Cosine ``[Q, F] x [M, F] -> [Q, M]`` in fp32: normalise, then one matmul per block of ``block`` keys."""
     q = _normalize(queries)
-    return torch.cat([q @ _normalize(keys[i : i + block]).T for i in range(0, keys.shape[0], block)] or [
-        torch.zeros(q.shape[0], 0)
-    ], dim=1)
+    return torch.cat(
+        [q @ _normalize(keys[i : i + block]).T for i in range(0, keys.shape[0], block)] or [torch.zeros(q.shape[0], 0)],
+        dim=1,
+    )
 
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
