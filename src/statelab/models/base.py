@@ -548,10 +548,13 @@ class StatefulLM(nn.Module):
         whose lengths differ a lot run in separate groups, so that few padded positions are paid for; the states
         are put back in the rows' order.
         """
+        from statelab.models.batching import length_buckets
+
         B, T = batch.ids.shape
         dev = batch.ids.device
         lengths = batch.row_lengths()
-        groups = _prefill_groups(lengths) if batch.lengths is not None else [list(range(B))]
+        # no token budget (the caller chose the batch), only the padding cap
+        groups = length_buckets(lengths, B * T) if batch.lengths is not None else [list(range(B))]
         prefix_states: list[State] = []
         for idx in groups:
             width = lengths[idx[0]]  # groups are longest first
@@ -639,19 +642,6 @@ class StatefulLM(nn.Module):
                 break
         tokens = torch.stack(out, dim=1) if out else torch.empty(B, 0, dtype=torch.long, device=dev)
         return Generation(tokens, state, produced)
-
-
-def _prefill_groups(lengths: list[int], max_pad: float = 0.25) -> list[list[int]]:
-    """Rows grouped by similar length (longest first) so that no row of a group spends more than ``max_pad`` of the
-    group's width on padding: a padded position costs as much as a real one."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and lengths[groups[-1][0]] - lengths[i] <= max_pad * lengths[groups[-1][0]]:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
