@@ -28,30 +28,20 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import random
-import re
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+from _results import RESULTS, cpu_name, write_section  # benchmarks/ is on sys.path when a script runs
+
 SECTION = "## Batches"
 ALPHABET = "abcdefghijklmnopqrstuvwxyz     \n.,:"
 
 
 # ---- machine and timing -----------------------------------------------------------------------------------------
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, else the platform's machine type."""
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        for line in info.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
@@ -220,14 +210,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def write_results(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = f"{SECTION}\n\n{text.strip()}\n\n"
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
-    RESULTS.write_text(new)
-
-
 def report(rows: list[dict], args, device, console) -> None:
     text = table(rows)
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -240,7 +222,9 @@ def report(rows: list[dict], args, device, console) -> None:
     )
     console.print(text)
     if not args.no_write:
-        write_results(header + "\n\n" + text + "\n\n```json\n" + json.dumps(rows, indent=1, default=float) + "\n```")
+        write_section(
+            SECTION, header + "\n\n" + text + "\n\n```json\n" + json.dumps(rows, indent=1, default=float) + "\n```"
+        )
         console.print(f"wrote {RESULTS}")
 
 

@@ -33,27 +33,17 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import random
-import re
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+from _results import RESULTS, cpu_name, write_section  # benchmarks/ is on sys.path when a script runs
+
 SECTION = "## Evaluation"
 TASK = "statelab_bench_mc"
-
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        for line in info.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 # ---- data and checkpoints ---------------------------------------------------------------------------------------
@@ -208,14 +198,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def write_results(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = f"{SECTION}\n\n{text.strip()}\n\n"
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
-    RESULTS.write_text(new)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--items", type=int, default=500)
@@ -272,7 +254,7 @@ def report(rows: list[dict], args, console) -> None:
     )
     console.print(text)
     if not args.no_write:
-        write_results(header + "\n\n" + text + "\n\n```json\n" + json.dumps(rows, indent=1) + "\n```")
+        write_section(SECTION, header + "\n\n" + text + "\n\n```json\n" + json.dumps(rows, indent=1) + "\n```")
         console.print(f"wrote {RESULTS}")
 
 

@@ -24,8 +24,6 @@ import datetime as dt
 import gc
 import json
 import os
-import platform
-import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+from _results import RESULTS, cpu_name, write_section  # benchmarks/ is on sys.path when a script runs
+
 PLOT = Path(__file__).resolve().parent / "models.png"
 SECTION = "## Models"
 
@@ -49,16 +48,6 @@ def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, else the platform's machine type."""
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        for line in info.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def machine_rates(quick: bool) -> dict[str, float]:
@@ -324,14 +313,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def write_results(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = f"{SECTION}\n\n{text.strip()}\n\n"
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
-    RESULTS.write_text(new)
-
-
 def plot(rows: list[dict]) -> None:
     import matplotlib
 
@@ -425,7 +406,7 @@ def report(rows: list[dict], args, rates: dict[str, float], console) -> None:
     )
     console.print(text)
     if not args.no_write:
-        write_results(header + "\n\n" + text + "\n\n![models](models.png)\n\n" + "```json\n" + json.dumps(
+        write_section(SECTION, header + "\n\n" + text + "\n\n![models](models.png)\n\n" + "```json\n" + json.dumps(
             rows, indent=1, default=float) + "\n```")  # fmt: skip
         plot(rows)
         console.print(f"wrote {RESULTS} and {PLOT}")

@@ -27,7 +27,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import re
 import signal
 import statistics
@@ -40,17 +39,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+from _results import RESULTS, cpu_name, write_section  # benchmarks/ is on sys.path when a script runs
+
 SECTION = "## Serving"
-
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        for line in info.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 # ---- servers ----------------------------------------------------------------------------------------------------
@@ -229,14 +220,6 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def write_results(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = f"{SECTION}\n\n{text.strip()}\n\n"
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
-    RESULTS.write_text(new)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="embedded,130m", help="comma-separated: embedded,130m")
@@ -314,7 +297,9 @@ def main() -> None:
         f"prompts, {args.max_tokens} new tokens each, prefix cache off. Load average at the end {load}."
     )
     if not args.no_write:
-        write_results(header + "\n\n" + text + "\n\n```json\n" + json.dumps(rows, indent=1, default=float) + "\n```")
+        write_section(
+            SECTION, header + "\n\n" + text + "\n\n```json\n" + json.dumps(rows, indent=1, default=float) + "\n```"
+        )
         console.print(f"wrote {RESULTS}")
 
 
