@@ -22,10 +22,8 @@ context is read once and its choices run from its state). With ``--skill NAME -s
 
 from __future__ import annotations
 
-import functools
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,7 +31,7 @@ from typing import Annotated, Any
 import typer
 
 from statelab.errors import StatelabError
-from statelab.state.model_cli import TokenizerOpt
+from statelab.state.model_cli import TokenizerOpt, fail_cleanly
 
 __all__ = ["eval_command", "lm_eval_command", "EvalItem", "read_items", "DatasetError"]
 
@@ -137,21 +135,8 @@ def read_items(path: str | Path) -> list[EvalItem]:
     return items
 
 
-def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad arguments, bad files and refused states: one line on stderr and exit code 2 (a usage error)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (StatelabError, ValueError, TypeError) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-        except OSError as e:
-            typer.echo(f"error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
+# bad arguments, bad files and refused states are usage errors here: one line on stderr and exit code 2
+_fail_cleanly = fail_cleanly(2)
 
 
 def _argmax(xs: list[float]) -> int:

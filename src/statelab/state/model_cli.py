@@ -27,6 +27,7 @@ __all__ = [
     "TokenizerOpt",
     "TOKENIZER_HELP",
     "tokenizer_for",
+    "fail_cleanly",
 ]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a summary.")]
@@ -43,21 +44,28 @@ class CliError(StatelabError):
     """A command-line argument that does not make sense."""
 
 
-def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn statelab errors, bad values and unreadable files into one line on stderr and exit code 1."""
+def fail_cleanly(exit_code: int = 1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator for commands: statelab errors, bad values and unreadable files become one line on stderr and
+    ``exit_code``."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (StatelabError, ValueError, TypeError) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
-        except OSError as e:
-            typer.echo(f"error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", err=True)
-            raise typer.Exit(1) from None
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except (StatelabError, ValueError, TypeError) as e:
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(exit_code) from None
+            except OSError as e:
+                typer.echo(f"error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", err=True)
+                raise typer.Exit(exit_code) from None
 
-    return wrapper
+        return wrapper
+
+    return decorate
+
+
+_fail_cleanly = fail_cleanly(1)
 
 
 def _emit(as_json: bool, payload: Any, text: Callable[[], None]) -> None:
