@@ -31,6 +31,7 @@ from typing import Annotated, Any
 import typer
 
 from statelab.errors import StatelabError
+from statelab.jsonl import json_lines
 from statelab.state.model_cli import TokenizerOpt, fail_cleanly
 
 __all__ = ["eval_command", "lm_eval_command", "EvalItem", "read_items", "DatasetError"]
@@ -121,14 +122,7 @@ def read_items(path: str | Path) -> list[EvalItem]:
     except UnicodeDecodeError as e:
         raise DatasetError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     items = []
-    for n, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        where = f"{p}:{n}"
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for n, where, obj in json_lines(text, DatasetError, lambda n: f"{p}:{n}"):
         items.append(_item(obj, where, n))
     if not items:
         raise DatasetError(f"{p}: no items (expected one JSON object per line)")

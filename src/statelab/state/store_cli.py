@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import typer
 
 from statelab.errors import StatelabError, StatelabWarning
+from statelab.jsonl import json_lines
 from statelab.state.model_cli import TokenizerOpt
 
 __all__ = ["store_app", "search_command", "read_prompts_jsonl", "INGEST_KEYS"]
@@ -185,14 +186,7 @@ def read_prompts_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
         raise StoreError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     out: list[tuple[int, dict[str, Any]]] = []
     first_line: dict[str, int] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StoreError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for n, where, obj in json_lines(text, StoreError, lambda n: f"{path} line {n}"):
         if not isinstance(obj, dict):
             raise StoreError(f"{where}: expected a JSON object with name and prompt, got {type(obj).__name__}")
         unknown = sorted(set(obj) - set(INGEST_KEYS))

@@ -23,11 +23,11 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
 from statelab.errors import ConfigError
+from statelab.jsonl import json_lines
 from statelab.tasks.base import DEFAULT_TEST_FRACTION, Task
 
 __all__ = ["load_jsonl_task", "is_task_file", "task_file_digest"]
@@ -54,14 +54,7 @@ def _pairs(path: Path) -> list[tuple[str, str, str]]:
         raise ConfigError(f"task file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     out: list[tuple[str, str, str]] = []
     first_line: dict[str, tuple[int, str]] = {}
-    for n, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for n, where, obj in json_lines(text, ConfigError, lambda n: f"{path}:{n}"):
         if not isinstance(obj, dict):
             raise ConfigError(f'{where}: a pair is a JSON object {{"input", "output"}}, got {type(obj).__name__}')
         extra = sorted(set(obj) - _KEYS)
