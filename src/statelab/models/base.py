@@ -133,7 +133,8 @@ class RaggedBatch:
     def to_caller(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, T, ...]`` in right-padded form -> the caller's layout, zeros at padded positions."""
         if self.lengths is not None:
-            keep = self.valid().view(*self.valid().shape, *([1] * (x.dim() - 2)))
+            valid = self.valid()
+            keep = valid.view(*valid.shape, *([1] * (x.dim() - 2)))
             x = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
         if self.starts is None:
             return x
@@ -392,11 +393,7 @@ class StatefulLM(nn.Module):
                 "they must have the same shape"
             )
         m = attention_mask.to(device=dev)
-        if m.is_floating_point() or m.is_complex():
-            bad = ~((m == 0) | (m == 1))
-        else:
-            bad = ~((m == 0) | (m == 1)) if m.dtype != torch.bool else torch.zeros_like(m, dtype=torch.bool)
-        if bool(bad.any()):
+        if m.dtype != torch.bool and bool(((m != 0) & (m != 1)).any()):
             raise ValueError("attention_mask must hold only 0 and 1 (1 = real token, 0 = padding)")
         m = m.to(torch.bool)
         lt = m.sum(1)
