@@ -26,7 +26,7 @@ import torch
 from statelab.train.config import TrainConfig, load_train_config, to_dict
 from statelab.train.loop import read_metrics, train
 
-__all__ = ["recipe_path", "accuracy_by_shots", "write_model_card", "build_embedded", "main"]
+__all__ = ["recipe_path", "accuracy_by_shots", "write_checksums", "write_model_card", "build_embedded", "main"]
 
 SHOTS = (0, 1, 2, 4, 8, 16, 32)
 _COPY = ("config.json", "model.safetensors", "statelab_tokenizer.json", "tokenizer.json")
@@ -87,6 +87,21 @@ def accuracy_by_shots(
             out[name][str(k)] = float(np.mean(exact_match(model, start, [it for group, _ in mine for it in group])))
         out[name] = {str(k): out[name][str(k)] for k in shots}  # in the order of shots
     return out
+
+
+def write_checksums(dest: Path) -> Path:
+    """``SHA256SUMS`` of the shipped model files (``sha256sum -c`` format), so a test can tell a damaged or
+    unrebuilt copy from the one the card describes."""
+    import hashlib
+
+    lines = []
+    for name in _COPY:
+        f = dest / name
+        if f.is_file():
+            lines.append(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {name}")
+    path = dest / "SHA256SUMS"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def _plot_shots(acc: dict[str, dict[str, float]], path: Path) -> None:
@@ -229,6 +244,7 @@ def build_embedded(
     acc = accuracy_by_shots(model, tokenizer, tasks, template)
     (dest / "accuracy_by_shots.json").write_text(json.dumps(acc, indent=1) + "\n", encoding="utf-8")
     _plot_shots(acc, dest / "accuracy_by_shots.png")
+    write_checksums(dest)
     return write_model_card(dest, cfg, read_metrics(run_dir / "metrics.jsonl"), acc, template, note)
 
 
