@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from statelab.errors import ConfigError
-from statelab.objectives import CopyingConfig, DeshufflingConfig, InfillingConfig, birdie_grid
+from statelab.objectives import CopyingObjectiveConfig, DeshufflingConfig, InfillingConfig, birdie_grid
 from statelab.objectives.controller import (
     BirdieController,
     ControllerConfig,
@@ -82,8 +82,8 @@ def small_cfg(**kw):
 CONFIGS = [
     InfillingConfig(rate=0.15),
     InfillingConfig(rate=0.5),
-    CopyingConfig(length=(8, 16)),
-    CopyingConfig(length=(16, 32)),
+    CopyingObjectiveConfig(length=(8, 16)),
+    CopyingObjectiveConfig(length=(16, 32)),
     DeshufflingConfig(fraction=0.5),
     DeshufflingConfig(fraction=1.0),
 ]

@@ -5,12 +5,12 @@ from statelab.errors import ConfigError
 from statelab.objectives import (
     VOCAB,
     AutoencodingConfig,
-    CopyingConfig,
+    CopyingObjectiveConfig,
     DeshufflingConfig,
     InfillingConfig,
     NextTokenConfig,
     PrefixLMConfig,
-    SelectiveCopyingConfig,
+    SelectiveCopyingObjectiveConfig,
     config_from_dict,
 )
 from statelab.objectives.corruption import (
@@ -115,7 +115,7 @@ def test_autoencoding_target_is_original_and_hides_exactly_the_spans(shuffle):
 
 def test_copying_and_deshuffling():
     x = text(64)
-    ex = copying(x, CopyingConfig(), rng())
+    ex = copying(x, CopyingObjectiveConfig(), rng())
     assert np.array_equal(ex.input, x) and np.array_equal(ex.target[:-1], x)
     for frac in (0.5, 1.0):
         ex = deshuffling(x, DeshufflingConfig(fraction=frac), rng(3))
@@ -129,7 +129,7 @@ def test_copying_and_deshuffling():
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 @pytest.mark.parametrize("query_first", [True, False])
 def test_selective_copying_targets_are_in_the_visible_context(k, query_first):
-    cfg = SelectiveCopyingConfig(length=(200, 200), n_spans=k, query_first=query_first, span_length=(4, 12))
+    cfg = SelectiveCopyingObjectiveConfig(length=(200, 200), n_spans=k, query_first=query_first, span_length=(4, 12))
     for s in range(20):
         x = text(200, seed=s)
         ex = selective_copying(x, cfg, rng(s))
@@ -151,7 +151,7 @@ def test_selective_copying_targets_are_in_the_visible_context(k, query_first):
 def test_selective_copying_example_from_the_paper():
     # context ABCDEF, span DE with delimiters BC and F
     x = np.array([65, 66, 67, 68, 69, 70])
-    cfg = SelectiveCopyingConfig(length=(6, 6), n_spans=1, span_length=(2, 2), delimiter=(1, 2))
+    cfg = SelectiveCopyingObjectiveConfig(length=(6, 6), n_spans=1, span_length=(2, 2), delimiter=(1, 2))
     seen = set()
     for s in range(200):
         ex = selective_copying(x, cfg, rng(s))

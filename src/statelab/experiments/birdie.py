@@ -57,11 +57,11 @@ from statelab.errors import ConfigError
 from statelab.models.birdie_models import BirdieLM, BirdieModelConfig
 from statelab.objectives.base import (
     VOCAB,
-    CopyingConfig,
+    CopyingObjectiveConfig,
     Example,
     InfillingConfig,
     ObjectiveConfig,
-    SelectiveCopyingConfig,
+    SelectiveCopyingObjectiveConfig,
 )
 from statelab.objectives.controller import (
     BirdieController,
@@ -524,8 +524,8 @@ def evaluate(model: BirdieLM, cfg: BirdieExperimentConfig, val_text: np.ndarray,
     """All metrics of one trained model (held-out text and held-out task seeds)."""
     T, n = cfg.seq_len, cfg.n_eval_examples
     s = T / 2048
-    copy_cfg = CopyingConfig(length=(max(8, round(64 * s)), max(16, round(256 * s))))
-    sel_cfg = SelectiveCopyingConfig(
+    copy_cfg = CopyingObjectiveConfig(length=(max(8, round(64 * s)), max(16, round(256 * s))))
+    sel_cfg = SelectiveCopyingObjectiveConfig(
         length=(max(64, round(384 * s)), max(96, round(768 * s))), n_spans=2, span_length=(4, 8), delimiter=(1, 4)
     )
     inf_cfg = InfillingConfig(length=(max(16, round(256 * s)), max(32, round(512 * s))), rate=0.15, mean_span=3.0)

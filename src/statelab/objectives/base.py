@@ -10,6 +10,9 @@ of a chunk of text ``tokens`` (1-D int64 numpy array, byte ids 0..255), a typed 
 prefix (never in the loss, bidirectional where the model allows), ``[BEGIN]`` and the target are the causal suffix.
 
 Control tokens are dedicated ids above the 256 byte values, so no text byte can be mistaken for a control.
+
+The copying objectives are :class:`CopyingObjectiveConfig` and :class:`SelectiveCopyingObjectiveConfig`: text
+corruptions of a chunk, not the token-level tasks ``statelab.tasks.CopyingConfig`` / ``SelectiveCopyingConfig``.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ __all__ = [
     "PrefixLMConfig",
     "InfillingConfig",
     "AutoencodingConfig",
-    "CopyingConfig",
+    "CopyingObjectiveConfig",
     "DeshufflingConfig",
-    "SelectiveCopyingConfig",
+    "SelectiveCopyingObjectiveConfig",
     "CONFIG_CLASSES",
     "config_from_dict",
 ]
@@ -232,7 +235,7 @@ class AutoencodingConfig(InfillingConfig):
 
 
 @dataclass(frozen=True)
-class CopyingConfig(ObjectiveConfig):
+class CopyingObjectiveConfig(ObjectiveConfig):
     """Copying: input ``x``, target ``x``."""
 
     class_name: ClassVar[str] = "copying"
@@ -258,7 +261,7 @@ class DeshufflingConfig(ObjectiveConfig):
 
 
 @dataclass(frozen=True)
-class SelectiveCopyingConfig(ObjectiveConfig):
+class SelectiveCopyingObjectiveConfig(ObjectiveConfig):
     """Selective copying (paper A.5): copy ``n_spans`` spans of the context located by their delimiters.
 
     ``length`` is the context length, ``span_length`` the range of a span, ``delimiter`` the range of the
@@ -301,9 +304,9 @@ CONFIG_CLASSES: dict[str, type[ObjectiveConfig]] = {
         PrefixLMConfig,
         InfillingConfig,
         AutoencodingConfig,
-        CopyingConfig,
+        CopyingObjectiveConfig,
         DeshufflingConfig,
-        SelectiveCopyingConfig,
+        SelectiveCopyingObjectiveConfig,
     )
 }
 

@@ -21,14 +21,14 @@ import numpy as np
 from statelab.objectives.base import (
     VOCAB,
     AutoencodingConfig,
-    CopyingConfig,
+    CopyingObjectiveConfig,
     DeshufflingConfig,
     Example,
     InfillingConfig,
     NextTokenConfig,
     ObjectiveConfig,
     PrefixLMConfig,
-    SelectiveCopyingConfig,
+    SelectiveCopyingObjectiveConfig,
     Vocab,
 )
 
@@ -166,7 +166,9 @@ def autoencoding(
     )
 
 
-def copying(tokens: np.ndarray, config: CopyingConfig, rng: np.random.Generator, vocab: Vocab = VOCAB) -> Example:
+def copying(
+    tokens: np.ndarray, config: CopyingObjectiveConfig, rng: np.random.Generator, vocab: Vocab = VOCAB
+) -> Example:
     """Copying: input ``x``, target ``x <eos>``."""
     x = _as_tokens(tokens, 1, "copying")
     return Example(input=x.copy(), target=np.concatenate([x, [vocab.eos]]).astype(_I64))
@@ -191,7 +193,7 @@ def deshuffling(
 
 
 def selective_copying(
-    tokens: np.ndarray, config: SelectiveCopyingConfig, rng: np.random.Generator, vocab: Vocab = VOCAB
+    tokens: np.ndarray, config: SelectiveCopyingObjectiveConfig, rng: np.random.Generator, vocab: Vocab = VOCAB
 ) -> Example:
     """Selective copying (paper A.5): copy the spans named by their surrounding delimiters.
 

@@ -25,13 +25,13 @@ import numpy as np
 
 from statelab.objectives.base import (
     AutoencodingConfig,
-    CopyingConfig,
+    CopyingObjectiveConfig,
     DeshufflingConfig,
     InfillingConfig,
     NextTokenConfig,
     ObjectiveConfig,
     PrefixLMConfig,
-    SelectiveCopyingConfig,
+    SelectiveCopyingObjectiveConfig,
 )
 
 __all__ = ["birdie_grid", "ul2_configs", "ul2_probs", "class_uniform_probs", "decoder_ul2_probs", "grid_summary"]
@@ -66,7 +66,7 @@ def birdie_grid(seq_len: int = 2048) -> list[ObjectiveConfig]:
                         AutoencodingConfig(length=_scale(length, s, half), rate=rate, mean_span=span, shuffle=shuffle)
                     )
     for length in ((64, 256), (256, 2048)):
-        out.append(CopyingConfig(length=_scale(length, s, half)))
+        out.append(CopyingObjectiveConfig(length=_scale(length, s, half)))
     for length in ((128, 256), (512, 1024)):
         for frac in (0.5, 1.0):
             out.append(DeshufflingConfig(length=_scale(length, s, half), fraction=frac))
@@ -83,7 +83,7 @@ def birdie_grid(seq_len: int = 2048) -> list[ObjectiveConfig]:
                 lo = max(lo, need)
                 hi = max(hi, lo)
                 out.append(
-                    SelectiveCopyingConfig(
+                    SelectiveCopyingObjectiveConfig(
                         length=(lo, hi), n_spans=k, query_first=query_first, span_length=span_len, delimiter=delim
                     )
                 )
