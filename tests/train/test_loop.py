@@ -210,3 +210,59 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     b = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
     assert not torch.equal(sa["embedding.weight"], build_model(cfg.model, 0).state_dict()["embedding.weight"])
+
+
+def test_forget_gate_rows_get_no_weight_decay_and_the_other_rows_do():
+    """One AdamW step with zero gradients changes a parameter by its weight decay alone: with lr 1 and decay 0.5
+    every decayed row halves, the gated SSM's forget-gate rows (W_f, fused with W_i, W_z, W_o) stay as they were."""
+    from statelab.layers.gated_ssm import GatedSSMLayer
+    from statelab.train.config import ModelSection
+    from statelab.train.loop import RowDecayAdamW
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(GatedSSMLayer(d_model=8, d_state=6), GatedSSMLayer(d_model=8, d_state=6))
+    groups = param_groups(model, 0.5)
+    assert len(groups) == 3 and groups[2]["weight_decay"] == 0.0 and groups[2]["row_weight_decay"] == 0.5
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [names[id(p)] for p in groups[2]["params"]] == ["0.in_proj.weight", "1.in_proj.weight"]
+    assert groups[2]["decay_rows"] == [[[0, 18]], [[0, 18]]]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = RowDecayAdamW(groups, lr=1.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for i in range(2):
+        w, w0 = model[i].in_proj.weight, before[f"{i}.in_proj.weight"]
+        assert torch.equal(w[18:], w0[18:])  # W_f: no decay
+        assert torch.equal(w[:18], w0[:18] * 0.5)  # W_i, W_z, W_o decay
+        assert torch.equal(model[i].out_proj.weight, before[f"{i}.out_proj.weight"] * 0.5)
+        assert torch.equal(model[i].in_proj.bias, before[f"{i}.in_proj.bias"])
+    # the registered Birdie model carries the same exemption through the one rule
+    birdie = build_model(ModelSection("birdie", {"d_model": 8, "n_layer": 2, "d_state": 6, "vocab_size": 300}), 0)
+    rows = [g for g in param_groups(birdie, 0.1) if "decay_rows" in g]
+    assert len(rows) == 1 and len(rows[0]["params"]) == 2 and rows[0]["decay_rows"][0] == [[0, 18]]
+
+
+def test_lr_scale_groups_and_decay_names(tmp_path):
+    """GD-SSM's recurrence (lam, log_step) gets its own rate and no decay; its matrices decay."""
+    from statelab.layers.gd_ssm import GDSSM, GDSSMConfig
+
+    model = GDSSM(GDSSMConfig(d=3, num_layers=1))
+    groups = param_groups(model, 0.05, {"lam": 0.5, "log_step": 0.5})
+    names = {id(p): n.rsplit(".", 1)[-1] for n, p in model.named_parameters()}
+    got = [(sorted(names[id(p)] for p in g["params"]), g["weight_decay"], g.get("lr_scale", 1.0)) for g in groups]
+    assert got == [(["C", "w_q"], 0.05, 1.0), (["D"], 0.0, 1.0), (["lam", "log_step"], 0.0, 0.5)]
+
+
+def test_a_resumed_run_accepts_a_checkpoint_older_than_a_new_config_key(tmp_path):
+    """A checkpoint written before a config key existed resumes when the key has its default value."""
+    from statelab.train.config import TrainConfig, to_dict
+    from statelab.train.loop import _config_diff
+
+    now = to_dict(tiny_cfg(tmp_path, "o"))
+    old = json.loads(json.dumps(now))
+    del old["run"]["max_tokens"], old["optim"]["lr_scale"]
+    assert _config_diff(old, now, to_dict(TrainConfig())) == []
+    changed = json.loads(json.dumps(now))
+    changed["run"]["max_tokens"] = 5
+    assert _config_diff(old, changed, to_dict(TrainConfig())) == ["run.max_tokens"]

@@ -100,6 +100,8 @@ class OptimSection:
         weight_decay: decoupled weight decay of matrices; decay parameters (``A_log``, ``dt_bias``, ``D``),
             norms, biases and other vectors get none.
         grad_clip: clip the global gradient norm to this value; ``0`` disables clipping.
+        lr_scale: learning-rate factors by parameter leaf name (``{ lam = 0.5 }``: GD-SSM's recurrence at half
+            the rate); empty for one rate everywhere.
     """
 
     lr: float = 3e-3
@@ -109,6 +111,7 @@ class OptimSection:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,9 @@ class RunSection:
 
     Attributes:
         out_dir: where checkpoints, metrics, the loss plot and the final model go.
-        max_steps: optimizer steps in total.
+        max_steps: optimizer steps in total; with ``max_tokens``, the length of the schedule in steps.
+        max_tokens: ``0``, or a token budget: the run ends after the first step at which this many tokens (as the
+            loss hook counts them) are done, and the learning-rate schedule follows the share of the budget spent.
         global_batch_size: sequences per optimizer step, over all processes and accumulation steps.
         micro_batch_size: sequences per forward pass in one process; the loop accumulates
             ``global_batch_size / (micro_batch_size * world_size)`` micro-batches per step.
@@ -134,6 +139,7 @@ class RunSection:
 
     out_dir: str = "runs/train"
     max_steps: int = 1000
+    max_tokens: int = 0
     global_batch_size: int = 16
     micro_batch_size: int = 16
     seed: int = 0
@@ -167,6 +173,8 @@ class TrainConfig:
             (o.weight_decay >= 0, "optim.weight_decay must be >= 0", o.weight_decay),
             (o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)", o.grad_clip),
             (r.max_steps >= 1, "run.max_steps must be >= 1", r.max_steps),
+            (r.max_tokens >= 0, "run.max_tokens must be >= 0 (0: no token budget)", r.max_tokens),
+            (all(v > 0 for v in o.lr_scale.values()), "optim.lr_scale factors must be > 0", o.lr_scale),
             (r.micro_batch_size >= 1, "run.micro_batch_size must be >= 1", r.micro_batch_size),
             (r.global_batch_size >= 1, "run.global_batch_size must be >= 1", r.global_batch_size),
             (r.checkpoint_every >= 0, "run.checkpoint_every must be >= 0", r.checkpoint_every),
