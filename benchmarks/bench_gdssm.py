@@ -1,8 +1,8 @@
 """GD-SSM scan: the chunked path against the naive loop, forward + backward, as the context grows.
 
-Times ``scan_naive`` and ``scan_chunked`` (statelab.layers.gd_ssm) on the same inputs for W windows (W = N in-context
-examples), d = P = 10, batch 8, and reports the speed-up of the chunked path over the loop measured in the same
-run. Writes the table to ``benchmarks/RESULTS.md`` under ``## GD-SSM scan``.
+Times ``diag_scan_naive`` and ``diag_scan_chunk`` (statelab.ops.diag_scan, GD-SSM's scan) on the same inputs for W
+windows (W = N in-context examples), d = P = 10, batch 8, and reports the speed-up of the chunked path over the loop
+measured in the same run. Writes the table to ``benchmarks/RESULTS.md`` under ``## GD-SSM scan``.
 
     .venv/bin/python benchmarks/bench_gdssm.py [--quick] [--no-write]
 """
@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from statelab.layers.gd_ssm import scan_chunked, scan_naive
+from statelab.ops.diag_scan import diag_scan_chunk, diag_scan_naive
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,10 +52,10 @@ def bench(windows: list[int], chunks: list[int], repeats: int) -> list[dict]:
 
             def step(chunk=chunk, a=a, g=g, log_decay=log_decay):
                 if chunk is None:
-                    h, s = scan_naive(a, g, log_decay)
+                    out = diag_scan_naive(a, log_decay, g, output_final_state=True)
                 else:
-                    h, s = scan_chunked(a, g, log_decay, chunk_size=chunk)
-                (h.sum() + s.sum()).backward()
+                    out = diag_scan_chunk(a, log_decay, g, output_final_state=True, chunk_size=chunk)
+                (out.y.sum() + out.final_state.sum()).backward()
 
             rows.append(
                 {

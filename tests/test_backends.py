@@ -43,7 +43,7 @@ def test_cuda_kernel_equals_naive(T, dtype):
     rtol, atol = (1e-2, 1e-2) if dtype == torch.float32 else (5e-2, 5e-2)
     assert_close("kernel y", ref.y, got.y.cpu(), rtol=rtol, atol=atol)
     assert_close("kernel final_state", ref.final_state, got.final_state.cpu(), rtol=rtol, atol=atol)
-    for p, r, c in zip(positions, ref.states_at, got.states_at, strict=True):
+    for p, r, c in zip(positions, ref.states_at.unbind(1), got.states_at.unbind(1), strict=True):
         assert_close(f"kernel state after {p}", r, c.cpu(), rtol=rtol, atol=atol)
     # with gradients: the kernel's backward, or the chunked path where that backward is unusable
     ref, ref_grads = run_with_grads(ssd_scan_naive, inputs, positions)
@@ -51,7 +51,7 @@ def test_cuda_kernel_equals_naive(T, dtype):
     assert_close("y", ref.y, got.y, rtol=rtol, atol=atol)
     assert_close("final_state", ref.final_state, got.final_state, rtol=rtol, atol=atol)
     assert_close("sum_delta", ref.sum_delta, got.sum_delta)
-    for p, r, c in zip(positions, ref.states_at, got.states_at, strict=True):
+    for p, r, c in zip(positions, ref.states_at.unbind(1), got.states_at.unbind(1), strict=True):
         assert_close(f"state after {p}", r, c, rtol=rtol, atol=atol)
     for name, r, c in zip(NAMES, ref_grads, got_grads, strict=True):
         scale = max(1.0, float(r.abs().max()))

@@ -29,7 +29,8 @@ from collections.abc import Sequence
 
 import torch
 
-from statelab.ops.ssd.naive import ScanOutput, check_ssd_inputs
+from statelab.ops.scan_output import ScanOutput, stack_at
+from statelab.ops.ssd.naive import check_ssd_inputs
 
 __all__ = ["available_backends", "cuda_backend_problem", "kernel_backward_problem", "ssd_scan_cuda"]
 
@@ -128,7 +129,7 @@ def ssd_scan_cuda(
     ys, at = [], {}
     start = 0
     for end in cuts:
-        if end == start:  # only when end == 0, which positions cannot be; kept for T == 0
+        if end == start:  # position 0 (the initial state, filled in below) or T == 0
             continue
         sl = slice(start, end)
         y, h = _kernel_segment(x[:, sl], dt[:, sl], A, Bm[:, sl], Cm[:, sl], h)
@@ -148,10 +149,17 @@ def ssd_scan_cuda(
     y = y.float()
     if D is not None:
         y = y + x.float() * D.float()[:, None]
+    if pos is not None and 0 in pos:
+        at[0] = (
+            initial_state.float().clone()
+            if initial_state is not None
+            else x.new_zeros(Bsz, H, P, Bm.shape[-1], dtype=torch.float32)
+        )
+    cums = torch.cat([cums.new_zeros(Bsz, 1, H), cums], dim=1)  # [B, T + 1, H]
     return ScanOutput(
         y=y.to(x.dtype),
         final_state=final if output_final_state else None,
-        sum_delta=cums[:, -1] if T else dt.new_zeros(Bsz, H, dtype=torch.float32),
-        states_at=[at[p] for p in pos] if pos is not None else None,
-        sum_delta_at=[cums[:, p - 1] for p in pos] if pos is not None else None,
+        sum_delta=cums[:, T],
+        states_at=None if pos is None else stack_at([at[p].float() for p in pos], final),
+        sum_delta_at=None if pos is None else cums[:, pos],
     )

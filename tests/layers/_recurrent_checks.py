@@ -2,6 +2,7 @@
 
 import torch
 
+from statelab.layers.protocol import Segments
 from statelab.testing import assert_close
 
 
@@ -46,7 +47,8 @@ def check_naive_equals_chunked(layer, T=37):
         layer.zero_grad()
         for t in s0:
             t.grad = None
-        y, s = layer(x, st, start, prefix, naive=naive)
+        layer.backend = "naive" if naive else "parallel"
+        y, s = layer(x, st, segments=Segments(start, prefix))
         (y.square().sum() + sum(p.sum() for p in _flat(s))).backward()
         outs.append(
             (
@@ -72,8 +74,8 @@ def check_prompt_then_decode(layer, P=9, T=16):
     x = torch.randn(1, T, layer.d_model)
     prefix = torch.zeros(1, T, dtype=torch.bool)
     prefix[:, :P] = True
-    full, _ = layer(x, None, None, prefix)
-    a, s = layer(x[:, :P], None, None, prefix[:, :P])
+    full, _ = layer(x, None, segments=Segments(None, prefix))
+    a, s = layer(x[:, :P], None, segments=Segments(None, prefix[:, :P]))
     ys = [a]
     for t in range(P, T):
         y, s = layer(x[:, t : t + 1], s)

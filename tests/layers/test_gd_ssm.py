@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 
@@ -12,8 +10,6 @@ from statelab.layers.gd_ssm import (
     NonlinearGDSSM,
     NonlinearGDSSMConfig,
     ProductTokenSSM,
-    scan_chunked,
-    scan_naive,
 )
 from statelab.tasks.regression import RegressionConfig, interleave, make_regression_batch, product_tokens
 from statelab.testing import assert_close
@@ -81,42 +77,7 @@ def test_parameter_count_matches_the_public_code_without_b():
     assert sum(p.numel() for p in GDSSM(GDSSMConfig(d=10)).parameters()) == 222
 
 
-# ---- fast path == naive ----------------------------------------------------------------------------------------
-
-
-def _random_scan_inputs(B=3, W=11, P=4, d=5, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(B, W, P, d, generator=gen, dtype=torch.float64)
-    g = torch.randn(B, W, d, generator=gen, dtype=torch.float64)
-    # decays in (0.5, 1.1]: both forgetting and slightly growing entries, as the "real" parametrisation allows
-    log_decay = torch.empty(P, d, dtype=torch.float64).uniform_(math.log(0.5), math.log(1.1), generator=gen)
-    s0 = torch.randn(B, P, d, generator=gen, dtype=torch.float64)
-    return a, g, log_decay, s0
-
-
-@pytest.mark.parametrize("W,chunk", [(1, 4), (11, 4), (12, 4), (11, 16), (7, 1)], ids=lambda v: str(v))
-def test_scan_chunked_equals_naive_outputs_state_and_gradients(W, chunk):
-    a, g, log_decay, s0 = _random_scan_inputs(W=W)
-    leaves = [t.clone().requires_grad_(True) for t in (a, g, log_decay, s0)]
-    leaves2 = [t.clone().requires_grad_(True) for t in (a, g, log_decay, s0)]
-    h1, f1 = scan_naive(*leaves)
-    h2, f2 = scan_chunked(*leaves2, chunk_size=chunk)
-    assert_close("h", h1, h2)
-    assert_close("final state", f1, f2)
-    w_h = torch.randn_like(h1)
-    w_s = torch.randn_like(f1)
-    ((h1 * w_h).sum() + (f1 * w_s).sum()).backward()
-    ((h2 * w_h).sum() + (f2 * w_s).sum()).backward()
-    for name, l1, l2 in zip(["a", "g", "log_decay", "initial_state"], leaves, leaves2, strict=True):
-        assert_close(f"grad {name}", l1.grad, l2.grad)
-
-
-def test_scan_leaves_the_initial_state_untouched():
-    a, g, log_decay, s0 = _random_scan_inputs()
-    keep = s0.clone()
-    scan_chunked(a, g, log_decay, s0, chunk_size=3)
-    scan_naive(a, g, log_decay, s0)
-    assert torch.equal(s0, keep)
+# ---- fast path == naive (the scan itself: tests/ops/test_diag_scan.py) ------------------------------------
 
 
 def _random_model(num_layers=2, seed=0):
@@ -141,7 +102,8 @@ def test_model_chunk_equals_naive_with_gradients_wrt_parameters_and_state():
     for backend in ("naive", "chunk"):
         model.zero_grad()
         s0.ssm.grad = None
-        pred, st = model(tokens, s0, backend=backend)
+        model.backend = backend
+        pred, st = model(tokens, s0)
         (pred.pow(2).sum() + st.ssm.sum()).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         outs[backend] = (pred.detach(), st.ssm.detach(), grads, s0.ssm.grad.clone())
@@ -169,8 +131,9 @@ def test_continuation_full_equals_prefix_then_suffix_equals_token_by_token(split
     assert_close("prefix+suffix", full, torch.cat([p1, p2], dim=1))
     assert_close("state", s_full.ssm, s2.ssm)
     state, outs = None, []
+    model.backend = "naive"
     for t in range(tokens.shape[1]):
-        o, state = model(tokens[:, t : t + 1], state, backend="naive")
+        o, state = model(tokens[:, t : t + 1], state)
         outs.append(o)
     assert_close("token by token", full, torch.cat(outs, dim=1))
     assert_close("token-by-token state", s_full.ssm, state.ssm)
@@ -182,7 +145,9 @@ def test_product_token_chunk_naive_and_continuation():
     model = ProductTokenSSM(3).double()
     u = torch.randn(2, 9, 6, dtype=torch.float64)
     full, s = model(u)
-    naive, s_n = model(u, backend="naive")
+    model.backend = "naive"
+    naive, s_n = model(u)
+    model.backend = "chunk"
     assert_close("naive", naive, full)
     a, sa = model(u[:, :4])
     b, sb = model(u[:, 4:], sa)
@@ -196,7 +161,8 @@ def test_nonlinear_model_continuation_tracks_token_parity():
     tokens = torch.randn(3, 21, 1, dtype=torch.float64)
     full, _ = model(tokens)
     a, st = model(tokens[:, :7])
-    b, _ = model(tokens[:, 7:], st, backend="naive")
+    model.backend = "naive"
+    b, _ = model(tokens[:, 7:], st)
     assert full.shape == (3, 10, 1)
     assert_close("nonlinear continued", full, torch.cat([a, b], dim=1))
 

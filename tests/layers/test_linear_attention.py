@@ -21,7 +21,8 @@ def test_parallel_equals_naive_outputs_state_and_gradients():
     for backend in ("naive", "parallel"):
         layer.zero_grad()
         x.grad = s0.grad = None
-        y, s = layer(x, s0, backend=backend)
+        layer.backend = backend
+        y, s = layer(x, s0)
         (y.pow(2).sum() + s.sum()).backward()
         res[backend] = (y.detach(), s.detach(), x.grad.clone(), s0.grad.clone(), layer.q.grad.clone())
     for name, a, b in zip(["y", "state", "grad x", "grad s0", "grad q"], res["naive"], res["parallel"], strict=True):

@@ -24,36 +24,35 @@ def _x(T, seed=1):
 def test_continuation(mixer, t):
     x = _x(11)
     with torch.no_grad():
-        whole = mixer(x)
-        a = mixer(x[:, :t])
-        b = mixer(x[:, t:], a.state)
-        assert_close("y", whole.y, torch.cat([a.y, b.y], 1))
+        whole_y, whole_state = mixer(x)
+        a_y, a_state = mixer(x[:, :t])
+        b_y, b_state = mixer(x[:, t:], a_state)
+        assert_close("y", whole_y, torch.cat([a_y, b_y], 1))
         for name in ("conv", "ssm", "sum_delta"):
-            assert_close(name, getattr(whole.state, name), getattr(b.state, name))
+            assert_close(name, getattr(whole_state, name), getattr(b_state, name))
 
 
 def test_token_by_token(mixer):
     x = _x(11)
     with torch.no_grad():
-        whole = mixer(x)
+        whole_y, whole_state = mixer(x)
         s, ys = None, []
         for i in range(11):
-            o = mixer(x[:, i : i + 1], s)
-            ys.append(o.y)
-            s = o.state
-    assert_close("y_steps", whole.y, torch.cat(ys, 1))
-    assert_close("ssm_steps", whole.state.ssm, s.ssm)
-    assert_close("conv_steps", whole.state.conv, s.conv)
+            o_y, s = mixer(x[:, i : i + 1], s)
+            ys.append(o_y)
+    assert_close("y_steps", whole_y, torch.cat(ys, 1))
+    assert_close("ssm_steps", whole_state.ssm, s.ssm)
+    assert_close("conv_steps", whole_state.conv, s.conv)
 
 
 def test_positions_equal_prefix_states(mixer):
     x = _x(9, seed=2)
     with torch.no_grad():
-        out = mixer(x, positions=[0, 2, 5, 9])
+        _, out_state = mixer(x, positions=[0, 2, 5, 9])
         for j, p in enumerate([0, 2, 5, 9]):
-            ref = mixer(x[:, :p]).state if p else mixer.zero_state(2, torch.float32, None)
+            ref = mixer(x[:, :p])[1] if p else mixer.zero_state(2, torch.float32, None)
             for name in ("conv", "ssm", "sum_delta"):
-                assert_close(f"{name}@{p}", getattr(ref, name), getattr(out.states_at, name)[:, j])
+                assert_close(f"{name}@{p}", getattr(ref, name), getattr(out_state.at, name)[:, j])
 
 
 def test_naive_backend_matches_with_gradients(mixer):
@@ -61,10 +60,10 @@ def test_naive_backend_matches_with_gradients(mixer):
     out = {}
     for backend in ("naive", "chunk"):
         mixer.backend = backend
-        o = mixer(x)
-        loss = o.y.square().sum() + o.state.ssm.sum()
+        o_y, o_state = mixer(x)
+        loss = o_y.square().sum() + o_state.ssm.sum()
         grads = torch.autograd.grad(loss, [x, mixer.A_log, mixer.dt_proj.weight, mixer.conv_weight])
-        out[backend] = (o.y, grads)
+        out[backend] = (o_y, grads)
     mixer.backend = "chunk"
     assert_close("y", out["naive"][0], out["chunk"][0], rtol=1e-4, atol=1e-5)
     for name, a, b in zip(["dx", "dA_log", "ddt", "dconv"], out["naive"][1], out["chunk"][1], strict=True):
@@ -74,7 +73,7 @@ def test_naive_backend_matches_with_gradients(mixer):
 def test_state_not_mutated(mixer):
     x = _x(5)
     with torch.no_grad():
-        s = mixer(x).state
-        keep = [t.clone() for t in s]
+        s = mixer(x)[1]
+        keep = [t.clone() for t in (s.conv, s.ssm, s.sum_delta)]
         mixer(x, s)
-    assert all(torch.equal(a, b) for a, b in zip(keep, s, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(keep, (s.conv, s.ssm, s.sum_delta), strict=True))

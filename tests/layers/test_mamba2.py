@@ -80,7 +80,8 @@ def test_states_at_positions_equal_prefix_states():
     x = torch.randn(2, 17, 12)
     _, s0 = m(torch.randn(2, 5, 12))
     with torch.no_grad():
-        _, _, at = m.forward_with_states(x, s0, [1, 2, 8, 17])
+        _, st = m(x, s0, positions=[1, 2, 8, 17])
+        at = [Mamba2LayerState(st.at.conv[:, k], st.at.ssm[:, k], st.at.sum_delta[:, k]) for k in range(4)]
         for p, got in zip([1, 2, 8, 17], at, strict=True):
             _, ref = m(x[:, :p], s0)
             check_states(f"after {p}", ref, got)
@@ -89,7 +90,7 @@ def test_states_at_positions_equal_prefix_states():
 def test_given_state_is_not_modified_and_bad_input_is_refused():
     m = make_mixer()
     _, s = m(torch.randn(1, 6, 12))
-    copy = Mamba2LayerState(*(t.clone() for t in s))
+    copy = Mamba2LayerState(*(t.clone() for t in (s.conv, s.ssm, s.sum_delta)))
     with torch.no_grad():
         m(torch.randn(1, 4, 12), s)
         m(torch.randn(1, 1, 12), s)

@@ -31,9 +31,7 @@ def run_with_grads(fn, inputs, positions, device="cpu"):
     loss = (out.y.float() * wy).sum() + (out.final_state * ws).sum()
     loss.backward()
     cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
-    out.y, out.final_state, out.sum_delta = cpu(out.y), cpu(out.final_state), cpu(out.sum_delta)
-    out.states_at = [cpu(t) for t in out.states_at]
-    out.sum_delta_at = [cpu(t) for t in out.sum_delta_at]
+    out = type(out)(*(cpu(t) for t in out))
     return out, [cpu(t.grad) for t in leaves]
 
 
@@ -58,9 +56,9 @@ def test_chunk_equals_naive(T, dtype, device):
     assert_close("final_state", ref.final_state, got.final_state, **tol)
     assert got.sum_delta.dtype == torch.float32
     assert_close("sum_delta", ref.sum_delta, got.sum_delta)
-    for p, r, c in zip(positions, ref.states_at, got.states_at, strict=True):
+    for p, r, c in zip(positions, ref.states_at.unbind(1), got.states_at.unbind(1), strict=True):
         assert_close(f"state after {p}", r, c, **tol)
-    for p, r, c in zip(positions, ref.sum_delta_at, got.sum_delta_at, strict=True):
+    for p, r, c in zip(positions, ref.sum_delta_at.unbind(1), got.sum_delta_at.unbind(1), strict=True):
         assert_close(f"sum_delta after {p}", r, c)
     for name, r, c in zip(NAMES, ref_grads, got_grads, strict=True):
         scale = max(1.0, float(r.abs().max()))
@@ -174,7 +172,7 @@ def test_bad_shapes_and_backend_raise_clear_errors():
     with pytest.raises(ValueError, match=r"initial_state must be \[B, H, P, N\]"):
         ssd_scan_naive(x, dt, A, Bm, Cm, D, h0[:, :, :3])
     with pytest.raises(ValueError, match="positions must lie in"):
-        ssd_scan_chunk(x, dt, A, Bm, Cm, return_states_at=[0])
+        ssd_scan_chunk(x, dt, A, Bm, Cm, return_states_at=[6])
     with pytest.raises(ValueError, match="unknown SSD backend"):
         ssd_scan(x, dt, A, Bm, Cm, backend="fast")
 

@@ -219,22 +219,11 @@ def _order(spec: RunSpec) -> tuple[int, float]:
     return (0, -cost) if spec.kind == "gdssm" else (1, cost)
 
 
-class _Mamba1(nn.Module):
-    """statelab's Mamba-1 mixer (expand 2, dt_rank ⌈M/16⌉) seen through ``y, state = mixer(x, state)``."""
-
-    def __init__(self, width: int, d_state: int) -> None:
-        super().__init__()
-        from statelab.layers.mamba1 import Mamba1Mixer
-
-        self.mixer = Mamba1Mixer(d_model=width, d_inner=2 * width, d_state=d_state, dt_rank=math.ceil(width / 16))
-
-    def forward(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
-        out = self.mixer(x, state)
-        return out.y, out.state
-
-
 def _mamba1_mixer(width: int, d_state: int) -> nn.Module:
-    return _Mamba1(width, d_state)
+    """statelab's Mamba-1 mixer, expand 2, dt_rank ⌈M/16⌉."""
+    from statelab.layers.mamba1 import Mamba1Mixer
+
+    return Mamba1Mixer(d_model=width, d_inner=2 * width, d_state=d_state, dt_rank=math.ceil(width / 16))
 
 
 def _mamba2_mixer(width: int, d_state: int) -> nn.Module:
@@ -336,9 +325,8 @@ def build_model(spec: RunSpec, config: ExperimentConfig) -> nn.Module:
         torch.manual_seed(spec.seed)
         if spec.kind == "gdssm":
             scale = config.gdssm.init_scale if spec.init_scale is None else spec.init_scale
-            model = GDSSM(GDSSMConfig(d=d, num_layers=spec.depth, decay=config.gdssm.decay, init_scale=scale))
-            model.backend = config.gdssm.backend
-            return model
+            gd = GDSSMConfig(d=d, num_layers=spec.depth, decay=config.gdssm.decay, init_scale=scale)
+            return GDSSM(gd, backend=config.gdssm.backend)
         d_in = 3 * d if spec.window else d + 1
         return SeqRegressor(
             spec.kind, d_in, e, b.width, b.layers, b.heads, b.d_state, max_len=2 * config.task.n_examples + 1

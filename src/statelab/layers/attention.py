@@ -4,7 +4,8 @@ Multi-head scaled dot-product attention (Vaswani et al., arXiv 1706.03762) restr
 the cache of keys and values of every token read so far, ``([B, H, t, Dh], [B, H, t, Dh])`` "after token t"; a
 continuation attends to the cache and returns a longer one (new tensors; the given cache is not modified).
 
-``backend="naive"``: one query at a time over its visible keys (fp32); ``"parallel"``: one masked softmax.
+``backend="parallel"`` (default): one masked softmax; ``"naive"``: one query at a time over its visible keys (fp32);
+chosen when the layer is built.
 
 Letters: B batch, T time, M d_model, H heads, Dh = M / H.
 """
@@ -12,23 +13,29 @@ Letters: B batch, T time, M d_model, H heads, Dh = M / H.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from statelab.errors import ConfigError, StateMismatchError
+from statelab.layers.protocol import Mixer, Segments
 
 __all__ = ["CausalSelfAttention"]
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
-class CausalSelfAttention(nn.Module):
-    """``forward(x [B, T, M], state=None) -> (y [B, T, M], (k, v) [B, H, t + T, Dh] each)``."""
+class CausalSelfAttention(Mixer):
+    """``forward(x [B, T, M], state=None) -> (y [B, T, M], (k, v) [B, H, t + T, Dh] each)``.
 
-    def __init__(self, d_model: int, n_heads: int = 2) -> None:
-        super().__init__()
+    Of the protocol's keywords (:mod:`statelab.layers.protocol`) it honours none: its state is a cache.
+    """
+
+    BACKENDS = ("parallel", "naive")  # the first is the default
+
+    def __init__(self, d_model: int, n_heads: int = 2, backend: str = "parallel") -> None:
+        super().__init__(backend)
         if d_model % n_heads:
             raise ConfigError(f"d_model {d_model} must be a multiple of n_heads {n_heads}")
         self.h, self.dh = n_heads, d_model // n_heads
@@ -40,8 +47,16 @@ class CausalSelfAttention(nn.Module):
         return empty, empty.clone()
 
     def forward(
-        self, x: torch.Tensor, state: KVCache | None = None, backend: Literal["naive", "parallel"] = "parallel"
+        self,
+        x: torch.Tensor,
+        state: KVCache | None = None,
+        *,
+        positions: Sequence[int] | None = None,
+        lengths: torch.Tensor | None = None,
+        segments: Segments | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
+        self.refuse_unsupported(positions=positions, lengths=lengths, segments=segments)
+        backend = self.backend
         B, T, M = x.shape
         if state is None:
             state = self.zero_state(B, x.dtype)

@@ -4,9 +4,7 @@ The recurrence shared by the gated SSM and Hawk (RG-LRU) layers, per channel::
 
     h_t = a_t ⊙ h_{t-1} + u_t,        a_t = exp(log_a_t) in [0, 1]
 
-``linear_scan`` computes it in ``⌈log2 T⌉`` rounds of whole-tensor operations (a Hillis-Steele scan);
-``linear_scan_naive`` is the fp32 loop it is tested against (outputs, final state, gradients including the
-initial state's).
+computed by :func:`statelab.ops.linear_scan.linear_scan` (a log-depth scan, tested against its fp32 loop).
 
 A **bidirectional-prefix** layer splits the recurrent channels in half without adding parameters:
 
@@ -23,61 +21,22 @@ half of a new token is its own input (the prompt cannot be streamed: a call's re
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from statelab.layers.mamba2 import Mamba2Mixer
+from statelab.layers.protocol import Segments
+from statelab.ops.linear_scan import linear_scan
 
 __all__ = [
     "BidirectionalMamba2Mixer",
-    "linear_scan",
-    "linear_scan_naive",
     "reverse_reset",
     "split_scan",
     "split_scan_naive",
     "segment_causal_conv",
 ]
-
-
-def linear_scan_naive(
-    log_a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference loop: ``log_a, u [B, T, D]`` (``log_a <= 0``, ``-inf`` allowed), ``h0 [B, D]`` -> ``(h [B, T, D],
-    h_T [B, D])`` in fp32."""
-    B, T, D = u.shape
-    h = torch.zeros(B, D, dtype=torch.float32, device=u.device) if h0 is None else h0.float()
-    out = []
-    for t in range(T):
-        h = torch.exp(log_a[:, t].float()) * h + u[:, t].float()
-        out.append(h)
-    hs = torch.stack(out, 1) if out else u.float().new_zeros(B, 0, D)
-    return hs, h
-
-
-def linear_scan(
-    log_a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-depth scan, same contract as :func:`linear_scan_naive`; decays and sums in fp32.
-
-    Hillis-Steele doubling on the pairs ``(a, u)`` with ``(a1, u1) ∘ (a2, u2) = (a1·a2, a2·u1 + u2)``: after the
-    round with offset ``k`` every position holds the recurrence over its last ``2k`` inputs, so ``⌈log2 T⌉``
-    rounds of whole-tensor operations give every ``h_t``. The decays stay as products of numbers in ``[0, 1]``
-    (a zeroed decay is an exact 0, with no ``-inf - (-inf)``); autograd provides the backward.
-    """
-    B, T, D = u.shape
-    a = torch.exp(log_a.float())
-    h = u.float()
-    if h0 is not None and T > 0:
-        h = h + F.pad(a[:, :1] * h0.float()[:, None], (0, 0, 0, T - 1))
-    k = 1
-    while k < T:  # h_t += a_t · h_{t-k}; a_t *= a_{t-k} (shifted copies padded with h = 0, a = 1)
-        h = torch.addcmul(h, a, F.pad(h[:, :-k], (0, 0, k, 0)))
-        if 2 * k < T:  # the decay products are needed by the next round only
-            a = a * F.pad(a[:, :-k], (0, 0, k, 0), value=1.0)
-        k *= 2
-    if T == 0:
-        return h, torch.zeros(B, D, device=u.device) if h0 is None else h0.float()
-    return h, h[:, -1]
 
 
 def reverse_reset(seq_start: torch.Tensor, is_prefix: torch.Tensor) -> torch.Tensor:
@@ -111,7 +70,8 @@ def split_scan(
     seq_start: torch.Tensor | None = None,
     is_prefix: torch.Tensor | None = None,
     bidirectional: bool = False,
-    naive: bool = False,
+    backend: str = "parallel",
+    lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The scan of a (possibly bidirectional) layer with segment resets.
 
@@ -120,12 +80,24 @@ def split_scan(
         h0: the forward state before token 0, ``[B, D]`` (causal) or ``[B, D // 2]`` (bidirectional), or None.
         seq_start, is_prefix: ``[B, T]`` masks (module docstring); None means one continuing sample, all suffix.
         bidirectional: split the channels into forward and reverse halves.
+        backend: the :func:`~statelab.ops.linear_scan.linear_scan` backend, ``"parallel"`` or ``"naive"``.
+        lengths: ``[B]`` right padding (row ``b`` is real up to ``lengths[b]``) or None. Padded positions get decay 1
+            and input 0, so the forward state passes through them; they count as suffix (no reverse reading).
     Returns:
         ``h [B, T, D]`` fp32 (forward half then reverse half) and the forward state after the last token.
     """
     seq_start, is_prefix = _masks(u, seq_start, is_prefix)
-    scan = linear_scan_naive if naive else linear_scan
+
+    def scan(la: torch.Tensor, x: torch.Tensor, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        out = linear_scan(la, x, h, output_final_state=True, backend=backend)
+        return out.y, out.final_state
+
     la = log_a.float().masked_fill(seq_start[..., None], float("-inf"))
+    if lengths is not None:
+        pad = torch.arange(u.shape[1], device=u.device) >= lengths.to(u.device)[:, None]  # [B, T]
+        la = la.masked_fill(pad[..., None], 0.0)
+        u = u.masked_fill(pad[..., None], 0.0)
+        is_prefix = is_prefix & ~pad
     if not bidirectional:
         return scan(la, u, h0)
     D = u.shape[-1]
@@ -177,6 +149,7 @@ def segment_causal_conv(
     bias: torch.Tensor | None,
     conv_state: torch.Tensor | None,
     seq_start: torch.Tensor | None,
+    lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Depthwise causal conv whose window never crosses a sample boundary.
 
@@ -184,6 +157,8 @@ def segment_causal_conv(
         x: ``[B, T, C]``; weight: ``[C, K]`` (tap ``K - 1`` multiplies the current token); bias ``[C]``.
         conv_state: the last ``K - 1`` inputs before token 0, ``[B, C, K - 1]`` oldest first, or None (zeros).
         seq_start: ``[B, T]`` bool or None; inputs before the latest ``seq_start <= t`` are masked out.
+        lengths: ``[B]`` right padding or None; the conv state is then taken after each row's ``lengths[b]`` tokens
+            (padded inputs are never read into it).
     Returns:
         ``y [B, T, C]`` and the new conv state ``[B, C, K - 1]`` (the last ``K - 1`` inputs of the sample in
         progress, zeros before its start).
@@ -206,6 +181,16 @@ def segment_causal_conv(
         y = y + tap * valid * weight[:, k]
     if bias is not None:
         y = y + bias
+    if lengths is not None and K > 1:
+        # the K - 1 inputs before each row's token lengths[b] (full index L + i is time L - (K - 1) + i), zeroed
+        # where they precede the latest start at or before the row's last real token
+        L = lengths.to(device=x.device, dtype=torch.long)
+        idx = L[:, None] + torch.arange(K - 1, device=x.device)  # [B, K - 1]
+        tail = full.gather(1, idx[..., None].expand(B, K - 1, C))
+        start_at_end = last_start.gather(1, (L - 1).clamp(min=0)[:, None])[:, 0] if T else L - 10**9
+        start_at_end = torch.where(L > 0, start_at_end, torch.full_like(L, -(10**9)))
+        keep = (idx - (K - 1) >= start_at_end[:, None]).to(x.dtype)[..., None]
+        return y, (tail * keep).transpose(1, 2).contiguous()
     # state: last K-1 inputs, zeroed where they precede the latest start
     tail = full[:, -(K - 1) :] if K > 1 else full[:, :0]
     if K > 1:
@@ -220,12 +205,16 @@ class BidirectionalMamba2Mixer(Mamba2Mixer):
     """The Mamba-2 mixer (:class:`statelab.layers.mamba2.Mamba2Mixer`, same parameters) with Birdie's split: heads
     ``[:H/2]`` run forward over prefix and suffix, heads ``[H/2:]`` backward over the prefix only.
 
-    ``forward(x [B, T, M], state=None, seq_start=None, is_prefix=None) -> (y, (ssm [B, H', P, N], conv [B, C, K-1]))``
-    with ``H' = H / 2`` (bidirectional) or ``H`` (``bidirectional=False``: the plain causal mixer, with segment
-    resets). The per-head recurrence ``h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_tᵀ``, ``y_t = h_t C_t + D x_t`` runs
-    through :func:`split_scan` on the flattened ``[H · P · N]`` state, so it is meant for small models (the memory
-    is ``T · H · P · N`` per row); the conv window is cut at sample starts.
+    ``forward(x [B, T, M], state=None, *, lengths=None, segments=None) -> (y, (ssm [B, H', P, N], conv [B, C,
+    K-1]))`` with ``H' = H / 2`` (bidirectional) or ``H`` (``bidirectional=False``: the plain causal mixer, with
+    segment resets). The per-head recurrence ``h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_tᵀ``, ``y_t = h_t C_t + D x_t``
+    runs through :func:`split_scan` on the flattened ``[H · P · N]`` state, so it is meant for small models (the
+    memory is ``T · H · P · N`` per row); the conv window is cut at sample starts. ``backend``: the linear scan,
+    ``"parallel"`` (default) or ``"naive"``. ``positions`` is refused (its state is a tuple, not a record).
     """
+
+    BACKENDS = ("parallel", "naive")  # the first is the default
+    SUPPORTS = frozenset({"lengths", "segments"})
 
     def __init__(self, *args, bidirectional: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -241,17 +230,21 @@ class BidirectionalMamba2Mixer(Mamba2Mixer):
         self,
         x: torch.Tensor,
         state: tuple[torch.Tensor, torch.Tensor] | None = None,
-        seq_start: torch.Tensor | None = None,
-        is_prefix: torch.Tensor | None = None,
-        naive: bool = False,
+        *,
+        positions: Sequence[int] | None = None,
+        lengths: torch.Tensor | None = None,
+        segments: Segments | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``x [B, T, M]`` after ``state = (ssm, conv)`` -> ``(y [B, T, M], (ssm, conv) after the last real token)``."""
+        self.refuse_unsupported(positions=positions)
+        seq_start, is_prefix = (None, None) if segments is None else segments
         Bsz, T, _ = x.shape
         D, C, H, P, G, N = self.d_inner, self.conv_dim, self.n_heads, self.head_dim, self.n_groups, self.d_state
         h0, conv0 = (None, None) if state is None else state
         if h0 is not None and h0.shape != (Bsz, self.state_heads, P, N):
             raise ValueError(f"Mamba-2 split state must be {(Bsz, self.state_heads, P, N)}, got {tuple(h0.shape)}")
         z, xBC, dt = self.in_proj(x).split([D, C, H], dim=-1)
-        xBC, conv_new = segment_causal_conv(xBC, self.conv_weight, self.conv_bias, conv0, seq_start)
+        xBC, conv_new = segment_causal_conv(xBC, self.conv_weight, self.conv_bias, conv0, seq_start, lengths)
         xs, Bm, Cm = F.silu(xBC).split([D, G * N, G * N], dim=-1)
         delta = self._delta(dt)  # [B, T, H] fp32
         A = -torch.exp(self.A_log.float())
@@ -267,7 +260,8 @@ class BidirectionalMamba2Mixer(Mamba2Mixer):
             seq_start,
             is_prefix,
             self.bidirectional,
-            naive=naive,
+            backend=self.backend,
+            lengths=lengths,
         )
         y = (h.reshape(Bsz, T, H, P, N) * Ch[:, :, :, None, :]).sum(-1) + self.D.float()[:, None] * xs
         out = self.out_proj(self.norm(y.reshape(Bsz, T, D).to(x.dtype), z))

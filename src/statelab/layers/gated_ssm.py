@@ -14,21 +14,31 @@ State: the forward channels after the last token, ``[B, D]`` (causal) or ``[B, D
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from statelab.errors import StateMismatchError
 from statelab.layers.bidirectional import split_scan
+from statelab.layers.protocol import Mixer, Segments
 
 __all__ = ["GatedSSMLayer"]
 
 
-class GatedSSMLayer(nn.Module):
-    """``y, state = layer(x [B, T, M], state=None, seq_start=None, is_prefix=None)``."""
+class GatedSSMLayer(Mixer):
+    """``y, state = layer(x [B, T, M], state=None, *, lengths=None, segments=None)``.
 
-    def __init__(self, d_model: int, d_state: int, bidirectional: bool = False) -> None:
-        super().__init__()
+    ``backend``: the linear scan, ``"parallel"`` (default) or ``"naive"`` (:mod:`statelab.ops.linear_scan`).
+    ``positions`` is refused (the state is one tensor, not a record).
+    """
+
+    BACKENDS = ("parallel", "naive")  # the first is the default
+    SUPPORTS = frozenset({"lengths", "segments"})
+
+    def __init__(self, d_model: int, d_state: int, bidirectional: bool = False, backend: str = "parallel") -> None:
+        super().__init__(backend)
         if bidirectional and d_state % 2:
             raise ValueError(f"a bidirectional gated SSM needs an even d_state, got {d_state}")
         self.d_model, self.d_state, self.bidirectional = d_model, d_state, bidirectional
@@ -51,12 +61,15 @@ class GatedSSMLayer(nn.Module):
         self,
         x: torch.Tensor,
         state: torch.Tensor | None = None,
-        seq_start: torch.Tensor | None = None,
-        is_prefix: torch.Tensor | None = None,
-        naive: bool = False,
+        *,
+        positions: Sequence[int] | None = None,
+        lengths: torch.Tensor | None = None,
+        segments: Segments | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [B, T, M]``, ``state [B, state_dim]`` (after the token before ``x[:, 0]``) -> ``(y [B, T, M],
-        state after the last token)``. ``naive`` uses the loop reference scan."""
+        state after the last real token)``; ``lengths`` and ``segments`` as in :mod:`statelab.layers.protocol`."""
+        self.refuse_unsupported(positions=positions)
+        seq_start, is_prefix = (None, None) if segments is None else segments
         if state is not None and state.shape != (x.shape[0], self.state_dim):
             raise StateMismatchError(
                 f"gated SSM state must be {(x.shape[0], self.state_dim)}, got {tuple(state.shape)}"
@@ -64,6 +77,6 @@ class GatedSSMLayer(nn.Module):
         i, z, o, f = self.in_proj(x).chunk(4, dim=-1)
         log_f = F.logsigmoid(f.float())  # decays in fp32
         u = torch.sigmoid(i) * z
-        h, new = split_scan(log_f, u, state, seq_start, is_prefix, self.bidirectional, naive=naive)
+        h, new = split_scan(log_f, u, state, seq_start, is_prefix, self.bidirectional, self.backend, lengths)
         y = self.out_proj(F.gelu(o) * h.to(x.dtype))
         return y, new

@@ -25,7 +25,8 @@ the gate is Horner's scheme ``g^{ℓ+1} = x_{i+1} + (I − cG_i) g^ℓ`` and the
 
 **Fast path.** The recurrence is time-invariant, so a chunk of Q windows is computed at once: the intra-chunk part
 contracts a ``[Q, Q, P, d]`` table of decay powers ``Λ̄^{t-j}`` (lower triangle), the inter-chunk part carries the
-state (``scan_chunked``). ``scan_naive`` is the plain fp32 loop it is tested against.
+state (:func:`statelab.ops.diag_scan.diag_scan_chunk`); ``diag_scan_naive`` is the plain fp32 loop it is tested
+against. The backend is chosen when the model is built (``GDSSM(config, backend="naive")``).
 
 **Parameters.** No input matrix B (the public code declares one the recurrence never uses), no layer norm, no
 dropout. ``C`` is LeCun-normal real (the public code takes the real part of a complex init in the HiPPO basis).
@@ -36,6 +37,7 @@ and reported by :meth:`GDSSM.max_decay`); ``decay="negative"`` uses ``Λ = −ex
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,6 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from statelab.errors import ConfigError, StateMismatchError
+from statelab.layers.protocol import Mixer, Segments, check_backend
+from statelab.ops.diag_scan import diag_scan
 
 __all__ = [
     "GDSSMConfig",
@@ -54,102 +58,10 @@ __all__ = [
     "NonlinearGDSSMConfig",
     "NonlinearGDSSM",
     "make_windows",
-    "scan_naive",
-    "scan_chunked",
 ]
 
-Backend = Literal["naive", "chunk"]
-
-
-# ---- the scan: S_i = decay ⊙ S_{i-1} + a_i,  h_i = S_i g_i -------------------------------------------------------
-
-
-def _check_scan(a: torch.Tensor, g: torch.Tensor, log_decay: torch.Tensor, s0: torch.Tensor | None) -> None:
-    if a.dim() != 4 or g.dim() != 3 or a.shape[:2] != g.shape[:2] or a.shape[3] != g.shape[2]:
-        raise ConfigError(f"expected a [B, W, P, d] and g [B, W, d]; got {tuple(a.shape)}, {tuple(g.shape)}")
-    if tuple(log_decay.shape) != tuple(a.shape[2:]):
-        raise ConfigError(f"log_decay must be [P, d] = {tuple(a.shape[2:])}, got {tuple(log_decay.shape)}")
-    if s0 is not None and (s0.shape[0] != a.shape[0] or tuple(s0.shape[1:]) != tuple(a.shape[2:])):
-        want = (a.shape[0], *a.shape[2:])
-        raise StateMismatchError(f"initial state must be [B, P, d] = {want}, got {tuple(s0.shape)}")
-
-
-def scan_naive(
-    a: torch.Tensor,
-    g: torch.Tensor,
-    log_decay: torch.Tensor,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reference loop: ``S_i = exp(log_decay) ⊙ S_{i-1} + a_i``, ``h_i = S_i g_i``, accumulated in fp32 (fp64 for
-    fp64 inputs).
-
-    Args:
-        a: ``[B, W, P, d]`` per-window inputs (``A_iᵀ``). g: ``[B, W, d]`` gates. log_decay: ``[P, d]``.
-        initial_state: ``[B, P, d]`` state before the first window (zeros if None); never modified.
-    Returns:
-        ``h: [B, W, P]`` and the state after the last window ``[B, P, d]`` (None unless asked for).
-    """
-    _check_scan(a, g, log_decay, initial_state)
-    B, W, P, d = a.shape
-    acc = torch.promote_types(a.dtype, torch.float32)
-    decay = log_decay.to(acc).exp()
-    s = a.new_zeros(B, P, d, dtype=acc) if initial_state is None else initial_state.to(acc)
-    hs = []
-    for i in range(W):
-        s = decay * s + a[:, i].to(acc)
-        hs.append(torch.einsum("bpd,bd->bp", s, g[:, i].to(acc)))
-    h = torch.stack(hs, dim=1) if hs else a.new_zeros(B, 0, P, dtype=acc)
-    return h.to(a.dtype), (s.to(a.dtype) if output_final_state else None)
-
-
-def scan_chunked(
-    a: torch.Tensor,
-    g: torch.Tensor,
-    log_decay: torch.Tensor,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = True,
-    chunk_size: int = 16,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked form of :func:`scan_naive` (same arguments and results).
-
-    Within a chunk of Q windows starting from state ``S``: ``S_t = Λ̄^{t+1} ⊙ S + Σ_{j≤t} Λ̄^{t-j} ⊙ a_j``, one
-    contraction of the inputs with a ``[Q, Q, P, d]`` table of decay powers ``exp((t − j) · log Λ̄)`` (no Python
-    loop inside the chunk), then ``h_t = S_t g_t``; the state after the chunk is the last ``S_t``.
-    """
-    _check_scan(a, g, log_decay, initial_state)
-    if chunk_size < 1:
-        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
-    B, W, P, d = a.shape
-    acc = torch.promote_types(a.dtype, torch.float32)
-    log_decay = log_decay.to(acc)
-    s = a.new_zeros(B, P, d, dtype=acc) if initial_state is None else initial_state.to(acc)
-    q = min(chunk_size, max(W, 1))
-    steps = torch.arange(q, device=a.device, dtype=acc)
-    diff = steps[:, None] - steps[None, :]  # t - j
-    causal = diff >= 0
-    # intra[t, j] = Λ̄^{t-j} for j <= t, else 0: [Q, Q, P, d]
-    intra = torch.where(causal[..., None, None], (diff.clamp_min(0)[..., None, None] * log_decay).exp(), 0.0)
-    carry = ((steps + 1)[:, None, None] * log_decay).exp()  # Λ̄^{t+1}: [Q, P, d]
-    hs = []
-    for start in range(0, W, q):
-        ac = a[:, start : start + q].to(acc)
-        gc = g[:, start : start + q].to(acc)
-        n = ac.shape[1]
-        # every state of the chunk: [B, n, P, d] (as small as the input a), then the gated readout
-        states = torch.einsum("tjpd,bjpd->btpd", intra[:n, :n], ac) + carry[:n] * s[:, None]
-        hs.append(torch.einsum("btpd,btd->btp", states, gc))
-        s = states[:, -1]
-    h = torch.cat(hs, dim=1) if hs else a.new_zeros(B, 0, P, dtype=acc)
-    return h.to(a.dtype), (s.to(a.dtype) if output_final_state else None)
-
-
-def _scan(backend: Backend, *args, **kwargs):
-    if backend == "naive":
-        return scan_naive(*args, **kwargs)
-    if backend == "chunk":
-        return scan_chunked(*args, **kwargs)
-    raise ConfigError(f"backend must be 'naive' or 'chunk', got {backend!r}")
+Backend = Literal["chunk", "naive"]
+BACKENDS: tuple[str, ...] = ("chunk", "naive")  # the first is the default
 
 
 # ---- windows and state ---------------------------------------------------------------------------------------
@@ -290,31 +202,34 @@ class GDSSMLayer(nn.Module):
             raise ConfigError("the bilinear window input needs state_rows == d")
         a_t, o = self.inputs(windows)
         g = o if prev is None else o + prev
-        if backend == "chunk":
-            h, s = scan_chunked(a_t, g, self.log_decay(), state, True, chunk_size=chunk_size)
-        else:
-            h, s = _scan(backend, a_t, g, self.log_decay(), state, True)
-        z = h @ self.C.T
-        return z, g + z, s
+        if state is not None and (state.shape[0] != a_t.shape[0] or tuple(state.shape[1:]) != tuple(a_t.shape[2:])):
+            want = (a_t.shape[0], *a_t.shape[2:])
+            raise StateMismatchError(f"initial state must be [B, P, d] = {want}, got {tuple(state.shape)}")
+        scan = diag_scan(a_t, self.log_decay(), g, state, True, backend=backend, chunk_size=chunk_size)
+        z = scan.y @ self.C.T
+        return z, g + z, scan.final_state
 
 
-class GDSSM(nn.Module):
+class GDSSM(Mixer):
     """A stack of GD-SSM layers over interleaved regression tokens, with the state API.
 
     ``pred, new_state = model(tokens, state=None)``: ``tokens: [B, T, d]`` continue the sequence the state has
     consumed; ``pred: [B, W, d]`` holds ``−z^L`` for every window completed in this call (window i predicts the
     label of ``x_{i+1}``). The given state is never modified.
+
+    ``backend``: the scan, ``"chunk"`` (parallel within chunks, default) or ``"naive"`` (the loop, faster for a
+    handful of windows). Of the protocol's keywords (:mod:`statelab.layers.protocol`) it honours none: a
+    :class:`GDSSMState` is not a per-layer record with positions.
     """
 
-    def __init__(self, config: GDSSMConfig) -> None:
-        super().__init__()
+    BACKENDS = BACKENDS
+
+    def __init__(self, config: GDSSMConfig, backend: Backend = "chunk") -> None:
+        super().__init__(backend)
         self.config = config
         self.layers = nn.ModuleList(
             GDSSMLayer(config.d, config.p, config.decay, config.init_scale) for _ in range(config.num_layers)
         )
-        # the scan used when forward gets no backend: "chunk" (parallel within chunks) or "naive" (the loop,
-        # faster for a handful of windows)
-        self.backend: Backend = "chunk"
 
     def zero_state(self, batch_size: int, dtype: torch.dtype = torch.float32) -> GDSSMState:
         c = self.config
@@ -335,9 +250,16 @@ class GDSSM(nn.Module):
             )
 
     def forward(
-        self, tokens: torch.Tensor, state: GDSSMState | None = None, backend: Backend | None = None
+        self,
+        tokens: torch.Tensor,
+        state: GDSSMState | None = None,
+        *,
+        positions: Sequence[int] | None = None,
+        lengths: torch.Tensor | None = None,
+        segments: Segments | None = None,
     ) -> tuple[torch.Tensor, GDSSMState]:
-        backend = self.backend if backend is None else backend
+        self.refuse_unsupported(positions=positions, lengths=lengths, segments=segments)
+        backend = self.backend
         if tokens.dim() != 3 or tokens.shape[2] != self.config.d:
             raise ConfigError(f"tokens must be [B, T, {self.config.d}], got {tuple(tokens.shape)}")
         if state is None:
@@ -367,6 +289,7 @@ class GDSSM(nn.Module):
         discount: float = 1.0,
         chunk_size: int = 16,
         dtype: torch.dtype = torch.float32,
+        backend: Backend = "chunk",
     ) -> GDSSM:
         """The exact construction: ``steps`` layers computing ``steps``-step GD with learning rate ``eta``.
 
@@ -378,7 +301,7 @@ class GDSSM(nn.Module):
         """
         if not 0 < discount <= 1:
             raise ConfigError(f"discount must be in (0, 1], got {discount}")
-        model = cls(GDSSMConfig(d=d, num_layers=steps, decay="real", chunk_size=chunk_size)).to(dtype)
+        model = cls(GDSSMConfig(d=d, num_layers=steps, decay="real", chunk_size=chunk_size), backend).to(dtype)
         c = eta / n_examples
         with torch.no_grad():
             for i, layer in enumerate(model.layers):
@@ -394,7 +317,7 @@ class GDSSM(nn.Module):
 # ---- constructed-token variant -------------------------------------------------------------------------------
 
 
-class ProductTokenSSM(nn.Module):
+class ProductTokenSSM(Mixer):
     """Diagonal SSM on constructed tokens ``u_i = [x_i y_i; x_{i+1}]`` (scalar y) with a gated readout.
 
     ``s_i = Λ̄ ⊙ s_{i-1} + B̄ u_i`` (``s: [B, P]``), ``o_i = s_iᵀ (D u_i)``, prediction ``−o_i``. The product
@@ -403,8 +326,10 @@ class ProductTokenSSM(nn.Module):
     last token.
     """
 
-    def __init__(self, d: int, p: int | None = None) -> None:
-        super().__init__()
+    BACKENDS = BACKENDS
+
+    def __init__(self, d: int, p: int | None = None, backend: Backend = "chunk") -> None:
+        super().__init__(backend)
         p = d if p is None else p
         self.d, self.p = d, p
         self.log_decay = nn.Parameter(torch.full((p,), -0.05))
@@ -412,8 +337,15 @@ class ProductTokenSSM(nn.Module):
         self.D = nn.Parameter(torch.randn(p, 2 * d) / math.sqrt(2 * d))
 
     def forward(
-        self, u: torch.Tensor, state: torch.Tensor | None = None, backend: Backend = "chunk"
+        self,
+        u: torch.Tensor,
+        state: torch.Tensor | None = None,
+        *,
+        positions: Sequence[int] | None = None,
+        lengths: torch.Tensor | None = None,
+        segments: Segments | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.refuse_unsupported(positions=positions, lengths=lengths, segments=segments)
         if u.dim() != 3 or u.shape[2] != 2 * self.d:
             raise ConfigError(f"constructed tokens must be [B, W, {2 * self.d}], got {tuple(u.shape)}")
         if state is not None and tuple(state.shape) != (u.shape[0], self.p):
@@ -421,14 +353,16 @@ class ProductTokenSSM(nn.Module):
         b = (u @ self.B.T)[..., None]  # [B, W, P, 1]
         ones = u.new_ones(u.shape[0], u.shape[1], 1)
         s0 = None if state is None else state[..., None]
-        s_all, s = _scan(backend, b, ones, self.log_decay[:, None], s0, True)  # h_i = s_i
-        out = (s_all * (u @ self.D.T)).sum(-1)
-        return -out, s[..., 0]
+        scan = diag_scan(b, self.log_decay[:, None], ones, s0, True, backend=self.backend)  # h_i = s_i
+        out = (scan.y * (u @ self.D.T)).sum(-1)
+        return -out, scan.final_state[..., 0]
 
     @classmethod
-    def from_gd(cls, eta: float, n_examples: int, d: int, dtype: torch.dtype = torch.float32) -> ProductTokenSSM:
+    def from_gd(
+        cls, eta: float, n_examples: int, d: int, dtype: torch.dtype = torch.float32, backend: Backend = "chunk"
+    ) -> ProductTokenSSM:
         """``Λ̄ = 1``, ``B̄ = −(η/N)[I 0]``, ``D = [0 I]``: the prediction is one GD step on every prefix."""
-        model = cls(d).to(dtype)
+        model = cls(d, backend=backend).to(dtype)
         with torch.no_grad():
             model.log_decay.zero_()
             eye = torch.eye(d, dtype=torch.float64)
@@ -475,8 +409,9 @@ class NonlinearGDSSM(nn.Module):
     Whether a token is an x or a y follows from its global position (even: x), which the state records.
     """
 
-    def __init__(self, config: NonlinearGDSSMConfig) -> None:
+    def __init__(self, config: NonlinearGDSSMConfig, backend: Backend = "chunk") -> None:
         super().__init__()
+        check_backend("NonlinearGDSSM", backend, BACKENDS)
         self.config = config
         c = config
         self.embed_y = nn.Linear(c.d_in, c.width)
@@ -486,7 +421,7 @@ class NonlinearGDSSM(nn.Module):
             )
         else:
             self.embed_x = self.embed_y
-        self.core = GDSSM(GDSSMConfig(d=c.width, num_layers=c.num_layers))
+        self.core = GDSSM(GDSSMConfig(d=c.width, num_layers=c.num_layers), backend)
         if c.head == "gated_mlp":
             self.gate = nn.Linear(c.width, c.width)
         self.out = nn.Linear(c.width, c.d_out)
@@ -494,16 +429,32 @@ class NonlinearGDSSM(nn.Module):
     def zero_state(self, batch_size: int, dtype: torch.dtype = torch.float32) -> GDSSMState:
         return self.core.zero_state(batch_size, dtype)
 
+    @property
+    def backend(self) -> str:
+        """The scan of the GD-SSM core (``"chunk"`` or ``"naive"``)."""
+        return self.core.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.core.backend = value
+
     def forward(
-        self, tokens: torch.Tensor, state: GDSSMState | None = None, backend: Backend | None = None
+        self,
+        tokens: torch.Tensor,
+        state: GDSSMState | None = None,
+        *,
+        positions: Sequence[int] | None = None,
+        lengths: torch.Tensor | None = None,
+        segments: Segments | None = None,
     ) -> tuple[torch.Tensor, GDSSMState]:
+        self.core.refuse_unsupported(positions=positions, lengths=lengths, segments=segments)
         if tokens.dim() != 3 or tokens.shape[2] != self.config.d_in:
             raise ConfigError(f"tokens must be [B, T, {self.config.d_in}], got {tuple(tokens.shape)}")
         start = 0 if state is None else state.n_tokens
         pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         is_x = (pos % 2 == 0)[None, :, None]
         h = torch.where(is_x, self.embed_x(tokens), self.embed_y(tokens))
-        z, new_state = self.core(h, state, backend)
+        z, new_state = self.core(h, state)
         if self.config.head == "gated_mlp":
             z = z * torch.sigmoid(self.gate(F.gelu(z)))
         return self.out(z), new_state

@@ -17,6 +17,7 @@ State: ``(h [B, D or D // 2] fp32, conv [B, D, K - 1])`` after the last token.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from torch import nn
 
 from statelab.errors import StateMismatchError
 from statelab.layers.bidirectional import segment_causal_conv, split_scan
+from statelab.layers.protocol import Mixer, Segments
 
 __all__ = ["HawkLayer", "bounded_sqrt"]
 
@@ -48,11 +50,25 @@ def bounded_sqrt(x: torch.Tensor) -> torch.Tensor:
     return _BoundedSqrt.apply(x)
 
 
-class HawkLayer(nn.Module):
-    """``y, (h, conv) = layer(x [B, T, M], state=None, seq_start=None, is_prefix=None)``."""
+class HawkLayer(Mixer):
+    """``y, (h, conv) = layer(x [B, T, M], state=None, *, lengths=None, segments=None)``.
 
-    def __init__(self, d_model: int, d_state: int, conv_kernel: int = 4, bidirectional: bool = False) -> None:
-        super().__init__()
+    ``backend``: the linear scan, ``"parallel"`` (default) or ``"naive"`` (:mod:`statelab.ops.linear_scan`).
+    ``positions`` is refused (the state is a tuple, not a record).
+    """
+
+    BACKENDS = ("parallel", "naive")  # the first is the default
+    SUPPORTS = frozenset({"lengths", "segments"})
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int,
+        conv_kernel: int = 4,
+        bidirectional: bool = False,
+        backend: str = "parallel",
+    ) -> None:
+        super().__init__(backend)
         if bidirectional and d_state % 2:
             raise ValueError(f"a bidirectional Hawk layer needs an even d_state, got {d_state}")
         self.d_model, self.d_state, self.K, self.bidirectional = d_model, d_state, conv_kernel, bidirectional
@@ -79,11 +95,15 @@ class HawkLayer(nn.Module):
         self,
         x: torch.Tensor,
         state: tuple[torch.Tensor, torch.Tensor] | None = None,
-        seq_start: torch.Tensor | None = None,
-        is_prefix: torch.Tensor | None = None,
-        naive: bool = False,
+        *,
+        positions: Sequence[int] | None = None,
+        lengths: torch.Tensor | None = None,
+        segments: Segments | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """``x [B, T, M]`` and the state after the token before ``x[:, 0]`` -> ``(y [B, T, M], new state)``."""
+        """``x [B, T, M]`` and the state after the token before ``x[:, 0]`` -> ``(y [B, T, M], new state)`` (after
+        each row's last real token); ``lengths`` and ``segments`` as in :mod:`statelab.layers.protocol`."""
+        self.refuse_unsupported(positions=positions)
+        seq_start, is_prefix = (None, None) if segments is None else segments
         B = x.shape[0]
         h0, conv0 = (None, None) if state is None else state
         if h0 is not None and (h0.shape != (B, self.state_dim) or conv0.shape != (B, self.d_state, self.K - 1)):
@@ -92,11 +112,11 @@ class HawkLayer(nn.Module):
                 f"({tuple(h0.shape)}, {tuple(conv0.shape)})"
             )
         b, g = self.in_proj(x).chunk(2, dim=-1)
-        c, conv = segment_causal_conv(b, self.conv_weight, self.conv_bias, conv0, seq_start)
+        c, conv = segment_causal_conv(b, self.conv_weight, self.conv_bias, conv0, seq_start, lengths)
         r, i = torch.sigmoid(self.gate_proj(c)).chunk(2, dim=-1)
         log_a = KAPPA * r.float() * F.logsigmoid(self.Lambda.float())
         mult = bounded_sqrt((1.0 - torch.exp(2.0 * log_a)).clamp_min(0.0))
         u = mult * (i * c).float()
-        h, new_h = split_scan(log_a, u, h0, seq_start, is_prefix, self.bidirectional, naive=naive)
+        h, new_h = split_scan(log_a, u, h0, seq_start, is_prefix, self.bidirectional, self.backend, lengths)
         y = self.out_proj(F.gelu(g) * h.to(x.dtype))
         return y, (new_h, conv)

@@ -5,8 +5,8 @@ The mixer of von Oswald et al. (arXiv 2212.07677), made causal: per head,
     o_t = Σ_{j≤t} v_j (k_jᵀ q_t) = S_t q_t,      S_t = S_{t-1} + v_t k_tᵀ,      y_t = W_O [o_t]_heads
 
 with ``q, k, v`` linear maps of the input, no softmax and no normalisation. The state ``S: [B, H, Dv, Dk]`` is the
-fast-weight memory Σ v kᵀ "after token t". ``backend="naive"`` is the fp32 loop; ``"parallel"`` the masked
-matmul form ``O = (Q Kᵀ ⊙ M) V + Q S_0ᵀ``, tested equal.
+fast-weight memory Σ v kᵀ "after token t". ``backend="parallel"`` (default) is the masked matmul form
+``O = (Q Kᵀ ⊙ M) V + Q S_0ᵀ``; ``"naive"`` the fp32 loop it is tested equal to; chosen when the layer is built.
 
 Letters: B batch, T time, M d_model, H heads, Dk key width, Dv value width.
 """
@@ -14,18 +14,24 @@ Letters: B batch, T time, M d_model, H heads, Dk key width, Dv value width.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from statelab.errors import ConfigError, StateMismatchError
+from statelab.layers.protocol import Mixer, Segments
 
 __all__ = ["LinearSelfAttention"]
 
 
-class LinearSelfAttention(nn.Module):
-    """Causal linear self-attention. ``forward(x [B, T, M], state=None) -> (y [B, T, M], S [B, H, Dv, Dk])``."""
+class LinearSelfAttention(Mixer):
+    """Causal linear self-attention. ``forward(x [B, T, M], state=None) -> (y [B, T, M], S [B, H, Dv, Dk])``.
+
+    Of the protocol's keywords (:mod:`statelab.layers.protocol`) it honours none: its state is one tensor.
+    """
+
+    BACKENDS = ("parallel", "naive")  # the first is the default
 
     def __init__(
         self,
@@ -34,8 +40,9 @@ class LinearSelfAttention(nn.Module):
         d_key: int | None = None,
         d_value: int | None = None,
         init_scale: float = 1.0,
+        backend: str = "parallel",
     ) -> None:
-        super().__init__()
+        super().__init__(backend)
         if d_model < 1 or n_heads < 1:
             raise ConfigError(f"d_model and n_heads must be >= 1, got {d_model}, {n_heads}")
         self.h = n_heads
@@ -51,8 +58,16 @@ class LinearSelfAttention(nn.Module):
         return torch.zeros(batch_size, self.h, self.dv, self.dk, dtype=dtype, device=self.q.device)
 
     def forward(
-        self, x: torch.Tensor, state: torch.Tensor | None = None, backend: Literal["naive", "parallel"] = "parallel"
+        self,
+        x: torch.Tensor,
+        state: torch.Tensor | None = None,
+        *,
+        positions: Sequence[int] | None = None,
+        lengths: torch.Tensor | None = None,
+        segments: Segments | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.refuse_unsupported(positions=positions, lengths=lengths, segments=segments)
+        backend = self.backend
         B, T, M = x.shape
         if state is None:
             state = self.zero_state(B, x.dtype)

@@ -25,37 +25,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from statelab.layers.protocol import Mixer, Segments
 from statelab.ops.conv1d import causal_conv1d, conv_state_after, conv_states_at
 from statelab.ops.selective_scan import selective_scan
 
-__all__ = ["Mamba1Mixer", "MixerState", "MixerOutput"]
+__all__ = ["Mamba1Mixer", "MixerState"]
 
 
 class MixerState(NamedTuple):
-    """One layer's state after some tokens: ``conv [B, D, K - 1]``, ``ssm [B, D, N]`` (fp32), ``sum_delta [B, D]``."""
+    """One layer's state after some tokens: ``conv [B, D, K - 1]``, ``ssm [B, D, N]`` (fp32), ``sum_delta [B, D]``.
+
+    ``at``: the states after the ``positions`` a call asked for, each part stacked on axis 1 (``conv [B, P, D,
+    K - 1]``, ``ssm [B, P, D, N]``, ``sum_delta [B, P, D]``), or ``None`` (:mod:`statelab.layers.protocol`).
+    """
 
     conv: torch.Tensor
     ssm: torch.Tensor
     sum_delta: torch.Tensor
+    at: MixerState | None = None
 
 
-class MixerOutput(NamedTuple):
-    """``y [B, T, M]``, the state after the last token, and states after ``positions`` (``[B, P, ...]`` parts)."""
-
-    y: torch.Tensor
-    state: MixerState
-    states_at: MixerState | None
-
-
-class Mamba1Mixer(nn.Module):
-    """Mamba-1 mixer. ``forward(x [B, T, M], state=None, positions=None) -> MixerOutput``.
+class Mamba1Mixer(Mixer):
+    """Mamba-1 mixer. ``forward(x [B, T, M], state=None, *, positions=None, lengths=None) -> (y, MixerState)``.
 
     Args:
         d_model: M. d_inner: D. d_state: N. d_conv: K. dt_rank: R.
         conv_bias, bias: biases of the conv and of ``in_proj``/``out_proj``.
         dt_min, dt_max, dt_init_floor, dt_scale, dt_init: initialisation of the Δ projection.
-        backend: selective-scan backend (``"chunk"`` or ``"naive"``).
+        backend: selective-scan backend (``"chunk"`` or ``"naive"``), validated here.
     """
+
+    BACKENDS = ("chunk", "naive")  # the first is the default; both are selective_scan backends
+    SUPPORTS = frozenset({"positions", "lengths"})
 
     def __init__(
         self,
@@ -73,9 +74,8 @@ class Mamba1Mixer(nn.Module):
         dt_init: str = "random",
         backend: str = "chunk",
     ) -> None:
-        super().__init__()
+        super().__init__(backend)
         self.d_model, self.d_inner, self.d_state, self.d_conv, self.dt_rank = d_model, d_inner, d_state, d_conv, dt_rank
-        self.backend = backend
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
         self.conv_weight = nn.Parameter(torch.empty(d_inner, d_conv))
         self.conv_bias = nn.Parameter(torch.empty(d_inner)) if conv_bias else None
@@ -124,17 +124,22 @@ class Mamba1Mixer(nn.Module):
         self,
         x: torch.Tensor,
         state: MixerState | None = None,
+        *,
         positions: Sequence[int] | None = None,
         lengths: torch.Tensor | None = None,
-    ) -> MixerOutput:
-        """``x [B, T, M]`` continuing from ``state`` (``None`` = zeros) -> ``MixerOutput``.
+        segments: Segments | None = None,
+    ) -> tuple[torch.Tensor, MixerState]:
+        """``x [B, T, M]`` continuing from ``state`` (``None`` = zeros) -> ``(y [B, T, M], state after the last
+        token)``.
 
-        ``positions`` (each in ``[0, T]``) asks for the states after ``x[:, :p]`` as well, from this one pass.
+        ``positions`` (each in ``[0, T]``) asks for the states after ``x[:, :p]`` as well, from this one pass: they
+        come back in the returned state's ``at`` field (parts ``[B, P, ...]``). ``segments`` is refused.
         ``lengths [B]`` (right padding, ``0 <= lengths[b] <= T``): only ``x[b, :lengths[b]]`` is real; Δ is zero at
         the padded positions, so the SSM state and ΣΔ stop at each row's last real token, and the conv state is
         each row's own last ``K - 1`` real inputs. Outputs at padded positions are unspecified.
         The returned states are new tensors; ``state`` is not modified.
         """
+        self.refuse_unsupported(segments=segments)
         Bsz, T, _ = x.shape
         xz = self.in_proj(x)
         u_pre, z = xz[..., : self.d_inner], xz[..., self.d_inner :]
@@ -167,11 +172,10 @@ class Mamba1Mixer(nn.Module):
         if lengths is not None:
             conv_final = conv_state_after(u_pre, self.d_conv, lengths, conv0)
         sd0 = 0.0 if state is None else state.sum_delta
-        new_state = MixerState(conv=conv_final, ssm=scan.final_state, sum_delta=sd0 + scan.sum_delta)
         states_at = None
         if positions is not None:
             pos = list(positions)
             conv_at = conv_states_at(u_pre, self.d_conv, pos, conv0)
             sd_at = scan.sum_delta_at if state is None else scan.sum_delta_at + state.sum_delta[:, None]
             states_at = MixerState(conv=conv_at, ssm=scan.states_at, sum_delta=sd_at)
-        return MixerOutput(out, new_state, states_at)
+        return out, MixerState(conv_final, scan.final_state, sd0 + scan.sum_delta, states_at)

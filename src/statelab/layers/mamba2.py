@@ -27,33 +27,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from statelab.layers.norm import GatedRMSNorm
+from statelab.layers.protocol import Mixer, Segments
 from statelab.ops.conv1d import causal_conv1d, conv_state_after, conv_states_at
-from statelab.ops.ssd import BACKENDS, ssd_scan, ssd_step
+from statelab.ops.ssd import ssd_scan, ssd_step
 from statelab.ops.ssd.chunk import DEFAULT_CHUNK_SIZE
 
 __all__ = ["Mamba2LayerState", "Mamba2Mixer"]
 
 
 class Mamba2LayerState(NamedTuple):
-    """State of one Mamba-2 mixer after some token: conv ``[B, C, K-1]``, ssm ``[B, H, P, N]``, ΣΔ ``[B, H]``."""
+    """State of one Mamba-2 mixer after some token: conv ``[B, C, K-1]``, ssm ``[B, H, P, N]``, ΣΔ ``[B, H]``.
+
+    ``at``: the states after the ``positions`` a call asked for, each part stacked on axis 1 (``conv [B, P', C,
+    K-1]``, ``ssm [B, P', H, P, N]``, ``sum_delta [B, P', H]``), or ``None`` (:mod:`statelab.layers.protocol`).
+    """
 
     conv: torch.Tensor
     ssm: torch.Tensor
     sum_delta: torch.Tensor
+    at: Mamba2LayerState | None = None
 
 
-class Mamba2Mixer(nn.Module):
-    """Mamba-2 mixer. ``forward(x [B, T, M], state=None) -> (y [B, T, M], Mamba2LayerState)``.
+class Mamba2Mixer(Mixer):
+    """Mamba-2 mixer. ``forward(x [B, T, M], state=None, *, positions=None, lengths=None) -> (y [B, T, M],
+    Mamba2LayerState)``.
 
     Args:
         d_model: M. d_inner: D = H · P. d_state: N. n_groups: G. head_dim: P. d_conv: K.
         use_bias: bias in ``in_proj`` / ``out_proj``. use_conv_bias: bias in the conv.
         time_step_limit: ``(lo, hi)`` clamp of Δ after softplus. norm_eps: epsilon of the gated RMSNorm.
-
-    Attributes:
-        backend: ``"naive" | "chunk" | "cuda"``, the SSD implementation (see :func:`statelab.ops.ssd.ssd_scan`).
+        backend: ``"chunk" | "naive" | "cuda"``, the SSD implementation (see :func:`statelab.ops.ssd.ssd_scan`),
+            validated here.
         chunk_size: chunk length of the chunked scan.
     """
+
+    BACKENDS = ("chunk", "naive", "cuda")  # the first is the default
+    SUPPORTS = frozenset({"positions", "lengths"})
 
     def __init__(
         self,
@@ -67,8 +76,10 @@ class Mamba2Mixer(nn.Module):
         use_conv_bias: bool = True,
         time_step_limit: tuple[float, float] = (0.0, float("inf")),
         norm_eps: float = 1e-5,
+        backend: str | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
-        super().__init__()
+        super().__init__(backend)
         if d_inner % head_dim:
             raise ValueError(f"d_inner={d_inner} must be a multiple of head_dim={head_dim}")
         self.d_model, self.d_inner, self.d_state = d_model, d_inner, d_state
@@ -86,8 +97,7 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(self.n_heads))
         self.norm = GatedRMSNorm(d_inner, eps=norm_eps, group_size=d_inner // n_groups)
         self.out_proj = nn.Linear(d_inner, d_model, bias=use_bias)
-        self.backend = "chunk"
-        self.chunk_size = DEFAULT_CHUNK_SIZE
+        self.chunk_size = chunk_size
         if self.A_log.device.type != "meta":
             self.reset_parameters()
 
@@ -122,20 +132,21 @@ class Mamba2Mixer(nn.Module):
             delta = delta.clamp(min=lo, max=hi)
         return delta
 
-    def forward(self, x: torch.Tensor, state: Mamba2LayerState | None = None) -> tuple[torch.Tensor, Mamba2LayerState]:
-        """``x [B, T, M]`` from ``state`` (``None`` = zeros) -> ``(y [B, T, M], state after the last token)``."""
-        y, new_state, _ = self.forward_with_states(x, state, None)
-        return y, new_state
-
-    def forward_with_states(
+    def forward(
         self,
         x: torch.Tensor,
-        state: Mamba2LayerState | None,
-        positions: Sequence[int] | None,
-        ssm_out: torch.Tensor | None = None,
+        state: Mamba2LayerState | None = None,
+        *,
+        positions: Sequence[int] | None = None,
         lengths: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Mamba2LayerState, list[Mamba2LayerState] | None]:
-        """Like ``forward``, plus the states after each of ``positions`` (``t`` in ``[1, T]``), from one pass.
+        segments: Segments | None = None,
+        ssm_out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Mamba2LayerState]:
+        """``x [B, T, M]`` from ``state`` (``None`` = zeros) -> ``(y [B, T, M], state after the last token)``.
+
+        ``positions`` (each ``t`` in ``[0, T]``): the states after the first ``t`` tokens as well, from one pass, in
+        the returned state's ``at`` field (parts ``[B, P', ...]``). ``segments`` is refused (packed samples need
+        :class:`statelab.layers.bidirectional.BidirectionalMamba2Mixer`).
 
         Returned states have the dtype of ``state`` (fp32 when ``state`` is ``None``); ΣΔ accumulates on top of
         the given state's. ``ssm_out``: optional fresh ``[B, H, P, N]`` buffer (the state's dtype) that receives
@@ -145,10 +156,9 @@ class Mamba2Mixer(nn.Module):
         padded positions (the SSM state and ΣΔ pass through them unchanged) and each row's conv state is its own
         last ``K - 1`` real inputs. Outputs at padded positions are unspecified.
         """
+        self.refuse_unsupported(segments=segments)
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2Mixer expects x [B, T, {self.d_model}], got {tuple(x.shape)}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; expected one of {BACKENDS}")
         Bsz, T, _ = x.shape
         if state is None:
             state = self.zero_state(Bsz, dtype=torch.float32, device=x.device)
@@ -183,7 +193,7 @@ class Mamba2Mixer(nn.Module):
             if ssm_out is not None and not direct:
                 ssm_new = ssm_out.copy_(ssm_new)
             new_state = Mamba2LayerState(conv_new.to(sdtype), ssm_new.to(sdtype), state.sum_delta + delta[:, 0])
-            return self.out_proj(self.norm(y1.reshape(Bsz, 1, D), z).to(x.dtype)), new_state, None
+            return self.out_proj(self.norm(y1.reshape(Bsz, 1, D), z).to(x.dtype)), new_state
 
         scan = ssd_scan(
             xs.reshape(Bsz, T, H, P),
@@ -203,13 +213,11 @@ class Mamba2Mixer(nn.Module):
         ssm_new = scan.final_state.to(sdtype)
         if ssm_out is not None:
             ssm_new = ssm_out.copy_(ssm_new)
-        new_state = Mamba2LayerState(conv_new.to(sdtype), ssm_new, state.sum_delta + scan.sum_delta)
         states_at = None
         if positions is not None:
             assert scan.states_at is not None and scan.sum_delta_at is not None
             conv_at = conv_states_at(xBC, self.d_conv, positions, conv_in)  # [B, n_pos, C, K-1]
-            states_at = [
-                Mamba2LayerState(conv_at[:, k].to(sdtype), s.to(sdtype), state.sum_delta + sd)
-                for k, (s, sd) in enumerate(zip(scan.states_at, scan.sum_delta_at, strict=True))
-            ]
-        return y, new_state, states_at
+            states_at = Mamba2LayerState(
+                conv_at.to(sdtype), scan.states_at.to(sdtype), state.sum_delta[:, None] + scan.sum_delta_at
+            )
+        return y, Mamba2LayerState(conv_new.to(sdtype), ssm_new, state.sum_delta + scan.sum_delta, states_at)

@@ -8,7 +8,8 @@ multi-input multi-output SSM with a complex diagonal state matrix, zero-order-ho
 with ``Λ = −exp(log_neg_re) + i·im`` initialised as S4D-Lin (−½ + iπn) and ``Δ = exp(log_step)``. This is the
 model the GD-SSM layer is built from, without the windowed bilinear input and the gated readout.
 
-``backend="naive"``: the loop; ``"chunk"``: chunks of Q steps through a ``[Q, Q, P]`` table of ``Λ̄^{t-j}``.
+The recurrence runs through :func:`statelab.ops.diag_scan.diag_scan` (``backend="naive"``: the loop; ``"chunk"``:
+chunks of Q steps through a table of ``Λ̄^{t-j}``), chosen when the layer is built.
 
 Letters: B batch, T time, M d_model, P state size (complex). The state ``h: [B, P]`` (complex64) is "after token t".
 """
@@ -16,57 +17,38 @@ Letters: B batch, T time, M d_model, P state size (complex). The state ``h: [B, 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from statelab.errors import ConfigError, StateMismatchError
+from statelab.layers.protocol import Mixer, Segments
+from statelab.ops.diag_scan import diag_scan
 
-__all__ = ["S5Layer", "diagonal_scan"]
+__all__ = ["S5Layer"]
 
 
-def diagonal_scan(
-    b: torch.Tensor,
-    log_decay: torch.Tensor,
-    h0: torch.Tensor,
-    backend: Literal["naive", "chunk"] = "chunk",
-    chunk_size: int = 32,
-) -> torch.Tensor:
-    """All states of ``h_t = exp(log_decay) ⊙ h_{t-1} + b_t``: ``b: [B, T, P]``, ``log_decay: [P]``, ``h0: [B, P]``.
+class S5Layer(Mixer):
+    """S5 SSM. ``forward(u [B, T, M], state=None) -> (y [B, T, M], h [B, P] complex64)``.
 
-    Returns ``[B, T, P]`` (complex or real, as the inputs).
+    ``backend``: ``"chunk"`` (default) or ``"naive"`` (:mod:`statelab.ops.diag_scan`); ``chunk_size``: steps per
+    chunk. Of the protocol's keywords (:mod:`statelab.layers.protocol`) it honours none: its state is one tensor.
     """
-    B, T, P = b.shape
-    if backend == "naive":
-        decay = log_decay.exp()
-        h, hs = h0, []
-        for t in range(T):
-            h = decay * h + b[:, t]
-            hs.append(h)
-        return torch.stack(hs, dim=1) if hs else b.new_zeros(B, 0, P)
-    if backend != "chunk":
-        raise ConfigError(f"backend must be 'naive' or 'chunk', got {backend!r}")
-    q = min(chunk_size, max(T, 1))
-    steps = torch.arange(q, device=b.device)
-    diff = (steps[:, None] - steps[None, :]).to(log_decay.real.dtype)
-    table = torch.where((diff >= 0)[..., None], (diff.clamp_min(0)[..., None] * log_decay).exp(), 0)
-    carry = ((steps + 1).to(diff.dtype)[:, None] * log_decay).exp()
-    h, out = h0, []
-    for start in range(0, T, q):
-        bc = b[:, start : start + q]
-        n = bc.shape[1]
-        hc = torch.einsum("tjp,bjp->btp", table[:n, :n], bc) + carry[:n] * h[:, None]
-        out.append(hc)
-        h = hc[:, -1]
-    return torch.cat(out, dim=1) if out else b.new_zeros(B, 0, P)
 
+    BACKENDS = ("chunk", "naive")  # the first is the default
 
-class S5Layer(nn.Module):
-    """S5 SSM. ``forward(u [B, T, M], state=None) -> (y [B, T, M], h [B, P] complex64)``."""
-
-    def __init__(self, d_model: int, d_state: int = 16, dt_min: float = 1e-3, dt_max: float = 1e-1) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        backend: str = "chunk",
+        chunk_size: int = 32,
+    ) -> None:
+        super().__init__(backend)
+        self.chunk_size = chunk_size
         if d_model < 1 or d_state < 1:
             raise ConfigError(f"d_model and d_state must be >= 1, got {d_model}, {d_state}")
         self.m, self.p = d_model, d_state
@@ -90,8 +72,17 @@ class S5Layer(nn.Module):
         return log_decay, b_bar
 
     def forward(
-        self, u: torch.Tensor, state: torch.Tensor | None = None, backend: Literal["naive", "chunk"] = "chunk"
+        self,
+        u: torch.Tensor,
+        state: torch.Tensor | None = None,
+        *,
+        positions: Sequence[int] | None = None,
+        lengths: torch.Tensor | None = None,
+        segments: Segments | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``u [B, T, M]`` after ``state [B, P]`` complex64 (the state after the token before ``u[:, 0]``) ->
+        ``(y [B, T, M], the state after the last token)``."""
+        self.refuse_unsupported(positions=positions, lengths=lengths, segments=segments)
         if u.dim() != 3 or u.shape[2] != self.m:
             raise ConfigError(f"input must be [B, T, {self.m}], got {tuple(u.shape)}")
         if state is None:
@@ -100,7 +91,8 @@ class S5Layer(nn.Module):
             raise StateMismatchError(f"S5 state must be complex [B, P] = {(u.shape[0], self.p)}, got {state.shape}")
         log_decay, b_bar = self.discretise()
         bu = torch.einsum("pm,btm->btp", b_bar, u.to(b_bar.dtype))
-        hs = diagonal_scan(bu, log_decay, state.to(b_bar.dtype), backend)
+        scan = diag_scan(bu, log_decay, None, state.to(b_bar.dtype), backend=self.backend, chunk_size=self.chunk_size)
+        hs = scan.y
         y = torch.einsum("mp,btp->btm", torch.complex(self.C_re, self.C_im), hs).real + self.D * u
         new = hs[:, -1] if hs.shape[1] else state
         return y.to(u.dtype), new.to(torch.complex64)

@@ -33,6 +33,7 @@ from statelab.errors import ConfigError, StateMismatchError
 from statelab.layers.bidirectional import BidirectionalMamba2Mixer
 from statelab.layers.gated_ssm import GatedSSMLayer
 from statelab.layers.hawk import HawkLayer
+from statelab.layers.protocol import Segments
 
 __all__ = ["BirdieModelConfig", "BirdieState", "BirdieLM", "ARCHES"]
 
@@ -177,9 +178,9 @@ class _Block(nn.Module):
         if self.arch == "transformer":
             y, new = self.mixer(h, state, seq_start, is_prefix, offset)
         elif self.arch in ("hawk", "mamba2"):
-            y, new = self.mixer(h, state, seq_start, is_prefix)
+            y, new = self.mixer(h, state, segments=Segments(seq_start, is_prefix))
         else:
-            y, s = self.mixer(h, None if state is None else state[0], seq_start, is_prefix)
+            y, s = self.mixer(h, None if state is None else state[0], segments=Segments(seq_start, is_prefix))
             new = (s,)
         x = x + y
         if self.mlp is not None:

@@ -199,11 +199,11 @@ class Mamba1LM(StatefulLM):
             ls = None
             if state is not None:
                 ls = MixerState(conv=state.conv[i], ssm=state.ssm[i], sum_delta=state.sum_delta[i])
-            out = block.mixer(block.norm(h.to(block.norm.weight.dtype)), ls, pos, lengths)
-            h = h + out.y.to(h.dtype)
-            final.append(out.state)
-            if out.states_at is not None:
-                a = out.states_at  # [B, P, ...] parts: one MixerState per position
+            y, st = block.mixer(block.norm(h.to(block.norm.weight.dtype)), ls, positions=pos, lengths=lengths)
+            h = h + y.to(h.dtype)
+            final.append(st)
+            if st.at is not None:
+                a = st.at  # [B, P, ...] parts: one MixerState per position
                 at.append([MixerState(a.conv[:, j], a.ssm[:, j], a.sum_delta[:, j]) for j in range(a.ssm.shape[1])])
         n0 = (0,) * Bsz if state is None else state.tokens
         n_new = (T,) * Bsz if lengths is None else tuple(lengths.tolist())

@@ -270,11 +270,12 @@ class Mamba2LM(StatefulLM):
             x = block.norm(h.to(block.norm.weight.dtype))
             layer_state = Mamba2LayerState(state.conv[i], state.ssm[i], state.sum_delta[i])
             out_i = None if ssm_all is None else ssm_all[i]
-            y, new, states_at = block.mixer.forward_with_states(x, layer_state, pos, out_i, lengths)
+            y, new = block.mixer(x, layer_state, positions=pos, lengths=lengths, ssm_out=out_i)
             h = residual + y
             final.append(new)
-            if states_at is not None:
-                at.append(states_at)
+            if new.at is not None:
+                a = new.at  # [B, P, ...] parts: one layer state per position
+                at.append([Mamba2LayerState(a.conv[:, j], a.ssm[:, j], a.sum_delta[:, j]) for j in range(len(pos))])
         logits = None
         if with_head:
             hn = self.norm_f(h)

@@ -40,9 +40,9 @@ import torch
 from torch import nn
 
 from statelab.errors import ConfigError
-from statelab.layers.bidirectional import linear_scan
 from statelab.objectives.base import ObjectiveConfig
 from statelab.objectives.grid import class_uniform_probs
+from statelab.ops.linear_scan import linear_scan
 
 __all__ = [
     "reward",
@@ -113,7 +113,8 @@ class _GatedBlock(nn.Module):
         k, u, g, o = self.proj(self.norm(x)).chunk(4, dim=-1)
         log_k = nn.functional.logsigmoid(k)
         u = u * torch.sigmoid(g) * (1 - torch.sigmoid(k))
-        h, last = linear_scan(log_k, u, h0)
+        scan = linear_scan(log_k, u, h0, output_final_state=True)
+        h, last = scan.y, scan.final_state
         return x + self.out(h * torch.sigmoid(o)), last
 
 

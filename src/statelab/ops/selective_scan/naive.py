@@ -12,29 +12,12 @@ same final state, same ΣΔ, same gradients.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 
+from statelab.ops.scan_output import ScanOutput, check_positions
+
 __all__ = ["ScanOutput", "selective_scan_naive", "check_scan_args"]
-
-
-class ScanOutput(NamedTuple):
-    """Result of a selective scan.
-
-    Attributes:
-        y: ``[B, T, D]`` in ``u.dtype``.
-        final_state: ``[B, D, N]`` fp32, the state after the last token, or ``None`` if not asked for.
-        sum_delta: ``[B, D]`` fp32, Σ_t Δ_t over this call's tokens.
-        states_at: ``[B, P, D, N]`` fp32, the states after each requested position, or ``None``.
-        sum_delta_at: ``[B, P, D]`` fp32, Σ Δ over the first ``p`` tokens for each position, or ``None``.
-    """
-
-    y: torch.Tensor
-    final_state: torch.Tensor | None
-    sum_delta: torch.Tensor
-    states_at: torch.Tensor | None = None
-    sum_delta_at: torch.Tensor | None = None
 
 
 def check_scan_args(
@@ -65,12 +48,7 @@ def check_scan_args(
         raise ValueError(
             f"selective_scan: initial_state must be [B, D, N]={(Bsz, D, N)}, got {tuple(initial_state.shape)}"
         )
-    if return_states_at is None:
-        return None
-    pos = [int(p) for p in return_states_at]
-    if any(p < 0 or p > T for p in pos):
-        raise ValueError(f"selective_scan: return_states_at must lie in [0, {T}], got {pos}")
-    return pos
+    return check_positions("selective_scan", return_states_at, T)
 
 
 def selective_scan_naive(

@@ -33,7 +33,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from statelab.ops.ssd.naive import ScanOutput, check_ssd_inputs
+from statelab.ops.scan_output import ScanOutput, stack_at
+from statelab.ops.ssd.naive import check_ssd_inputs
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -172,6 +173,15 @@ def _state_inside_chunk(
     return torch.exp(a[..., -1]).float()[..., None, None] * entering[:, c] + s.view(Bsz, H, P, N)
 
 
+def _state_at(
+    u: torch.Tensor, acs: torch.Tensor, Bc: torch.Tensor, entering: torch.Tensor, p: int, Q: int
+) -> torch.Tensor:
+    """The state after the first ``p`` tokens (``p = 0``: the state entering chunk 0, i.e. the initial state)."""
+    if p == 0:
+        return entering[:, 0].clone()
+    return _state_inside_chunk(u, acs, Bc, entering, (p - 1) // Q, (p - 1) % Q)
+
+
 def ssd_scan_chunk(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -190,11 +200,11 @@ def ssd_scan_chunk(
         x: ``[B, T, H, P]``; dt: ``[B, T, H]`` (post-softplus, clamped); A: ``[H]``;
         Bm, Cm: ``[B, T, G, N]``; D: ``[H]`` or ``None``; initial_state: ``[B, H, P, N]`` or ``None``.
         output_final_state: return the state after the last token.
-        return_states_at: positions ``t`` in ``[1, T]`` whose states (after ``t`` tokens) to return.
+        return_states_at: positions ``t`` in ``[0, T]`` whose states (after ``t`` tokens) to return.
         chunk_size: tokens per chunk ``Q`` (any positive int; a call shorter than it uses one chunk of ``T``).
 
     Returns:
-        :class:`~statelab.ops.ssd.naive.ScanOutput`.
+        :class:`~statelab.ops.ScanOutput`.
     """
     pos = check_ssd_inputs(x, dt, A, Bm, Cm, D, initial_state, return_states_at)
     if chunk_size < 1:
@@ -203,7 +213,14 @@ def ssd_scan_chunk(
     G, N = Bm.shape[2:]
     if T == 0:
         h0 = initial_state.float() if initial_state is not None else x.new_zeros(Bsz, H, P, N, dtype=torch.float32)
-        return ScanOutput(x.clone(), h0 if output_final_state else None, x.new_zeros(Bsz, H, dtype=torch.float32))
+        sd0 = x.new_zeros(Bsz, H, dtype=torch.float32)
+        return ScanOutput(
+            x.clone(),
+            h0 if output_final_state else None,
+            sd0,
+            None if pos is None else stack_at([h0.clone() for _ in pos], h0),
+            None if pos is None else sd0[:, None].expand(Bsz, len(pos), H).clone(),
+        )
     Q = min(chunk_size, T)
     Nc = -(-T // Q)
     pad = Nc * Q - T
@@ -227,15 +244,15 @@ def ssd_scan_chunk(
     if D is not None:
         y = y + xf * D.float()[:, None]
 
-    cums = torch.cumsum(dtf, dim=1)  # [B, T, H]
+    cums = torch.cat([dtf.new_zeros(Bsz, 1, H), torch.cumsum(dtf, dim=1)], dim=1)  # [B, T + 1, H]
     states_at = sum_delta_at = None
     if pos is not None:
-        states_at = [_state_inside_chunk(u, acs, Bc, entering, (p - 1) // Q, (p - 1) % Q) for p in pos]
-        sum_delta_at = [cums[:, p - 1] for p in pos]
+        states_at = stack_at([_state_at(u, acs, Bc, entering, p, Q) for p in pos], final)
+        sum_delta_at = cums[:, pos]
     return ScanOutput(
         y=y.to(x.dtype),
         final_state=final if output_final_state else None,
-        sum_delta=cums[:, -1],
+        sum_delta=cums[:, T],
         states_at=states_at,
         sum_delta_at=sum_delta_at,
     )

@@ -17,31 +17,12 @@ Shapes (letters from :mod:`statelab.glossary`):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
+from statelab.ops.scan_output import ScanOutput, check_positions, stack_at
+
 __all__ = ["ScanOutput", "check_ssd_inputs", "ssd_scan_naive"]
-
-
-@dataclass
-class ScanOutput:
-    """Result of an SSD scan.
-
-    Attributes:
-        y: ``[B, T, H, P]`` in the dtype of ``x``.
-        final_state: ``[B, H, P, N]`` fp32, the state after the last token (``None`` unless asked for).
-        sum_delta: ``[B, H]`` fp32, ΣΔ over the ``T`` tokens of this call (the initial state's ΣΔ is not added).
-        states_at: for each requested position ``t`` the state after token ``t`` of this call (``t`` tokens
-            consumed), ``[B, H, P, N]`` fp32, or ``None`` when no positions were requested.
-        sum_delta_at: ΣΔ over the first ``t`` tokens of this call for each requested position, ``[B, H]`` fp32.
-    """
-
-    y: torch.Tensor
-    final_state: torch.Tensor | None
-    sum_delta: torch.Tensor
-    states_at: list[torch.Tensor] | None = None
-    sum_delta_at: list[torch.Tensor] | None = None
 
 
 def check_ssd_inputs(
@@ -76,13 +57,7 @@ def check_ssd_inputs(
         raise ValueError(f"D must be [H] = ({H},), got {tuple(D.shape)}")
     if initial_state is not None and tuple(initial_state.shape) != (Bsz, H, P, N):
         raise ValueError(f"initial_state must be [B, H, P, N] = {(Bsz, H, P, N)}, got {tuple(initial_state.shape)}")
-    if return_states_at is None:
-        return None
-    pos = [int(p) for p in return_states_at]
-    bad = [p for p in pos if p < 1 or p > T]
-    if bad:
-        raise ValueError(f"return_states_at positions must lie in [1, T={T}], got {bad}")
-    return pos
+    return check_positions("ssd_scan", return_states_at, T)
 
 
 def ssd_scan_naive(
@@ -107,10 +82,12 @@ def ssd_scan_naive(
         D: ``[H]`` skip weights, or ``None`` for no skip.
         initial_state: ``[B, H, P, N]``, the state before token 0 (``None`` = zeros).
         output_final_state: return the state after the last token.
-        return_states_at: positions ``t`` in ``[1, T]``; the state after token ``t`` is returned for each.
+        return_states_at: positions ``t`` in ``[0, T]``; the state after the first ``t`` tokens is returned for
+            each (``0``: the initial state).
 
     Returns:
-        :class:`ScanOutput` (``y`` in the dtype of ``x``; states and ΣΔ in fp32).
+        :class:`~statelab.ops.ScanOutput` (``y`` in the dtype of ``x``; states and ΣΔ in fp32; ``states_at``
+        ``[B, n_pos, H, P, N]``, ``sum_delta_at`` ``[B, n_pos, H]``).
     """
     pos = check_ssd_inputs(x, dt, A, Bm, Cm, D, initial_state, return_states_at)
     Bsz, T, H, P = x.shape
@@ -126,7 +103,7 @@ def ssd_scan_naive(
         else torch.zeros(Bsz, H, P, N, dtype=torch.float32, device=x.device)
     )
     want = set(pos or ())
-    captured: dict[int, torch.Tensor] = {}
+    captured: dict[int, torch.Tensor] = {0: h.clone()} if 0 in want else {}
     ys = []
     for t in range(T):
         decay = torch.exp(dtf[:, t] * Af)  # [B, H]
@@ -139,12 +116,11 @@ def ssd_scan_naive(
         if t + 1 in want:
             captured[t + 1] = h.clone()
     y = torch.stack(ys, dim=1) if ys else xf.new_zeros(Bsz, 0, H, P)
-    cums = torch.cumsum(dtf, dim=1)  # [B, T, H]
-    sum_delta = cums[:, -1] if T else dtf.new_zeros(Bsz, H)
+    cums = torch.cat([dtf.new_zeros(Bsz, 1, H), torch.cumsum(dtf, dim=1)], dim=1)  # [B, T + 1, H]
     return ScanOutput(
         y=y.to(x.dtype),
         final_state=h if output_final_state else None,
-        sum_delta=sum_delta,
-        states_at=[captured[p] for p in pos] if pos is not None else None,
-        sum_delta_at=[cums[:, p - 1] for p in pos] if pos is not None else None,
+        sum_delta=cums[:, T],
+        states_at=None if pos is None else stack_at([captured[p] for p in pos], h),
+        sum_delta_at=None if pos is None else cums[:, pos],
     )
