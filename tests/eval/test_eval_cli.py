@@ -1,5 +1,6 @@
 """``statelab eval FILE.jsonl`` through the statelab CLI: results equal statelab's Python scoring of the same items
-(from the zero state, a stored skill and a soup), bad files and options are one-line errors with exit code 2."""
+(from the zero state, a stored skill and a soup), bad files and options are one-line errors (exit code 2 for a usage
+error, 1 for a runtime error: statelab.cli.common)."""
 
 import json
 
@@ -9,7 +10,7 @@ from typer.testing import CliRunner
 
 import statelab
 from statelab.cli import app
-from statelab.eval.eval_cli import read_items
+from statelab.eval.dataset import read_items
 from statelab.eval.scoring import GenRequest, encode_pair, generate_until
 from statelab.state.store import StateStore
 
@@ -148,31 +149,31 @@ BAD_FILES = [
 
 
 @pytest.mark.parametrize("content,message", BAD_FILES, ids=[f"bad-{i}" for i in range(len(BAD_FILES))])
-def test_bad_file_is_one_line_with_exit_code_2(tmp_path, content, message):
+def test_bad_file_is_one_line_with_exit_code_1(tmp_path, content, message):
     f = tmp_path / "bad.jsonl"
     f.write_text(content)
     r = run(f, "--model", "does-not-exist")  # the file is checked before the model is loaded
-    assert r.exit_code == 2
+    assert r.exit_code == 1
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr
     assert str(f) in r.stderr
 
 
-def test_bad_options_are_one_line_with_exit_code_2(data, store, tmp_path):
+def test_bad_options_are_one_line_with_exit_codes_2_and_1(data, store, tmp_path):
     cases = [
-        (["--skill", "upper", "--soup", "lower", "-s", store.path], "not both"),
-        (["--skill", "upper"], "-s/--store"),
-        (["-s", store.path], "only with --skill or --soup"),
-        (["--skill", "nope", "-s", store.path], "'nope'"),
-        (["--soup", "upper+", "-s", store.path], "NAME+NAME"),
-        (["--skill", "upper", "-s", tmp_path / "nostore"], "no state store"),
-        (["--soup", "upper+lower", "--weights", "1,x", "-s", store.path], "weights"),
+        (["--skill", "upper", "--soup", "lower", "-s", store.path], "not both", 2),
+        (["--skill", "upper"], "-s/--store", 2),
+        (["-s", store.path], "only with --skill or --soup", 2),
+        (["--skill", "nope", "-s", store.path], "'nope'", 1),
+        (["--soup", "upper+", "-s", store.path], "NAME+NAME", 2),
+        (["--skill", "upper", "-s", tmp_path / "nostore"], "no state store", 1),
+        (["--soup", "upper+lower", "--weights", "1,x", "-s", store.path], "weights", 2),
     ]
-    for extra, message in cases:
+    for extra, message, code in cases:
         r = run(data, "--model", "embedded", *extra)
-        assert r.exit_code == 2, (extra, r.output)
+        assert r.exit_code == code, (extra, r.output)
         assert r.stderr.count("\n") == 1 and message in r.stderr, (extra, r.stderr)
     r = run(tmp_path / "missing.jsonl", "--model", "embedded")
-    assert r.exit_code == 2 and "missing.jsonl" in r.stderr and r.stderr.count("\n") == 1
+    assert r.exit_code == 1 and "missing.jsonl" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_lm_eval_passthrough_reaches_lm_evals_parser():

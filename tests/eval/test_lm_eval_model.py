@@ -129,7 +129,7 @@ def test_lm_eval_cli_with_a_skill_equals_statelab_scoring(tmp_path, embedded, st
     }
     out = tmp_path / "out"
     cmd = [
-        sys.executable, "-m", "statelab.eval.lm_eval_cli", "--model", "statelab",
+        sys.executable, "-m", "statelab.cli.lm_eval", "--model", "statelab",
         "--model_args", f"pretrained=embedded,skill=upper,store={store.path}",
         "--include_path", str(DATA), "--tasks", ",".join(TASKS),
         "--batch_size", "auto", "--device", "cpu", "--log_samples", "--output_path", str(out),

@@ -250,7 +250,7 @@ def test_missing_config_file(tmp_path):
 
 def test_cli_passes_overrides_and_refuses_bad_keys(monkeypatch, tmp_path):
     import statelab.experiments.gdssm as gdssm
-    from statelab.experiments.gdssm_cli import app
+    from statelab.cli.gdssm import app
 
     seen = []
     monkeypatch.setattr(gdssm, "run_experiment", lambda cfg, out_dir, show_progress: seen.append(cfg) or tmp_path)

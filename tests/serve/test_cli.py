@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from statelab.cli import app
 from statelab.models.mamba1 import Mamba1Config, Mamba1LM
 from statelab.models.tokenizer import ByteTokenizer
-from statelab.serve.cli import parse_bytes
+from statelab.cli.serve import parse_bytes
 from tests.serve._serving import reference
 
 runner = CliRunner()

@@ -112,31 +112,31 @@ def test_generate_and_score_from_a_state(model_dir, model, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, message, code",
     [
-        (["encode", "{m}", "-o", "{t}/x.safetensors"], "exactly one of --text or --file"),
-        (["encode", "{t}/nope", "-t", "a", "-o", "{t}/x.safetensors"], "neither an existing directory"),
-        (["mix", "{t}/missing.safetensors", "-o", "{t}/x.safetensors"], "does not exist"),
-        (["mix", "{s}", "-o", "{t}/x.safetensors", "-m", "blend"], "unknown mixing method 'blend'"),
-        (["mix", "{s}", "{s}", "-o", "{t}/x.safetensors", "-m", "adecay"], "needs --model"),
-        (["mix", "{s}", "{s}", "-o", "{t}/x.safetensors", "--weights", "1,x"], "comma-separated numbers"),
-        (["mix", "{s}", "{s}", "-o", "{t}/x.safetensors", "--weights", "1,2,3"], "weights must have shape"),
-        (["mix", "{s}", "-o", "{t}/x.safetensors", "-m", "sum", "--scores", "1"], "takes no --scores"),
-        (["generate", "{m}", "--prompt", ""], "--prompt is empty"),
-        (["score", "{m}", "--text", "a"], "at least 2 tokens"),
-        (["score", "{m}", "--text", "ab", "--state", "{t}/corrupt.safetensors"], "truncated"),
+        (["encode", "{m}", "-o", "{t}/x.safetensors"], "exactly one of --text or --file", 2),
+        (["encode", "{t}/nope", "-t", "a", "-o", "{t}/x.safetensors"], "neither an existing directory", 1),
+        (["mix", "{t}/missing.safetensors", "-o", "{t}/x.safetensors"], "does not exist", 1),
+        (["mix", "{s}", "-o", "{t}/x.safetensors", "-m", "blend"], "unknown mixing method 'blend'", 2),
+        (["mix", "{s}", "{s}", "-o", "{t}/x.safetensors", "-m", "adecay"], "needs --model", 2),
+        (["mix", "{s}", "{s}", "-o", "{t}/x.safetensors", "--weights", "1,x"], "comma-separated numbers", 2),
+        (["mix", "{s}", "{s}", "-o", "{t}/x.safetensors", "--weights", "1,2,3"], "weights must have shape", 2),
+        (["mix", "{s}", "-o", "{t}/x.safetensors", "-m", "sum", "--scores", "1"], "takes no --scores", 2),
+        (["generate", "{m}", "--prompt", ""], "--prompt is empty", 1),
+        (["score", "{m}", "--text", "a"], "at least 2 tokens", 1),
+        (["score", "{m}", "--text", "ab", "--state", "{t}/corrupt.safetensors"], "truncated", 1),
     ],
     ids=[
         "no-text", "no-model", "missing-state", "unknown-method", "adecay-no-model", "bad-weights",
         "weights-length", "option-not-taken", "empty-prompt", "short-score", "corrupt-state",
     ],
 )  # fmt: skip
-def test_errors_are_one_line(model_dir, model, tmp_path, args, message):
+def test_errors_are_one_line(model_dir, model, tmp_path, args, message, code):
     s = tmp_path / "s.safetensors"
     save_state(model.encode(byte_ids("hello")), s)
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x01\x00")
     r = run(*[a.format(m=model_dir, t=tmp_path, s=s) for a in args])
-    assert r.exit_code == 1, r.output
+    assert r.exit_code == code, r.output  # 2: a usage error, 1: a runtime error (statelab.cli.common)
     assert message in r.output, r.output
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "x.safetensors").exists()
@@ -294,7 +294,7 @@ def test_mix_takes_store_entries_besides_files(model_dir, model, tmp_path, monke
     (tmp_path / "upper").mkdir()
     states[2].save(tmp_path / "upper" / "0")  # a file with an entry's name
     r = run("mix", "upper/0", "upper/1", "-s", store.path, "-o", by_store)
-    assert r.exit_code == 1 and "both an entry" in r.output and "./upper/0" in r.output, r.output
+    assert r.exit_code == 2 and "both an entry" in r.output and "./upper/0" in r.output, r.output
     ok("mix", "./upper/0", "upper/1", "-s", store.path, "-o", by_store)  # ./ means the file
     assert_close("mean", mix([states[2], states[1]], "mean").ssm, load_state(by_store).ssm)
     r = run("mix", "upper/9", "upper/1", "-s", store.path, "-o", by_store)

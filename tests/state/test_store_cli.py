@@ -92,7 +92,6 @@ def test_errors_are_one_line_and_exit_1(tmp_path, files):
         (("store", "show", "nope", "-s", store), "no entry named 'nope'"),
         (("search", p, "-s", tmp_path / "empty"), "is empty"),
         (("search", p, "-s", tmp_path / "emtpy"), "no state store at"),
-        (("search", p, "-s", store, "--layers", "x"), "comma-separated integers"),
         (("search", p, "-s", store, "--index", "annoy"), "unknown index"),
         (("store", "import", tmp_path / "missing.tar", "-s", store), "cannot read archive"),
     ]
@@ -102,6 +101,8 @@ def test_errors_are_one_line_and_exit_1(tmp_path, files):
         lines = r.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
         assert "Traceback" not in r.output
+    r = run("search", p, "-s", store, "--layers", "x")  # a usage error
+    assert r.exit_code == 2 and r.output.strip() == "error: --layers must be comma-separated integers, got 'x'"
     blob = next((store / "blobs").glob("*/*.safetensors"))
     blob.write_bytes(blob.read_bytes()[:-10])
     r = run("store", "check", "-s", store)
@@ -255,22 +256,22 @@ def test_search_by_text_equals_search_by_state_file_and_carries_prompts(tmp_path
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, message, code",
     [
-        ([], "give a query: a state file, or --text with --model"),
-        (["{q}", "--text", "x", "--model", "{m}"], "not both"),
-        (["--text", "x"], "--text needs --model"),
-        (["{q}", "--tokenizer", "byte"], "--tokenizer only applies to --text"),
-        (["--text", "", "--model", "{m}"], "--text is empty"),
+        ([], "give a query: a state file, or --text with --model", 2),
+        (["{q}", "--text", "x", "--model", "{m}"], "not both", 2),
+        (["--text", "x"], "--text needs --model", 2),
+        (["{q}", "--tokenizer", "byte"], "--tokenizer only applies to --text", 2),
+        (["--text", "", "--model", "{m}"], "--text is empty", 1),
     ],
     ids=["none", "both", "no-model", "tokenizer-without-text", "empty"],
 )
-def test_search_query_errors(tmp_path, args, message):
+def test_search_query_errors(tmp_path, args, message, code):
     m = _save_model(tmp_path / "m", "mamba1")
     q = tmp_path / "q.safetensors"
     save_state(task_state(0, 1), q)
     r = run("search", "-s", tmp_path / "s", *[a.format(q=q, m=m) for a in args])
-    assert r.exit_code == 1 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert r.exit_code == code and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
 
 
 def test_ingest_and_search_share_the_tokenizer_option():

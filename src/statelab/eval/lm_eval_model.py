@@ -9,7 +9,7 @@ option, so a model defined outside its source tree must be registered (imported)
 resolves ``--model``. statelab therefore starts lm-eval's own command line after importing this module::
 
     statelab lm-eval --model statelab --model_args pretrained=embedded --tasks hellaswag --batch_size auto
-    python -m statelab.eval.lm_eval_cli ...          # the same, without the statelab CLI
+    python -m statelab.cli.lm_eval ...               # the same, without the statelab command
 
 Every argument after ``lm-eval`` goes to lm-eval's parser unchanged. From Python, import this module and call
 ``lm_eval.simple_evaluate(model="statelab", model_args=...)``, or pass a ``StatelabLM`` instance.

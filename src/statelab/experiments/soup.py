@@ -39,12 +39,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import typer
 
 from statelab.config import apply_overrides, from_dict, read_config_file, to_dict
 from statelab.errors import ConfigError, StatelabError
 from statelab.state.core import State
-from statelab.state.model_cli import TokenizerOpt
 
 __all__ = [
     "SoupConfig",
@@ -54,7 +52,6 @@ __all__ = [
     "SoupRunner",
     "run_soup",
     "ICL_METHODS",
-    "app",
 ]
 
 #: the few-shot conditions, in report order
@@ -879,34 +876,3 @@ def print_summary(res: SoupResults, cfg: SoupConfig, report: Path) -> None:
         console.print(f"  {line}")
     console.print(f"report: {report}")
 
-
-# ---- command line ----------------------------------------------------------------------------------------------
-
-app = typer.Typer(
-    name="soup",
-    help="The State Soup experiment: skill library, retrieval, soups, ordered composition.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
-
-
-@app.command("run")
-def run_cmd(
-    overrides: list[str] = typer.Argument(None, help="key=value config overrides, e.g. icl_items=10 name=quick"),
-    model: str = typer.Option(None, "--model", help="checkpoint directory, hub id or 'embedded' (the default)"),
-    config: str = typer.Option(None, "--config", help="a soup config file (.toml or .json)"),
-    tokenizer: TokenizerOpt = None,
-) -> None:
-    """Run the experiment and write <out_dir>/<name>/report.md.
-
-    Example: statelab soup run --model embedded name=demo icl_items=10
-    """
-    given = [f"model={json.dumps(model)}"] if model else []
-    given += [f"tokenizer={json.dumps(tokenizer)}"] if tokenizer else []
-    try:
-        cfg = load_soup_config(config, (overrides or []) + given)
-        res, report = run_soup(cfg)
-    except StatelabError as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
-    print_summary(res, cfg, report)

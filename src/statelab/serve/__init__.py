@@ -6,7 +6,7 @@ prefix-state cache.
 * :mod:`statelab.serve.protocol`: request checking and OpenAI-format responses.
 * :mod:`statelab.serve.app`: the FastAPI app and a background uvicorn runner.
 * :mod:`statelab.serve.metrics`: ``/metrics`` in Prometheus text or JSON.
-* :mod:`statelab.serve.cli`: the ``statelab serve`` command.
+* :mod:`statelab.cli.serve`: the ``statelab serve`` command.
 
 Names are imported lazily: the web stack (the ``serve`` extra) loads only when an app is built.
 """

@@ -1,10 +1,13 @@
-"""``python -m statelab.train CONFIG [key=value ...]``: the entry point ``torchrun -m statelab.train`` uses."""
+"""``python -m statelab.train --config CONFIG [key=value ...]``: the entry point ``torchrun -m statelab.train`` uses
+(``statelab train run`` under another name)."""
 
 from __future__ import annotations
 
 import sys
 
-from statelab.train.cli import app
+from statelab.cli.train import app
+
+__all__ = ["main"]
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ lm-eval 0.4.13 discovers no models outside its source tree (no entry points, no 
 :mod:`statelab.eval.lm_eval_model` (which registers ``statelab``) and then runs lm-eval's command-line entry
 point, ``lm_eval.__main__.cli_evaluate``, on the given arguments, unchanged::
 
-    python -m statelab.eval.lm_eval_cli --model statelab --model_args pretrained=embedded --tasks TASK
+    python -m statelab.cli.lm_eval --model statelab --model_args pretrained=embedded --tasks TASK
     statelab lm-eval --model statelab --model_args pretrained=embedded --tasks TASK      # the same
 """
 

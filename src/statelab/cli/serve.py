@@ -1,7 +1,7 @@
 """``statelab serve``: an OpenAI-compatible completions server with skills, batching and a prefix-state cache.
 
 Bad options are one line on stderr with exit code 2; a model, tokenizer or store that cannot be opened (or a
-missing ``serve`` extra) is one line with exit code 1.
+missing ``serve`` extra) is one line with exit code 1 (:mod:`statelab.cli.common`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Annotated
 
 import typer
 
-from statelab.state.model_cli import TokenizerOpt, tokenizer_for
+from statelab.cli.common import CliError, TokenizerOpt, fail_cleanly, tokenizer_for
+from statelab.errors import StatelabError
 
 __all__ = ["serve_command", "parse_bytes"]
 
@@ -29,16 +30,7 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def _usage_error(msg: str) -> typer.Exit:
-    typer.echo(f"error: {msg}", err=True)
-    return typer.Exit(2)
-
-
-def _runtime_error(msg: str) -> typer.Exit:
-    typer.echo(f"error: {msg}", err=True)
-    return typer.Exit(1)
-
-
+@fail_cleanly
 def serve_command(
     model: Annotated[str, typer.Option("--model", help="Checkpoint directory or 'embedded'.", show_default=False)],
     tokenizer: TokenizerOpt = None,
@@ -81,7 +73,7 @@ def serve_command(
     try:
         budget = parse_bytes(cache_bytes)
     except ValueError as e:
-        raise _usage_error(str(e)) from None
+        raise CliError(str(e)) from None
     for name, value, lo in (
         ("--max-batch", max_batch, 1),
         ("--block-tokens", block_tokens, 1),
@@ -89,25 +81,24 @@ def serve_command(
         ("--max-tokens", max_tokens, 0),
     ):
         if value < lo:
-            raise _usage_error(f"{name} must be >= {lo}, got {value}")
+            raise CliError(f"{name} must be >= {lo}, got {value}")
     if threads is not None and threads < 1:
-        raise _usage_error(f"--threads must be >= 1, got {threads}")
+        raise CliError(f"--threads must be >= 1, got {threads}")
     if not 0 <= port <= 65535:
-        raise _usage_error(f"--port must lie in [0, 65535], got {port}")
+        raise CliError(f"--port must lie in [0, 65535], got {port}")
     levels = ("critical", "error", "warning", "info", "debug", "trace")
     if log_level not in levels:
-        raise _usage_error(f"--log-level must be one of {', '.join(levels)}, got {log_level!r}")
+        raise CliError(f"--log-level must be one of {', '.join(levels)}, got {log_level!r}")
 
     from statelab.serve.app import require_serve_extra
 
     try:
         require_serve_extra()
     except ImportError as e:
-        raise _runtime_error(str(e)) from None
+        raise StatelabError(str(e)) from None
 
     import torch
 
-    from statelab.errors import StatelabError
     from statelab.models.loading import load_model
     from statelab.serve.app import BackgroundServer, ServeConfig, create_app, default_model_id
 
@@ -116,7 +107,7 @@ def serve_command(
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise _usage_error(f"--device: {e}") from None
+        raise CliError(f"--device: {e}") from None
     try:
         m = load_model(model, device=dev)
         tok = tokenizer_for(model, m, tokenizer)
@@ -125,8 +116,8 @@ def serve_command(
             from statelab.state.store import StateStore
 
             st = StateStore(store)
-    except (StatelabError, OSError, RuntimeError) as e:
-        raise _runtime_error(str(e)) from None
+    except RuntimeError as e:  # torch's, e.g. a CUDA device that is not there
+        raise StatelabError(str(e)) from None
     config = ServeConfig(
         model_id=default_model_id(model),
         max_batch=max_batch,
@@ -139,7 +130,7 @@ def serve_command(
     try:
         server = BackgroundServer(app, host=host, port=port, log_level=log_level)
     except OSError as e:
-        raise _runtime_error(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise StatelabError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     params = sum(p.numel() for p in m.parameters())
     cache = f"{budget / 2**20:.0f} MiB in blocks of {block_tokens} tokens" if budget else "off"
     typer.echo(

@@ -1,28 +1,35 @@
 """``statelab store …`` and ``statelab search``: the state store from the command line.
 
 Every command takes the store directory as ``--store`` (or the ``STATELAB_STORE`` environment variable), prints a
-table for people or JSON with ``--json``, and reports a failure as one line on stderr with exit code 1 (a
-warning, such as a rebuilt index cache, is one line starting with ``warning:``). Only ``init``, ``add``, ``ingest``
-and ``import`` create a store; the other commands refuse a path that holds none, so a mistyped ``--store`` is an
-error and not a new empty store. A store this user cannot write (read-only mount, another user's) can be read.
+table for people or JSON with ``--json``, and reports a failure as one line on stderr with the exit codes of
+:mod:`statelab.cli.common` (a warning, such as a rebuilt index cache, is one line starting with ``warning:``).
+Only ``init``, ``add``, ``ingest`` and ``import`` create a store; the other commands refuse a path that holds
+none, so a mistyped ``--store`` is an error and not a new empty store. A store this user cannot write (read-only
+mount, another user's) can be read.
 ``store ingest`` encodes a JSONL file of prompts with a model and adds them all in one transaction; ``search``
 takes a query state file or a ``--text`` to encode, and every hit carries its entry's stored prompt.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from statelab.errors import StatelabError, StatelabWarning
+from statelab.cli.common import (
+    CliError,
+    JsonOpt,
+    NoProgressOpt,
+    TokenizerOpt,
+    emit,
+    fail_cleanly,
+    int_list,
+    load_model_and_tokenizer,
+)
+from statelab.errors import StatelabError, StoreError
 from statelab.jsonl import json_lines
-from statelab.state.model_cli import TokenizerOpt
 
 __all__ = ["store_app", "search_command", "read_prompts_jsonl", "INGEST_KEYS"]
 
@@ -40,31 +47,6 @@ StoreOpt = Annotated[
         "--store", "-s", envvar="STATELAB_STORE", help="Store directory (init, add, ingest and import create it)."
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn statelab errors (and unreadable files) into one line on stderr and exit code 1, and statelab warnings
-    into one ``warning:`` line each."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", StatelabWarning)
-            try:
-                return fn(*args, **kwargs)
-            except (StatelabError, OSError) as e:
-                msg = str(e) if isinstance(e, StatelabError) else f"{e.strerror or e}: {getattr(e, 'filename', '')}"
-                typer.echo(f"error: {msg}", err=True)
-                raise typer.Exit(1) from None
-            finally:
-                for w in caught:
-                    if issubclass(w.category, StatelabWarning):
-                        typer.echo(f"warning: {w.message}", err=True)
-                    else:
-                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-
-    return wrapper
 
 
 def _open(store: Path, index: str = "exact", *, create: bool = False):
@@ -72,20 +54,6 @@ def _open(store: Path, index: str = "exact", *, create: bool = False):
     from statelab.state.store import StateStore
 
     return StateStore(store, index=index, create=create)
-
-
-def _load_model(model: str, tokenizer: str | None):
-    """``(model, tokenizer)``, resolved as every command that reads text does (``--tokenizer`` or the model's)."""
-    from statelab.state.model_cli import _load
-
-    return _load(model, tokenizer)
-
-
-def _emit(as_json: bool, payload: Any, table: Callable[[], None]) -> None:
-    if as_json:
-        typer.echo(json.dumps(payload, indent=1, sort_keys=True))
-    else:
-        table()
 
 
 def _short(prompt: str | None, width: int = 60) -> str:
@@ -112,7 +80,7 @@ def _entries_table(entries: list, title: str) -> None:
 
 
 @store_app.command("init")
-@_fail_cleanly
+@fail_cleanly
 def init_command(
     store: StoreOpt,
     sketch_dim: Annotated[int | None, typer.Option(help="Sketch dimension (default 256).")] = None,
@@ -126,20 +94,15 @@ def init_command(
     """
     from statelab.state.store import StateStore
 
-    layer_list = None
-    if layers:
-        try:
-            layer_list = [int(x) for x in layers.split(",") if x.strip()]
-        except ValueError:
-            raise StatelabError(f"--layers must be comma-separated integers, got {layers!r}") from None
+    layer_list = int_list(layers, "--layers") or None
     existed = (store / "store.db").is_file()
     st = StateStore(store, sketch_dim=sketch_dim, sketch_seed=sketch_seed, layers=layer_list, create=True)
     info = {"store": str(store), "created": not existed, "entries": len(st), "sketch_dim": st.sketch_dim}
-    _emit(as_json, info, lambda: typer.echo(f"{'store exists' if existed else 'created store'} {store}"))
+    emit(as_json, info, lambda: typer.echo(f"{'store exists' if existed else 'created store'} {store}"))
 
 
 @store_app.command("add")
-@_fail_cleanly
+@fail_cleanly
 def add_command(
     state_file: Annotated[Path, typer.Argument(help="A state file written by `statelab encode` or State.save.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Unique entry name.")],
@@ -163,7 +126,7 @@ def add_command(
     entry = _open(store, create=True).add(
         state, name=name, task=task, tags=tag or (), description=description, prompt=prompt, shots=shots
     )
-    _emit(as_json, entry.to_dict(), lambda: typer.echo(f"added {entry.name} (id {entry.id}, blob {entry.blob[:12]})"))
+    emit(as_json, entry.to_dict(), lambda: typer.echo(f"added {entry.name} (id {entry.id}, blob {entry.blob[:12]})"))
 
 
 #: the keys of one ``store ingest`` line, and the type each value must have (``tags``: a list of strings)
@@ -178,7 +141,6 @@ def read_prompts_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     naming the line for invalid JSON, a missing or mistyped key, an unknown key, or a name already used on an
     earlier line; and for a file without any prompt.
     """
-    from statelab.errors import StoreError
 
     try:
         text = path.read_text(encoding="utf-8")
@@ -216,7 +178,7 @@ def read_prompts_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 
 @store_app.command("ingest")
-@_fail_cleanly
+@fail_cleanly
 def ingest_command(
     prompts: Annotated[Path, typer.Argument(help="JSONL file: one {name, prompt, task?, tags?, description?} a line.")],
     store: StoreOpt,
@@ -225,6 +187,7 @@ def ingest_command(
     batch_tokens: Annotated[
         int, typer.Option("--batch-tokens", help="Padded tokens per batch (rows x longest prompt).")
     ] = 8192,
+    no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Encode every prompt of a JSONL file with MODEL and add the states to the store in one transaction.
@@ -237,7 +200,6 @@ def ingest_command(
     """
     import time
 
-    from statelab.errors import StoreError
     from statelab.models.batching import EmptyTextError, encode_texts
     from statelab.state.store import NewEntry
 
@@ -248,10 +210,11 @@ def ingest_command(
     for n, obj in lines:
         if obj["name"] in st:
             raise StoreError(f"{prompts} line {n}: store {store} already has an entry named {obj['name']!r}")
-    m, tok = _load_model(model, tokenizer)
+    m, tok = load_model_and_tokenizer(model, tokenizer)
     t0 = time.perf_counter()
     try:
-        states = encode_texts(m, tok, [obj["prompt"] for _, obj in lines], batch_tokens=batch_tokens, progress=True)
+        states = encode_texts(m, tok, [obj["prompt"] for _, obj in lines], batch_tokens=batch_tokens,
+                              progress=not no_progress)  # fmt: skip
     except EmptyTextError as e:
         raise StoreError(f"{prompts} line {lines[e.indices[0]][0]}: the prompt gives no tokens") from None
     seconds = time.perf_counter() - t0
@@ -264,13 +227,13 @@ def ingest_command(
     tokens = sum(s.n_tokens for s in states)
     info = {"store": str(store), "added": len(added), "names": [e.name for e in added], "tokens": tokens,
             "encode_seconds": round(seconds, 3)}  # fmt: skip
-    _emit(as_json, info, lambda: typer.echo(
+    emit(as_json, info, lambda: typer.echo(
         f"added {len(added)} entries to {store} ({tokens} tokens encoded at {tokens / max(seconds, 1e-9):,.0f} tok/s)"
     ))  # fmt: skip
 
 
 @store_app.command("list")
-@_fail_cleanly
+@fail_cleanly
 def list_command(
     store: StoreOpt,
     task: Annotated[str | None, typer.Option(help="Only this task.")] = None,
@@ -283,11 +246,11 @@ def list_command(
     Example: statelab store list --task sst2 --tag sentiment -s skills --json
     """
     entries = _open(store).list(task=task, tags=tag, fingerprint=model)
-    _emit(as_json, [e.to_dict() for e in entries], lambda: _entries_table(entries, f"{store} ({len(entries)})"))
+    emit(as_json, [e.to_dict() for e in entries], lambda: _entries_table(entries, f"{store} ({len(entries)})"))
 
 
 @store_app.command("show")
-@_fail_cleanly
+@fail_cleanly
 def show_command(
     name: Annotated[str, typer.Argument(help="Entry name or id.")],
     store: StoreOpt,
@@ -303,11 +266,11 @@ def show_command(
         for key, value in entry.to_dict().items():
             typer.echo(f"{key:12s} {value}")
 
-    _emit(as_json, entry.to_dict(), table)
+    emit(as_json, entry.to_dict(), table)
 
 
 @store_app.command("get")
-@_fail_cleanly
+@fail_cleanly
 def get_command(
     name: Annotated[str, typer.Argument(help="Entry name or id.")],
     out: Annotated[Path, typer.Argument(help="Where to write the state file.")],
@@ -321,11 +284,11 @@ def get_command(
     st = _open(store)
     entry = st.entry(name)
     st.get(name).save(out, prompt=entry.prompt)
-    _emit(as_json, {"name": entry.name, "path": str(out)}, lambda: typer.echo(f"wrote {out}"))
+    emit(as_json, {"name": entry.name, "path": str(out)}, lambda: typer.echo(f"wrote {out}"))
 
 
 @store_app.command("rm")
-@_fail_cleanly
+@fail_cleanly
 def rm_command(
     name: Annotated[list[str], typer.Argument(help="Entry names or ids.")],
     store: StoreOpt,
@@ -337,11 +300,11 @@ def rm_command(
     Example: statelab store rm sst2-a sst2-b -s skills
     """
     removed = [e.name for e in _open(store).remove_many(name)]  # one transaction: all of them or none
-    _emit(as_json, {"removed": removed}, lambda: typer.echo(f"removed {', '.join(removed)}"))
+    emit(as_json, {"removed": removed}, lambda: typer.echo(f"removed {', '.join(removed)}"))
 
 
 @store_app.command("check")
-@_fail_cleanly
+@fail_cleanly
 def check_command(
     store: StoreOpt,
     repair: Annotated[bool, typer.Option(help="Delete debris and drop entries whose state is lost.")] = False,
@@ -355,13 +318,13 @@ def check_command(
     Example: statelab store check --repair -s skills
     """
     report = _open(store).check(repair=repair, verify=not quick)
-    _emit(as_json, report.to_dict(), lambda: typer.echo(report.summary()))
+    emit(as_json, report.to_dict(), lambda: typer.echo(report.summary()))
     if not (report.ok or repair):
         raise typer.Exit(1)
 
 
 @store_app.command("export")
-@_fail_cleanly
+@fail_cleanly
 def export_command(
     archive: Annotated[Path, typer.Argument(help="Archive file to write (a tar).")],
     store: StoreOpt,
@@ -373,11 +336,11 @@ def export_command(
     Example: statelab store export skills.tar -s skills
     """
     n = _open(store).export(archive, names=name)
-    _emit(as_json, {"archive": str(archive), "entries": n}, lambda: typer.echo(f"exported {n} entries to {archive}"))
+    emit(as_json, {"archive": str(archive), "entries": n}, lambda: typer.echo(f"exported {n} entries to {archive}"))
 
 
 @store_app.command("import")
-@_fail_cleanly
+@fail_cleanly
 def import_command(
     archive: Annotated[Path, typer.Argument(help="Archive written by `statelab store export`.")],
     store: StoreOpt,
@@ -389,10 +352,10 @@ def import_command(
     """
     added = _open(store, create=True).import_(archive)
     names = [e.name for e in added]
-    _emit(as_json, {"imported": names}, lambda: typer.echo(f"imported {len(names)} entries"))
+    emit(as_json, {"imported": names}, lambda: typer.echo(f"imported {len(names)} entries"))
 
 
-@_fail_cleanly
+@fail_cleanly
 def search_command(
     store: StoreOpt,
     query: Annotated[
@@ -422,7 +385,6 @@ def search_command(
     Example: statelab search --text $'Q: dog\\nA: DOG\\n\\n' --model embedded -s skills
     """
     from statelab.state.io import load_state
-    from statelab.state.model_cli import CliError
 
     if (query is None) == (text is None):
         raise CliError("give a query state file or --text (with --model), not both" if query else
@@ -431,19 +393,14 @@ def search_command(
         raise CliError("--text needs --model: the query text is encoded by the model whose states the store holds")
     if tokenizer is not None and text is None:
         raise CliError("--tokenizer only applies to --text")
-    layer_list = None
-    if layers:
-        try:
-            layer_list = [int(x) for x in layers.split(",") if x.strip()]
-        except ValueError:
-            raise StatelabError(f"--layers must be comma-separated integers, got {layers!r}") from None
+    layer_list = int_list(layers, "--layers") or None
     if text is not None:
         import torch
 
-        m, tok = _load_model(model, tokenizer)  # type: ignore[arg-type]  (checked above)
+        m, tok = load_model_and_tokenizer(model, tokenizer)  # type: ignore[arg-type]  (checked above)
         ids = torch.tensor([tok.encode(text)], dtype=torch.long)
         if ids.shape[1] == 0:
-            raise CliError("--text is empty: the query needs at least one token")
+            raise StatelabError("--text is empty: the query needs at least one token")
         query_state = m.encode(ids)
     else:
         if model is not None:
@@ -470,4 +427,4 @@ def search_command(
     if not hits and not as_json:
         typer.echo("no match")
     else:
-        _emit(as_json, [h.to_dict() for h in hits], table)
+        emit(as_json, [h.to_dict() for h in hits], table)

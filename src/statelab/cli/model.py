@@ -2,110 +2,31 @@
 
 ``MODEL`` is a checkpoint directory (Hugging Face or mamba_ssm format), ``"embedded"`` or a hub id. Commands that
 read text use MODEL's own tokenizer files, or the one named by ``--tokenizer`` (required when MODEL has none, as
-mamba_ssm checkpoints do; ``TokenizerOpt`` is the one definition of that option every command shares). States
-are state files (``statelab.save_state``). Every command prints a short summary for people or JSON with
-``--json``, and reports a failure as one line on stderr with exit code 1.
+mamba_ssm checkpoints do). States are state files (``statelab.save_state``). Every command prints a short summary
+for people or JSON with ``--json``; errors and exit codes follow :mod:`statelab.cli.common`.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from statelab.cli.common import (
+    CliError,
+    JsonOpt,
+    TokenizerOpt,
+    emit,
+    fail_cleanly,
+    int_list,
+    load_model_and_tokenizer,
+)
 from statelab.errors import StatelabError
 
-__all__ = [
-    "encode_command",
-    "mix_command",
-    "generate_command",
-    "score_command",
-    "TokenizerOpt",
-    "TOKENIZER_HELP",
-    "tokenizer_for",
-    "fail_cleanly",
-]
+__all__ = ["encode_command", "mix_command", "generate_command", "score_command"]
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a summary.")]
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint directory, 'embedded' or a hub id.", show_default=False)]
-TOKENIZER_HELP = (
-    "Tokenizer for the text: a tokenizer.json file, a directory with tokenizer.json, statelab_tokenizer.json or "
-    "vocab.json + merges.txt, or 'byte' (statelab's byte tokenizer). Default: the one in the model's directory "
-    "(mamba_ssm checkpoints ship none: name it here)."
-)
-TokenizerOpt = Annotated[str | None, typer.Option("--tokenizer", help=TOKENIZER_HELP, show_default=False)]
-
-
-class CliError(StatelabError):
-    """A command-line argument that does not make sense."""
-
-
-def fail_cleanly(exit_code: int = 1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A decorator for commands: statelab errors, bad values and unreadable files become one line on stderr and
-    ``exit_code``."""
-
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except (StatelabError, ValueError, TypeError) as e:
-                typer.echo(f"error: {e}", err=True)
-                raise typer.Exit(exit_code) from None
-            except OSError as e:
-                typer.echo(f"error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", err=True)
-                raise typer.Exit(exit_code) from None
-
-        return wrapper
-
-    return decorate
-
-
-_fail_cleanly = fail_cleanly(1)
-
-
-def _emit(as_json: bool, payload: Any, text: Callable[[], None]) -> None:
-    if as_json:
-        typer.echo(json.dumps(payload, indent=1, sort_keys=True))
-    else:
-        text()
-
-
-def _load(model: str, tokenizer: str | None = None):
-    """``(model, tokenizer)`` for ``MODEL``: the tokenizer ``--tokenizer`` names, else the checkpoint's own."""
-    from statelab.models.loading import load_model
-
-    m = load_model(model)
-    return m, tokenizer_for(model, m, tokenizer)
-
-
-def tokenizer_for(model: str, m: Any, tokenizer: str | None = None):
-    """The tokenizer of the loaded model ``m`` (named ``model`` on the command line): the one ``--tokenizer``
-    names, else the checkpoint's own; a clear ``CliError`` when there is none or it does not fit ``m``."""
-    from statelab.models.loading import _resolve
-    from statelab.models.tokenizer import has_tokenizer, load_tokenizer
-
-    if tokenizer is None:
-        directory = _resolve(model)  # the local directory of MODEL, a hub id's snapshot included
-        if not has_tokenizer(directory):
-            raise CliError(
-                f"{model} has no tokenizer files (tokenizer.json, vocab.json + merges.txt or "
-                "statelab_tokenizer.json); name one with --tokenizer PATH, or --tokenizer byte"
-            )
-        tok = load_tokenizer(directory)
-    else:
-        tok = load_tokenizer(tokenizer)
-    rows = getattr(m.config, "padded_vocab_size", None) or m.config.vocab_size
-    if tok.vocab_size > rows:
-        raise CliError(
-            f"the tokenizer has {tok.vocab_size} tokens but {model} embeds only {rows}: it is not this model's "
-            "tokenizer; name the right one with --tokenizer"
-        )
-    return tok
 
 
 def _text(text: str | None, file: Path | None, what: str = "--text") -> str:
@@ -137,15 +58,6 @@ def _floats(s: str | None, name: str) -> list[float] | None:
         raise CliError(f"{name} must be comma-separated numbers, got {s!r}") from None
 
 
-def _ints(s: str | None, name: str) -> list[int] | None:
-    if s is None:
-        return None
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise CliError(f"{name} must be comma-separated integers, got {s!r}") from None
-
-
 def _state_info(state: Any) -> dict[str, Any]:
     return {
         "arch": state.arch,
@@ -157,8 +69,7 @@ def _state_info(state: Any) -> dict[str, Any]:
     }
 
 
-# ---- encode ---------------------------------------------------------------------------------------------------
-@_fail_cleanly
+@fail_cleanly
 def encode_command(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="State file to write (.safetensors).")],
@@ -174,19 +85,18 @@ def encode_command(
     """
     from statelab.state.io import load_state, save_state
 
-    m, tok = _load(model, tokenizer)
+    m, tok = load_model_and_tokenizer(model, tokenizer)
     prompt = _text(text, file)
     ids = _ids(tok, prompt)
     if ids.shape[1] == 0:
-        raise CliError("the text is empty: nothing to encode")
+        raise StatelabError("the text is empty: nothing to encode")
     start = load_state(state, m) if state is not None else None
     s = m.encode(ids, state=start)
     save_state(s, output, prompt=prompt, token_ids=ids[0].tolist(), tokenizer_hash=tok.fingerprint)
     info = {"output": str(output), "tokens_read": int(ids.shape[1]), "bytes": output.stat().st_size, **_state_info(s)}
-    _emit(as_json, info, lambda: typer.echo(f"wrote {output}: {ids.shape[1]} tokens read, state after {s.n_tokens}"))
+    emit(as_json, info, lambda: typer.echo(f"wrote {output}: {ids.shape[1]} tokens read, state after {s.n_tokens}"))
 
 
-# ---- mix ------------------------------------------------------------------------------------------------------
 def _state_or_entry(ref: str, store: Any, model: Any) -> Any:
     """The state ``ref`` names: an entry of ``store`` (when given) or a state file; checked against ``model``."""
     from statelab.state.io import load_state
@@ -200,7 +110,7 @@ def _state_or_entry(ref: str, store: Any, model: Any) -> Any:
     if is_entry:
         return store.get(ref, model)
     if not path.exists():
-        raise CliError(f"{ref!r} is neither an entry of {store.path} nor a state file")
+        raise StatelabError(f"{ref!r} is neither an entry of {store.path} nor a state file")
     return load_state(path, model)
 
 
@@ -210,7 +120,7 @@ def _mix_help() -> str:
     return ", ".join(sorted(MIX_METHODS))
 
 
-@_fail_cleanly
+@fail_cleanly
 def mix_command(
     states: Annotated[
         list[str], typer.Argument(help="State files, or entry names of --store, in order for ordered methods.")
@@ -266,13 +176,13 @@ def mix_command(
         from statelab.state.store import StateStore
 
         if not store.is_dir():
-            raise CliError(f"--store {store} does not exist")
+            raise StatelabError(f"--store {store} does not exist")
         st = StateStore(store, create=False)
     loaded = [_state_or_entry(ref, st, m) for ref in states]
     given: dict[str, Any] = {
         "conv": conv,
         "base": None if base is None else _state_or_entry(base, st, m),
-        "layers": _ints(layers, "--layers"),
+        "layers": int_list(layers, "--layers"),
         "inner": inner,
         "scores": _floats(scores, "--scores"),
         "temperature": temperature,
@@ -296,11 +206,10 @@ def mix_command(
         record["store"] = str(store)
     save_state(out, output, extra={"mix": record})
     info = {"output": str(output), "method": method, "inputs": len(states), **_state_info(out)}
-    _emit(as_json, info, lambda: typer.echo(f"wrote {output}: {method} of {len(states)} states"))
+    emit(as_json, info, lambda: typer.echo(f"wrote {output}: {method} of {len(states)} states"))
 
 
-# ---- generate -------------------------------------------------------------------------------------------------
-@_fail_cleanly
+@fail_cleanly
 def generate_command(
     model: ModelArg,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue (at least one token).")],
@@ -321,10 +230,10 @@ def generate_command(
     """
     from statelab.state.io import load_state, save_state
 
-    m, tok = _load(model, tokenizer)
+    m, tok = load_model_and_tokenizer(model, tokenizer)
     ids = _ids(tok, prompt)
     if ids.shape[1] == 0:
-        raise CliError("--prompt is empty: generation needs at least one token to continue from")
+        raise StatelabError("--prompt is empty: generation needs at least one token to continue from")
     start = load_state(state, m) if state is not None else None
     eos = getattr(tok, "eos_token_id", None) if stop_at_eos else None
     new, after, _ = m.generate(
@@ -338,11 +247,10 @@ def generate_command(
     if save is not None:
         save_state(after, save, token_ids=ids[0].tolist() + new[0].tolist(), tokenizer_hash=tok.fingerprint)
     info = {"text": text, "token_ids": new_ids, "n_tokens": after.n_tokens}
-    _emit(as_json, info, lambda: typer.echo(text))
+    emit(as_json, info, lambda: typer.echo(text))
 
 
-# ---- score ----------------------------------------------------------------------------------------------------
-@_fail_cleanly
+@fail_cleanly
 def score_command(
     model: ModelArg,
     text: Annotated[str | None, typer.Option("--text", "-t", help="Text to score.")] = None,
@@ -360,10 +268,10 @@ def score_command(
     """
     from statelab.state.io import load_state
 
-    m, tok = _load(model, tokenizer)
+    m, tok = load_model_and_tokenizer(model, tokenizer)
     ids = _ids(tok, _text(text, file))
     if ids.shape[1] < 2:
-        raise CliError(f"score needs a text of at least 2 tokens, got {ids.shape[1]}")
+        raise StatelabError(f"score needs a text of at least 2 tokens, got {ids.shape[1]}")
     start = load_state(state, m) if state is not None else None
     res = m.score(ids, state=start)
     lp = res.logprobs[0].tolist()
@@ -380,4 +288,4 @@ def score_command(
         ppl, mean = info["perplexity"], info["mean_logprob"]
         typer.echo(f"perplexity {ppl:.4f} over {len(lp)} tokens (mean log-prob {mean:.4f})")
 
-    _emit(as_json, info, text_out)
+    emit(as_json, info, text_out)

@@ -1,0 +1,36 @@
+"""``statelab birdie run --config FILE [key=value ...]``: the Birdie study (:mod:`statelab.experiments.birdie`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from statelab.cli.common import NoProgressOpt, fail_cleanly
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    help="Birdie: objective mixtures, the reward-driven controller and bidirectional SSM layers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command("run")
+@fail_cleanly
+def run_command(
+    config: Path = typer.Option(..., "--config", "-c", help="TOML or JSON file with BirdieExperimentConfig fields"),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. token_budget=100000"),
+    no_progress: NoProgressOpt = False,
+) -> None:
+    """Train every arm for every seed at equal counted tokens, evaluate, write runs/<name>/report.md.
+
+    Example: statelab birdie run --config configs/birdie/quick.toml seeds=[0]
+    """
+    from statelab.config import apply_overrides, from_dict, read_config_file
+    from statelab.experiments.birdie import BirdieExperimentConfig, run_experiment
+
+    cfg = from_dict(BirdieExperimentConfig, apply_overrides(read_config_file(config), overrides or []))
+    out = run_experiment(cfg, show_progress=not no_progress)
+    typer.echo(f"report: {out / 'report.md'}")
