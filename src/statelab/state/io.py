@@ -43,6 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
 from statelab.errors import StateFileError, StateMismatchError
+from statelab.fileio import fsync_dir
 from statelab.state.core import ARCH_SSM_RANK, State
 
 __all__ = [
@@ -188,14 +189,6 @@ def encode_state(
     return _serialize(tensors, meta), meta
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
 
@@ -219,7 +212,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, fsync: bool = True) ->
             os.close(fd)
         os.replace(tmp, path)
         if fsync:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         reason = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or type(e).__name__)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from statelab.errors import CheckpointError
+from statelab.fileio import fsync_dir, fsync_file
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -46,7 +47,6 @@ __all__ = [
     "load_optimizer",
     "restore_rng",
     "prune_checkpoints",
-    "fsync_dir",
 ]
 
 CHECKPOINT_FORMAT = 1
@@ -82,19 +82,6 @@ def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     found = list_checkpoints(out_dir)
     return found[-1][1] if found else None
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _sha256(path: Path) -> str:
@@ -144,14 +131,14 @@ def write_rng(tmp: Path, rank: int) -> None:
             tensors[f"cuda.{i}"] = s
     path = tmp / f"rng-rank{rank}.safetensors"
     safetensors.torch.save_file(tensors, str(path))
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def finish_checkpoint(tmp: Path, meta: dict[str, Any]) -> Path:
     """Write ``trainer.json`` (with file hashes), fsync everything, then rename ``tmp`` into place."""
     files = sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors")
     for name in files:
-        _fsync_file(tmp / name)
+        fsync_file(tmp / name)
     meta = {**meta, "format": CHECKPOINT_FORMAT, "files": {name: _sha256(tmp / name) for name in files}}
     with open(tmp / "trainer.json", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
