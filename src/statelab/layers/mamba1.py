@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from statelab.layers.decode import Matvec, matvec
 from statelab.layers.protocol import Mixer, Segments
 from statelab.ops.conv1d import causal_conv1d, conv_state_after, conv_states_at
 from statelab.ops.selective_scan import selective_scan
 
-__all__ = ["Mamba1Mixer", "MixerState"]
+__all__ = ["Mamba1Mixer", "MixerState", "StepWeights"]
 
 
 class MixerState(NamedTuple):
@@ -43,6 +44,21 @@ class MixerState(NamedTuple):
     ssm: torch.Tensor
     sum_delta: torch.Tensor
     at: MixerState | None = None
+
+
+class StepWeights(NamedTuple):
+    """What one decode step of a mixer reads (:meth:`Mamba1Mixer.step_weights`): the four projections as
+    :class:`~statelab.layers.decode.Matvec` (``dt_proj`` in fp32), ``A [D, N]`` and ``D [D]`` fp32, the conv taps
+    ``[D, K]`` and bias ``[D]`` (or ``None``) in the input projection's dtype."""
+
+    in_proj: Matvec
+    x_proj: Matvec
+    dt_proj: Matvec
+    out_proj: Matvec
+    A: torch.Tensor
+    D: torch.Tensor
+    conv_weight: torch.Tensor
+    conv_bias: torch.Tensor | None
 
 
 class Mamba1Mixer(Mixer):
@@ -179,3 +195,67 @@ class Mamba1Mixer(Mixer):
             sd_at = scan.sum_delta_at if state is None else scan.sum_delta_at + state.sum_delta[:, None]
             states_at = MixerState(conv=conv_at, ssm=scan.states_at, sum_delta=sd_at)
         return out, MixerState(conv_final, scan.final_state, sd0 + scan.sum_delta, states_at)
+
+    def step_weights(self, transposed: bool) -> StepWeights:
+        """The weights of :meth:`step`, with the matrices transposed when ``transposed`` (see
+        :mod:`statelab.layers.decode`)."""
+        wdt = self.in_proj.weight.dtype
+        return StepWeights(
+            in_proj=matvec(self.in_proj.weight, self.in_proj.bias, transposed),
+            x_proj=matvec(self.x_proj.weight, None, transposed),
+            dt_proj=matvec(self.dt_proj.weight, self.dt_proj.bias, transposed, torch.float32),
+            out_proj=matvec(self.out_proj.weight, self.out_proj.bias, transposed),
+            A=self.A().detach(),
+            D=self.D.detach().float(),
+            conv_weight=self.conv_weight.detach().to(wdt),
+            conv_bias=None if self.conv_bias is None else self.conv_bias.detach().to(wdt),
+        )
+
+    @torch.no_grad()
+    def step(
+        self, x: torch.Tensor, state: MixerState, out: MixerState, w: StepWeights, active: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One token for every row: ``x [B, M]`` from ``state`` -> ``y [B, M]``; the new state is written into ``out``.
+
+        The same computation as ``forward`` on ``x[:, None]`` (equal to fp32 round-off), without its generality:
+        no positions, no concatenation of the conv window (its taps are applied to the state and the new input
+        directly), the recurrence updated in place in ``out.ssm``. ``out``'s tensors must not overlap ``state``'s
+        (``state`` is only read). ``active [B]`` bool (or ``None`` = every row): a row that is not active reads
+        nothing (Δ = 0 and its conv window kept), so its state in ``out`` equals its state in ``state``; its ``y``
+        is unspecified. ``w`` comes from :meth:`step_weights`.
+        """
+        D, K = self.d_inner, self.d_conv
+        xz = w.in_proj(x)  # [B, 2D]
+        u_pre, z = xz[:, :D], xz[:, D:]
+        conv = state.conv
+        # the causal conv at the newest position: taps over the K - 1 stored inputs, then the new one
+        cw = w.conv_weight
+        u = u_pre * cw[:, K - 1]
+        for k in range(K - 1):
+            u.addcmul_(conv[:, :, k].to(u.dtype), cw[:, k])
+        if w.conv_bias is not None:
+            u.add_(w.conv_bias)
+        F.silu(u, inplace=True)
+        if K > 1:
+            out.conv[:, :, : K - 2].copy_(conv[:, :, 1:])
+            out.conv[:, :, K - 2].copy_(u_pre)
+            if active is not None:
+                out.conv.copy_(torch.where(active[:, None, None], out.conv, conv))
+        dbc = w.x_proj(u)
+        R, N = self.dt_rank, self.d_state
+        delta = F.softplus(w.dt_proj(dbc[:, :R]))  # [B, D] fp32, as forward computes Δ
+        if active is not None:
+            delta.masked_fill_(~active[:, None], 0.0)  # Δ = 0: exp(ΔA) = 1 and ΔBu = 0, the state passes unchanged
+        uf = u.float()
+        Bm = dbc[:, R : R + N].float()
+        Cm = dbc[:, R + N :].float()
+        h = out.ssm if out.ssm.dtype == torch.float32 else torch.empty(out.ssm.shape, device=x.device)
+        torch.mul(delta[:, :, None], w.A, out=h)
+        h.exp_().mul_(state.ssm)
+        h.addcmul_((delta * uf)[:, :, None], Bm[:, None, :])
+        y = torch.bmm(h, Cm[:, :, None])[:, :, 0].addcmul_(uf, w.D)
+        if h is not out.ssm:
+            out.ssm.copy_(h)
+        torch.add(state.sum_delta, delta, out=out.sum_delta)
+        y = F.silu(z).mul_(y.to(u.dtype))
+        return w.out_proj(y.to(x.dtype))

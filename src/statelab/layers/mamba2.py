@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from statelab.layers.norm import GatedRMSNorm
+from statelab.layers.decode import Matvec, matvec
+from statelab.layers.norm import GatedRMSNorm, gated_rms_norm
 from statelab.layers.protocol import Mixer, Segments
 from statelab.ops.conv1d import causal_conv1d, conv_state_after, conv_states_at
 from statelab.ops.ssd import ssd_scan, ssd_step
 from statelab.ops.ssd.chunk import DEFAULT_CHUNK_SIZE
 
-__all__ = ["Mamba2LayerState", "Mamba2Mixer"]
+__all__ = ["Mamba2LayerState", "Mamba2Mixer", "StepWeights"]
 
 
 class Mamba2LayerState(NamedTuple):
@@ -46,6 +47,21 @@ class Mamba2LayerState(NamedTuple):
     ssm: torch.Tensor
     sum_delta: torch.Tensor
     at: Mamba2LayerState | None = None
+
+
+class StepWeights(NamedTuple):
+    """What one decode step of a mixer reads (:meth:`Mamba2Mixer.step_weights`): the two projections as
+    :class:`~statelab.layers.decode.Matvec`, ``A``, ``D`` and ``dt_bias`` ``[H]`` fp32, the conv taps ``[C, K]`` and
+    bias ``[C]`` (or ``None``) in the input projection's dtype, and the gated norm's weight."""
+
+    in_proj: Matvec
+    out_proj: Matvec
+    A: torch.Tensor
+    D: torch.Tensor
+    dt_bias: torch.Tensor
+    conv_weight: torch.Tensor
+    conv_bias: torch.Tensor | None
+    norm_weight: torch.Tensor
 
 
 class Mamba2Mixer(Mixer):
@@ -221,3 +237,71 @@ class Mamba2Mixer(Mixer):
                 conv_at.to(sdtype), scan.states_at.to(sdtype), state.sum_delta[:, None] + scan.sum_delta_at
             )
         return y, Mamba2LayerState(conv_new.to(sdtype), ssm_new, state.sum_delta + scan.sum_delta, states_at)
+
+    def step_weights(self, transposed: bool) -> StepWeights:
+        """The weights of :meth:`step`, with the matrices transposed when ``transposed`` (see
+        :mod:`statelab.layers.decode`)."""
+        wdt = self.in_proj.weight.dtype
+        return StepWeights(
+            in_proj=matvec(self.in_proj.weight, self.in_proj.bias, transposed),
+            out_proj=matvec(self.out_proj.weight, self.out_proj.bias, transposed),
+            A=-torch.exp(self.A_log.detach().float()),
+            D=self.D.detach().float(),
+            dt_bias=self.dt_bias.detach().float(),
+            conv_weight=self.conv_weight.detach().to(wdt),
+            conv_bias=None if self.conv_bias is None else self.conv_bias.detach().to(wdt),
+            norm_weight=self.norm.weight.detach(),
+        )
+
+    @torch.no_grad()
+    def step(
+        self,
+        x: torch.Tensor,
+        state: Mamba2LayerState,
+        out: Mamba2LayerState,
+        w: StepWeights,
+        active: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One token for every row: ``x [B, M]`` from ``state`` -> ``y [B, M]``; the new state is written into ``out``.
+
+        The computation of ``forward`` on ``x[:, None]`` (equal to fp32 round-off) without the
+        concatenated conv window (taps applied to the stored inputs and the new one) and with the SSM state
+        written in place into ``out.ssm`` (:func:`statelab.ops.ssd.ssd_step`). ``out``'s tensors must not overlap
+        ``state``'s. ``active [B]`` bool (``None`` = every row): an inactive row reads nothing (Δ = 0, conv window
+        kept), so its state in ``out`` equals its state in ``state``; its ``y`` is unspecified.
+        """
+        Bsz = x.shape[0]
+        D, C, H, P, G, N, K = (
+            self.d_inner, self.conv_dim, self.n_heads, self.head_dim, self.n_groups, self.d_state, self.d_conv
+        )  # fmt: skip
+        zxbcdt = w.in_proj(x)  # [B, D + C + H]
+        z, xBC, dt = zxbcdt[:, :D], zxbcdt[:, D : D + C], zxbcdt[:, D + C :]
+        conv = state.conv
+        cw = w.conv_weight
+        xc = xBC * cw[:, K - 1]
+        for k in range(K - 1):
+            xc.addcmul_(conv[:, :, k].to(xc.dtype), cw[:, k])
+        if w.conv_bias is not None:
+            xc.add_(w.conv_bias)
+        F.silu(xc, inplace=True)
+        if K > 1:
+            out.conv[:, :, : K - 2].copy_(conv[:, :, 1:])
+            out.conv[:, :, K - 2].copy_(xBC)
+            if active is not None:
+                out.conv.copy_(torch.where(active[:, None, None], out.conv, conv))
+        delta = F.softplus(dt.float() + w.dt_bias)  # [B, H]
+        lo, hi = self.time_step_limit
+        if lo > 0.0 or hi != float("inf"):
+            delta = delta.clamp(min=lo, max=hi)
+        if active is not None:
+            delta.masked_fill_(~active[:, None], 0.0)  # Δ = 0: the state passes unchanged
+        xs = xc[:, :D].reshape(Bsz, H, P)
+        Bm = xc[:, D : D + G * N].reshape(Bsz, G, N)
+        Cm = xc[:, D + G * N :].reshape(Bsz, G, N)
+        direct = out.ssm.dtype == torch.float32
+        y, ssm_new = ssd_step(xs, delta, w.A, Bm, Cm, w.D, state.ssm, out=out.ssm if direct else None)
+        if not direct:
+            out.ssm.copy_(ssm_new)
+        torch.add(state.sum_delta, delta, out=out.sum_delta)
+        normed = gated_rms_norm(y.reshape(Bsz, D), z, w.norm_weight, self.norm.eps, self.norm.group_size)
+        return w.out_proj(normed.to(x.dtype))

@@ -43,7 +43,17 @@ from statelab.errors import StateMismatchError
 from statelab.state.core import State
 from statelab.state.io import _all_finite
 
-__all__ = ["StatefulLM", "LayerState", "RunOutput", "ScoreResult", "Generation", "RaggedBatch", "fingerprint_module"]
+__all__ = [
+    "StatefulLM",
+    "LayerState",
+    "RunOutput",
+    "ScoreResult",
+    "Generation",
+    "RaggedBatch",
+    "fingerprint_module",
+    "empty_like_state",
+    "advanced_state",
+]
 
 
 class LayerState(Protocol):
@@ -181,6 +191,22 @@ class StatefulLM(nn.Module):
         lengths: torch.Tensor | None = None,
     ) -> RunOutput:
         raise NotImplementedError
+
+    def _step(
+        self, tokens: torch.Tensor, state: State, active: torch.Tensor | None, out: State | None
+    ) -> tuple[torch.Tensor, State]:
+        """One token per row: ``tokens [B]`` from ``state`` -> ``(logits [B, V], state after it)``.
+
+        ``active [B]`` bool (``None`` = every row): an inactive row reads nothing, its state stays as it was (its
+        logits are unspecified). ``out``: ``None``, or a state of the same shape whose tensors the new state may be
+        written into (they must not overlap ``state``'s; ``state`` itself is never written). No checks: callers
+        pass states this model made. This default runs ``_run`` on one token; models override it with a decode
+        path that equals it to fp32 round-off.
+        """
+        lengths = None if active is None else active.long()
+        run = self._run(tokens[:, None], state, None, True, lengths)
+        assert run.logits is not None
+        return run.logits[:, -1], run.state
 
     def zero_state(
         self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
@@ -455,6 +481,32 @@ class StatefulLM(nn.Module):
         return batch.to_caller(out.logits), out.state
 
     @torch.no_grad()
+    def step(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """Decode one token per row: ``tokens [B]`` (int) from ``state`` (``None`` = zeros) ->
+        ``(logits [B, V], state after it)``.
+
+        Equals ``forward(tokens[:, None], state)`` (its logits at the one position) to fp32 round-off, through the
+        model's decode path: no autograd, preallocated per-layer work and, on CPUs, matrices in the layout that
+        is fast for a few rows (:mod:`statelab.layers.decode`). ``state`` is not modified; the returned state is
+        new memory.
+        """
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
+            shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"step takes tokens [B] (one per row), got {shape}; use model(ids, state) for [B, T]")
+        self.check_input(tokens[:, None])
+        if state is None:
+            state = self.zero_state(tokens.shape[0], device=tokens.device)
+        else:
+            self.check_state(state, tokens.shape[0])
+        return self._step(tokens, state, None, None)
+
+    def drop_decode_cache(self) -> None:
+        """Free the weight copies the decode path keeps (rebuilt by the next decode step that needs them)."""
+        from statelab.layers.decode import drop_plan
+
+        drop_plan(self)
+
+    @torch.no_grad()
     def encode(
         self,
         input_ids: torch.Tensor,
@@ -577,9 +629,7 @@ class StatefulLM(nn.Module):
             prefix = prefix.select(inverse)
         last = torch.tensor([n - 1 for n in lengths], device=dev)
         last_ids = batch.ids.gather(1, last[:, None])
-        out = self._run(last_ids, prefix, None, True)
-        assert out.logits is not None
-        return out.logits[:, -1], out.state
+        return self._step(last_ids[:, 0], prefix, None, None)
 
     @torch.no_grad()
     def generate(
@@ -622,23 +672,45 @@ class StatefulLM(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         produced = torch.zeros(B, dtype=torch.long, device=dev)
         out: list[torch.Tensor] = []
+        # two sets of state buffers used in turn: each step reads one and writes the other, so decoding allocates
+        # no state memory after the first step (the prefill's state is this function's own, never the caller's)
+        spare: State | None = None
         for _ in range(max_new_tokens):
             tok = _pick(next_logits.float(), temperature, top_k, top_p, gen)
             active = ~done
-            step_lengths = None if bool(active.all()) else active.long()
+            step_active = None if bool(active.all()) else active
             if eos_token_id is not None:
                 tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
                 done = done | (tok == eos_token_id)
             produced += active.long()
             out.append(tok)
-            # a row that had stopped before this step reads nothing (length 0): its state stays after its EOS
-            step = self._run(tok[:, None], state, None, True, step_lengths)
-            assert step.logits is not None
-            next_logits, state = step.logits[:, -1], step.state
+            # a row that had stopped before this step reads nothing: its state stays after its EOS
+            next_logits, new_state = self._step(tok, state, step_active, spare)
+            spare, state = state, new_state
             if eos_token_id is not None and bool(done.all()):
                 break
         tokens = torch.stack(out, dim=1) if out else torch.empty(B, 0, dtype=torch.long, device=dev)
         return Generation(tokens, state, produced)
+
+
+def empty_like_state(state: State) -> State:
+    """A state shaped like ``state`` (same dtypes, counts, fingerprint) over new, uninitialised memory (decode
+    buffers)."""
+    return state.replace(
+        ssm=torch.empty_like(state.ssm),
+        conv=torch.empty_like(state.conv),
+        sum_delta=torch.empty_like(state.sum_delta),
+    )
+
+
+def advanced_state(state: State, out: State, active: torch.Tensor | None) -> State:
+    """The state of a decode step whose tensors were written into ``out``: ``state``'s counts plus one for every
+    active row (``active [B]`` bool, ``None`` = all), ``state``'s fingerprint."""
+    if active is None:
+        counts = tuple(n + 1 for n in state.tokens)
+    else:
+        counts = tuple(n + int(a) for n, a in zip(state.tokens, active.tolist(), strict=True))
+    return State(state.arch, out.ssm, out.conv, out.sum_delta, counts, state.fingerprint)
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -637,8 +637,8 @@ class Engine:
         assert self._state is not None and self._state.batch_size == len(rows)
         t0 = time.perf_counter()
         tok = torch.tensor([r.pending for r in rows], dtype=torch.long, device=self.model.device)
-        logits, self._state = self.model(tok[:, None], self._state)
-        self._advance(rows, logits[:, -1])
+        logits, self._state = self.model.step(tok, self._state)  # the model's decode path
+        self._advance(rows, logits)
         self.stats.record_step(len(rows), time.perf_counter() - t0)
         keep = [i for i, r in enumerate(rows) if not r.done]
         if len(keep) < len(rows):
