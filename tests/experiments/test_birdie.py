@@ -131,3 +131,30 @@ def test_cli_refuses_a_bad_config_in_one_line(override, message):
     result = CliRunner().invoke(app, ["birdie", "run", "--config", str(quick), override])
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_an_arm_stopped_and_resumed_equals_one_run_bit_for_bit(tmp_path):
+    """Through statelab.train: the controlled bidirectional arm trained to its budget in one go equals the same
+    arm stopped after 5 steps (checkpoints every step), resumed: parameters, losses, mixtures and the controller's
+    log (reward model refits and decisions after the stop included)."""
+    import torch
+
+    from statelab.experiments.birdie import _split_corpus, train_arm
+
+    cfg = tiny(tmp_path, arms=("birdie",), token_budget=2600, n_evals=8, finetune_steps=0)
+    train_text, val_text = _split_corpus()
+    full, rec_full = train_arm("birdie", 0, cfg, train_text, val_text, tmp_path / "full")
+    (tmp_path / "split").mkdir()
+    train_arm("birdie", 0, cfg, train_text, val_text, tmp_path / "split", stop_after=5)
+    resumed, rec = train_arm("birdie", 0, cfg, train_text, val_text, tmp_path / "split")
+    assert rec["steps"] == rec_full["steps"] > 5 and rec["counted_tokens"] == rec_full["counted_tokens"] >= 2600
+    assert rec["losses"] == rec_full["losses"] and rec["class_tokens"] == rec_full["class_tokens"]
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    logs = [
+        [json.loads(x) for x in (d / "mixture_birdie_s0.jsonl").read_text().splitlines()]
+        for d in (tmp_path / "full", tmp_path / "split")
+    ]
+    strip = [[{k: v for k, v in r.items() if k != "controller_s"} for r in log] for log in logs]
+    assert strip[0] == strip[1] and sum(r["mode"] == "reward_model" for r in strip[0]) >= 2
+    assert any(r["step"] > 5 and "fit_mse" in r for r in strip[0])

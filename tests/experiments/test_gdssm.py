@@ -383,3 +383,39 @@ def test_report_can_be_rebuilt_from_partial_results(tmp_path, one_thread):
     assert "## Runs not finished (study interrupted)\n\ns5 seed 0" in report
     with pytest.raises(ConfigError, match="config.json"):
         report_from_files(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("kind", ["gdssm", "s5"])
+def test_a_run_stopped_and_resumed_equals_one_run_bit_for_bit(tmp_path, one_thread, kind):
+    """Through statelab.train: 30 steps in one go == 17 steps (checkpoint at 10), stop, resume to 30."""
+    cfg = _tiny(
+        steps=30,
+        gdssm=GDSSMSection(depths=(2,), init_scale=0.1),
+        baselines=BaselineSection(models=("s5",), windows=(False,), width=8, layers=1, d_state=4),
+    )
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=10))
+    val = make_regression_batch(cfg.task, batch_seed(0, "val", 0), 64)
+    spec = RunSpec(kind, 0, depth=2)
+    full = train_run(spec, cfg, val, out_dir=tmp_path / "full")
+    part = train_run(spec, cfg, val, out_dir=tmp_path / "split", stop_after=17)
+    assert [s for s, _ in part.curve] == [0, 10]
+    resumed = train_run(spec, cfg, val, out_dir=tmp_path / "split")
+    assert resumed.curve == full.curve and [s for s, _ in full.curve] == [0, 10, 20, 30]
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(next(iter(full.model.parameters())), next(iter(build_model(spec, cfg).parameters())))
+
+
+def test_one_no_decay_rule_for_gdssm(tmp_path, one_thread):
+    """The recurrence (Λ, log Δ) trains at lr_recurrence without decay; D (a vector) does not decay; W_q and C do."""
+    from statelab.experiments.gdssm import train_config
+    from statelab.train.loop import param_groups
+
+    cfg = _tiny()
+    tc = train_config(RunSpec("gdssm", 0), cfg, tmp_path)
+    model = build_model(RunSpec("gdssm", 0), cfg)
+    groups = param_groups(model, tc.optim.weight_decay, tc.optim.lr_scale)
+    leaf = {id(p): n.rsplit(".", 1)[-1] for n, p in model.named_parameters()}
+    got = [(sorted({leaf[id(p)] for p in g["params"]}), g["weight_decay"], g.get("lr_scale", 1.0)) for g in groups]
+    assert got == [(["C", "w_q"], 0.05, 1.0), (["D"], 0.0, 1.0), (["lam", "log_step"], 0.0, 0.5)]
+    assert tc.optim.lr * 0.5 == cfg.train.lr_recurrence and tc.optim.min_lr == tc.optim.lr

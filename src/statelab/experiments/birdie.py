@@ -25,21 +25,28 @@ Arms (all on the same architecture and optimiser; only the mixture and the bidir
 The two ablations see the same per-config validation losses as the controller but have no reward model, so
 against ``birdie_causal`` they isolate what the reward model adds (spec §9).
 
-The training function here is compact on purpose: it needs packed rows with prefix masks, per-config validation
-losses and the controller's evaluation hook, which the generic loop of :mod:`statelab.train` does not carry.
-Runs are independent (each is a pure function of its arm, seed and the config), so ``workers`` processes train them
-side by side, one torch thread each by default. Writes ``runs/<name>/report.md``, ``results.json``, per-run
-controller logs (JSONL) and PNG plots.
+Pretraining and the fine-tunes run through the loop of :mod:`statelab.train`: the registered ``birdie`` model, the
+objective sampler as a stateful batch source, the target-token cross-entropy of packed rows as the loss hook, the
+controller's evaluations as a callback, the loop's one no-decay rule (no decay on the gated SSM's forget gate nor
+on the recurrences' decays), its warmup-and-cosine schedule read on the token clock of the budget, its atomic
+checkpoints (sampler and controller included) and bit-exact resume: a study run again after an interruption
+continues every run where it stopped. Runs are independent (each is a pure function of its arm, seed and the
+config), so ``workers`` processes train them side by side, one torch thread each by default. Writes
+``runs/<name>/report.md``, ``results.json``, per-run controller logs (JSONL), PNG plots and each run's checkpoints
+under ``train/``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gzip
+import hashlib
 import json
 import math
 import multiprocessing as mp
 import queue
+import tempfile
 import time
 import traceback
 from collections import defaultdict
@@ -54,7 +61,8 @@ import torch
 import torch.nn.functional as F
 
 from statelab.errors import ConfigError
-from statelab.models.birdie_models import BirdieLM, BirdieModelConfig
+from statelab.layers.protocol import Segments
+from statelab.models.birdie_models import BirdieLM
 from statelab.objectives.base import (
     VOCAB,
     CopyingObjectiveConfig,
@@ -77,6 +85,9 @@ from statelab.objectives.corruption import apply_objective
 from statelab.objectives.grid import birdie_grid, class_uniform_probs, ul2_configs, ul2_probs
 from statelab.objectives.packing import IGNORE, PackedBatch, pack_rows
 from statelab.objectives.sampler import ObjectiveSampler, per_config_loss, validation_batch
+from statelab.train.config import DataSection, ModelSection, OptimSection, RunSection, TrainConfig
+from statelab.train.loop import Callback, StepInfo, build_model
+from statelab.train.loop import train as train_loop
 
 __all__ = [
     "ARMS",
@@ -85,7 +96,9 @@ __all__ = [
     "phonebook_example",
     "mqar_example",
     "arm_configs",
+    "train_config",
     "train_arm",
+    "finetune_config",
     "generated_accuracy",
     "evaluate",
     "run_one",
@@ -119,7 +132,8 @@ class BirdieExperimentConfig:
         name, out_dir: results go to ``out_dir/name``.
         arch, d_model, n_layer, d_state: the model (:class:`BirdieModelConfig`).
         seq_len, batch_size: packed rows per step; token_budget: counted tokens per run.
-        lr, weight_decay, warmup_frac: AdamW with linear warmup and cosine decay over the token budget.
+        lr, weight_decay, warmup_frac: AdamW (statelab.train's no-decay rule) with linear warmup over the first
+            ``warmup_frac`` of the estimated steps, then cosine decay to ``lr / 10`` over the token budget.
         seeds, arms: the runs.
         n_val_per_config: held-out samples per objective config for the controller's validation loss.
         n_evals: controller evaluations (the paper's schedule, thinned to at most this many).
@@ -256,20 +270,102 @@ def _task_examples(
 # ---- training -----------------------------------------------------------------------------------------------
 
 
+def _token_losses(model: BirdieLM, batch: PackedBatch) -> torch.Tensor:
+    """Per-position target losses ``[B, T]`` (0 where the label is -100)."""
+    logits, _ = model(batch.tokens, segments=Segments(batch.seq_start, batch.is_prefix))
+    flat = logits.float().reshape(-1, logits.shape[-1])  # class dim last and contiguous: a fast log-softmax
+    return F.cross_entropy(flat, batch.labels.reshape(-1), ignore_index=IGNORE, reduction="none").view_as(batch.labels)
+
+
 def _loss(model: BirdieLM, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean token loss over the target positions, and the per-position losses ``[B, T]``."""
-    logits, _ = model(batch.tokens, None, batch.seq_start, batch.is_prefix)
-    flat = logits.float().reshape(-1, logits.shape[-1])  # class dim last and contiguous: a fast log-softmax
-    tok = F.cross_entropy(flat, batch.labels.reshape(-1), ignore_index=IGNORE, reduction="none").view_as(batch.labels)
+    tok = _token_losses(model, batch)
     n = (batch.labels != IGNORE).sum().clamp_min(1)
     return tok.sum() / n, tok
 
 
-def _lr(frac: float, cfg: BirdieExperimentConfig, base: float) -> float:
-    if frac < cfg.warmup_frac:
-        return base * max(frac / cfg.warmup_frac, 0.02)
-    p = (frac - cfg.warmup_frac) / max(1e-9, 1 - cfg.warmup_frac)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+class TargetLoss:
+    """The loop's loss hook for packed rows: one term per target token; tokens are the counted (non-padding)
+    tokens, context and target (paper A.11)."""
+
+    def count(self, batch: PackedBatch) -> float:
+        return float(batch.loss_tokens)
+
+    def tokens(self, batch: PackedBatch) -> int:
+        return batch.counted_tokens
+
+    def __call__(self, model: BirdieLM, batch: PackedBatch) -> torch.Tensor:
+        return _token_losses(model, batch).sum()
+
+
+def _rows(batch: PackedBatch, part: int, n_parts: int) -> PackedBatch:
+    """Rows ``[part * B / n, (part + 1) * B / n)`` of a packed batch."""
+    b = batch.tokens.shape[0]
+    if b % n_parts:
+        raise ConfigError(f"batch_size={b} does not split into {n_parts} equal parts (processes x accumulation)")
+    sl = slice(part * b // n_parts, (part + 1) * b // n_parts)
+    return PackedBatch(*(getattr(batch, f)[sl] for f in PackedBatch.__dataclass_fields__))
+
+
+class _SampledRows:
+    """The objective sampler as the loop's batch source: global batch ``s`` is the next ``batch_size`` packed rows
+    of the stream (drawn once per step, each process takes its rows); its state is the sampler's."""
+
+    def __init__(self, sampler: ObjectiveSampler, batch_size: int) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+        self._step: int | None = None
+        self._batch: PackedBatch | None = None
+
+    def batch(self, step: int, part: int, n_parts: int) -> PackedBatch:
+        if step != self._step:
+            self._batch, self._step = self.sampler.next_batch(self.batch_size), step
+        return _rows(self._batch, part, n_parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+        self._step = self._batch = None
+
+
+class _Controlled(Callback):
+    """After each step: the loss curve and progress; at the evaluation steps of a controlled arm, the per-config
+    validation loss goes to the policy and its action to the sampler."""
+
+    def __init__(
+        self,
+        policy: MixturePolicy,
+        sampler: ObjectiveSampler,
+        val: PackedBatch | None,
+        schedule: set[int],
+        report: Callable[[int, float], None] | None,
+    ) -> None:
+        self.policy, self.sampler, self.val, self.schedule, self.report = policy, sampler, val, schedule, report
+        self.losses: list[tuple[int, int, float]] = []
+        self.eval_s = 0.0
+
+    def on_step(self, model: BirdieLM, info: StepInfo) -> None:
+        self.losses.append((info.step, info.tokens, info.loss))
+        if self.val is not None and (info.step in self.schedule or info.step == 1):
+            t1 = time.perf_counter()
+            model.eval()
+            with torch.no_grad():
+                tok = _token_losses(model, self.val)
+            model.train()
+            per = per_config_loss(tok, self.val, len(self.policy.configs)).numpy()
+            self.eval_s += time.perf_counter() - t1
+            self.sampler.set_probs(self.policy.update(info.step, per))
+        if self.report is not None:
+            self.report(info.tokens, info.loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": [list(x) for x in self.losses], "eval_s": self.eval_s, "policy": self.policy.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.losses = [(int(a), int(b), float(c)) for a, b, c in state["losses"]]
+        self.eval_s = float(state["eval_s"])
+        self.policy.load_state_dict(state["policy"])
 
 
 def _thin(schedule: list[int], n: int) -> list[int]:
@@ -312,6 +408,85 @@ def _make_policy(
     return BirdieController(configs, cc, log)
 
 
+def _model_section(arm: str, cfg: BirdieExperimentConfig) -> ModelSection:
+    return ModelSection(
+        arch="birdie",
+        config={
+            "arch": cfg.arch,
+            "vocab_size": VOCAB.size,
+            "d_model": cfg.d_model,
+            "n_layer": cfg.n_layer,
+            "d_state": cfg.d_state,
+            "bidirectional": ARMS[arm]["bidirectional"],
+        },
+    )
+
+
+def _estimated_steps(cfg: BirdieExperimentConfig) -> int:
+    """Steps the token budget takes at about 80% packing: the length of the controller's and the learning-rate
+    schedules (the run itself ends on the budget)."""
+    return max(1, round(cfg.token_budget / (0.8 * cfg.seq_len * cfg.batch_size)))
+
+
+# fields of BirdieExperimentConfig that do not change how an arm trains (evaluation sizes, what to run, where)
+_NOT_TRAINING = frozenset(
+    {
+        "name",
+        "out_dir",
+        "seeds",
+        "arms",
+        "workers",
+        "threads",
+        "n_eval_examples",
+        "finetune_steps",
+        "finetune_lr",
+        "finetune_batch",
+        "phonebook_entries",
+        "phonebook_queries",
+        "mqar_pairs",
+        "mqar_queries",
+    }
+)
+
+
+def train_config(arm: str, seed: int, cfg: BirdieExperimentConfig, out_dir: str | Path) -> TrainConfig:
+    """The :class:`~statelab.train.config.TrainConfig` of one (arm, seed): the ``birdie`` model, AdamW
+    (betas 0.9, 0.95; ``weight_decay`` under the loop's no-decay rule), warmup over ``warmup_frac`` of the
+    estimated steps and cosine to ``lr / 10`` on the token clock, clipping at 1, until ``token_budget`` counted
+    tokens."""
+    est = _estimated_steps(cfg)
+    study = {k: v for k, v in asdict(cfg).items() if k not in _NOT_TRAINING}
+    return TrainConfig(
+        model=_model_section(arm, cfg),
+        data=DataSection(source="objectives", seq_len=cfg.seq_len, seed=seed, options={"arm": arm, **study}),
+        optim=OptimSection(
+            lr=cfg.lr,
+            min_lr=0.1 * cfg.lr,
+            warmup_steps=max(1, round(cfg.warmup_frac * est)),
+            betas=(0.9, 0.95),
+            eps=1e-8,
+            weight_decay=cfg.weight_decay,
+            grad_clip=1.0,
+        ),
+        run=RunSection(
+            out_dir=str(out_dir),
+            max_steps=est,
+            max_tokens=cfg.token_budget,
+            global_batch_size=cfg.batch_size,
+            micro_batch_size=cfg.batch_size,
+            seed=seed,
+            checkpoint_every=max(1, est // 10),
+            keep_checkpoints=1,
+            log_every=10,
+            progress=False,
+        ),
+    )
+
+
+def _config_hash(cfg: TrainConfig) -> str:
+    return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 def train_arm(
     arm: str,
     seed: int,
@@ -320,21 +495,15 @@ def train_arm(
     val_text: np.ndarray,
     run_dir: Path,
     report: Callable[[int, float], None] | None = None,
+    stop_after: int | None = None,
 ) -> tuple[BirdieLM, dict[str, Any]]:
-    """Train one arm for one seed until ``cfg.token_budget`` counted tokens; returns the model and a record.
-    ``report(counted_tokens, loss)`` is called after every step (progress display)."""
-    torch.manual_seed(seed)
-    mcfg = BirdieModelConfig(
-        arch=cfg.arch,
-        vocab_size=VOCAB.size,
-        d_model=cfg.d_model,
-        n_layer=cfg.n_layer,
-        d_state=cfg.d_state,
-        bidirectional=ARMS[arm]["bidirectional"],
-    )
-    model = BirdieLM(mcfg)
+    """Train one arm for one seed until ``cfg.token_budget`` counted tokens, through :func:`statelab.train.train`;
+    returns the model and a record. ``report(counted_tokens, loss)`` is called after every step (progress).
+
+    Checkpoints go to ``run_dir/train/<arm>_s<seed>_<config hash>/``; a run found there resumes bit for bit.
+    ``stop_after`` stops after that many steps, as if the process had been killed."""
     configs = arm_configs(arm, cfg.seq_len)
-    est_steps = max(1, round(cfg.token_budget / (0.8 * cfg.seq_len * cfg.batch_size)))
+    est_steps = _estimated_steps(cfg)
     log = run_dir / f"mixture_{arm}_s{seed}.jsonl"
     log.unlink(missing_ok=True)
     policy = _make_policy(arm, configs, cfg, seed, est_steps, log)
@@ -344,50 +513,28 @@ def train_arm(
     if controlled:
         val = validation_batch(configs, val_text, cfg.seq_len, cfg.n_val_per_config, seed=10_000 + seed)
     schedule = set(_thin(eval_schedule(est_steps), cfg.n_evals))
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "Lambda" in n]
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "Lambda" not in n]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
+    tc = train_config(arm, seed, cfg, "")
+    tc = dataclasses.replace(tc, run=dataclasses.replace(tc.run, out_dir=str(_arm_dir(run_dir, arm, seed, tc))))
+    hook = _Controlled(policy, sampler, val, schedule, report)
+    result = train_loop(
+        tc,
+        model=build_model(tc.model, seed),
+        source=_SampledRows(sampler, cfg.batch_size),
+        loss=TargetLoss(),
+        callbacks=[hook],
+        stop_after=stop_after,
     )
-    counted, step, losses = 0, 0, []
-    t_train = t_eval = 0.0
-    while counted < cfg.token_budget:
-        t0 = time.perf_counter()
-        batch = sampler.next_batch(cfg.batch_size)
-        for g in opt.param_groups:
-            g["lr"] = _lr(counted / cfg.token_budget, cfg, cfg.lr)
-        model.train()
-        loss, _ = _loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        counted += batch.counted_tokens
-        step += 1
-        losses.append((step, counted, float(loss.detach())))
-        t_train += time.perf_counter() - t0
-        if controlled and (step in schedule or step == 1):
-            t1 = time.perf_counter()
-            model.eval()
-            with torch.no_grad():
-                _, tok = _loss(model, val)
-            per = per_config_loss(tok, val, len(configs)).numpy()
-            t_eval += time.perf_counter() - t1
-            sampler.set_probs(policy.update(step, per))
-        if report is not None:
-            report(counted, losses[-1][2])
+    model = result.model
     rec = {
         "arm": arm,
         "seed": seed,
-        "steps": step,
-        "counted_tokens": counted,
-        "train_s": t_train,
-        "val_eval_s": t_eval,
+        "steps": result.step,
+        "counted_tokens": result.tokens,
+        "train_s": result.step_seconds,
+        "val_eval_s": hook.eval_s,
         "controller_s": getattr(policy, "overhead_s", 0.0),
-        "step_s": t_train / max(step, 1),
-        "losses": losses,
+        "step_s": result.step_seconds / max(result.step, 1),
+        "losses": hook.losses,
         "n_params": model.num_parameters(),
         "class_tokens": _class_tokens(configs, sampler),
         "sampler_failures": sampler.stats.failures,
@@ -401,6 +548,10 @@ def train_arm(
         )
         rec["final_mixture"] = _class_share(configs, policy.action)
     return model, rec
+
+
+def _arm_dir(run_dir: Path, arm: str, seed: int, tc: TrainConfig) -> Path:
+    return run_dir / "train" / f"{arm}_s{seed}_{_config_hash(tc)}"
 
 
 def _class_share(configs: list[ObjectiveConfig], p: np.ndarray) -> dict[str, float]:
@@ -429,7 +580,7 @@ def _accuracy(model: BirdieLM, items: list[tuple[Example, np.ndarray]], seq_len:
         return float("nan")
     model.eval()
     batch, _ = pack_rows(((ex, i) for i, (ex, _) in enumerate(items)), seq_len)
-    logits, _ = model(batch.tokens, None, batch.seq_start, batch.is_prefix)
+    logits, _ = model(batch.tokens, segments=Segments(batch.seq_start, batch.is_prefix))
     lab = batch.labels != IGNORE
     correct = (logits.argmax(-1) == batch.labels)[lab].numpy()
     mask = np.concatenate([m for _, m in items])
@@ -457,19 +608,19 @@ def _bits_per_byte(model: BirdieLM, text: np.ndarray, seq_len: int, n_rows: int 
     return float(loss) / math.log(2)
 
 
-def _finetune(model: BirdieLM, cfg: BirdieExperimentConfig, seed: int, task: str) -> BirdieLM:
-    """The same short fine-tune for every arm, one per task (spec §9): ``finetune_batch`` phonebook prompts
-    (cycling through the query counts) or MQAR prompts (prefix) -> answers (suffix) per step. Returns a copy."""
-    m = copy.deepcopy(model)
-    if cfg.finetune_steps <= 0:
-        return m
-    opt = torch.optim.AdamW(m.parameters(), lr=cfg.finetune_lr, weight_decay=0.0)
-    m.train()
-    for s in range(cfg.finetune_steps):
+class _FinetuneRows:
+    """Fine-tune batches by step (a pure function of the step): ``finetune_batch`` prompts (prefix) -> answers
+    (suffix) of ``task``, packed; part ``p`` of ``n`` takes every ``n``-th example."""
+
+    def __init__(self, cfg: BirdieExperimentConfig, seed: int, task: str) -> None:
+        self.cfg, self.seed, self.task = cfg, seed, task
+
+    def batch(self, step: int, part: int, n_parts: int) -> PackedBatch:
+        cfg = self.cfg
         items = []
-        for j in range(cfg.finetune_batch):
-            rng = np.random.default_rng([777, seed, s, j])
-            if task == "phonebook":
+        for j in range(part, cfg.finetune_batch, n_parts):
+            rng = np.random.default_rng([777, self.seed, step, j])
+            if self.task == "phonebook":
                 q = cfg.phonebook_queries[j % len(cfg.phonebook_queries)]
                 ex = phonebook_example(cfg.phonebook_entries, q, rng)[0]
             else:
@@ -477,14 +628,56 @@ def _finetune(model: BirdieLM, cfg: BirdieExperimentConfig, seed: int, task: str
             if ex.packed_length <= cfg.seq_len:
                 items.append((ex, j))
         if not items:
-            raise ValueError(f"no {task} example fits rows of {cfg.seq_len} tokens: make the task smaller")
+            raise ValueError(f"no {self.task} example fits rows of {cfg.seq_len} tokens: make the task smaller")
         batch, _ = pack_rows(iter(items), cfg.seq_len)
-        loss, _ = _loss(m, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-    return m
+        return batch
+
+
+def finetune_config(
+    model: BirdieLM, cfg: BirdieExperimentConfig, seed: int, task: str, out_dir: str | Path
+) -> TrainConfig:
+    """The fine-tune of every arm: AdamW at a constant ``finetune_lr`` without weight decay (default betas),
+    clipping at 1, ``finetune_steps`` steps of ``finetune_batch`` examples."""
+    return TrainConfig(
+        model=ModelSection(arch="birdie", config=asdict(model.config)),
+        data=DataSection(source=f"finetune:{task}", seq_len=cfg.seq_len, seed=seed, options={"task": task}),
+        optim=OptimSection(
+            lr=cfg.finetune_lr,
+            min_lr=cfg.finetune_lr,
+            warmup_steps=0,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            weight_decay=0.0,
+            grad_clip=1.0,
+        ),
+        run=RunSection(
+            out_dir=str(out_dir),
+            max_steps=cfg.finetune_steps,
+            global_batch_size=cfg.finetune_batch,
+            micro_batch_size=cfg.finetune_batch,
+            seed=seed,
+            checkpoint_every=0,
+            keep_checkpoints=1,
+            log_every=10,
+            progress=False,
+        ),
+    )
+
+
+def _finetune(
+    model: BirdieLM, cfg: BirdieExperimentConfig, seed: int, task: str, out_dir: Path | None = None
+) -> BirdieLM:
+    """The same short fine-tune for every arm, one per task (spec §9), through :func:`statelab.train.train`:
+    ``finetune_batch`` phonebook prompts (cycling through the query counts) or MQAR prompts (prefix) -> answers
+    (suffix) per step. Returns a fine-tuned copy; ``out_dir`` keeps its checkpoint (``None``: a temporary one)."""
+    m = copy.deepcopy(model)
+    if cfg.finetune_steps <= 0:
+        return m
+    if out_dir is None:
+        with tempfile.TemporaryDirectory(prefix="birdie-finetune-") as tmp:
+            return _finetune(model, cfg, seed, task, Path(tmp))
+    tc = finetune_config(model, cfg, seed, task, out_dir)
+    return train_loop(tc, model=m, source=_FinetuneRows(cfg, seed, task), loss=TargetLoss()).model
 
 
 @torch.no_grad()
@@ -501,7 +694,7 @@ def generated_accuracy(model: BirdieLM, items: list[tuple[Example, np.ndarray]],
     hits = []
     for group in by_len.values():
         prompt = torch.from_numpy(np.stack([np.concatenate([ex.input, [VOCAB.begin]]) for ex, _ in group]))
-        gen = model.generate(prompt, max(ex.target.shape[0] for ex, _ in group)).numpy()
+        gen = model.generate(prompt, max(ex.target.shape[0] for ex, _ in group)).tokens.numpy()
         for (ex, mask), g in zip(group, gen, strict=True):
             hits.append((g[: ex.target.shape[0]] == ex.target)[mask])
     return float(np.concatenate(hits).mean())
@@ -520,8 +713,11 @@ def metric_names(cfg: BirdieExperimentConfig) -> list[str]:
     ]
 
 
-def evaluate(model: BirdieLM, cfg: BirdieExperimentConfig, val_text: np.ndarray, seed: int) -> dict[str, float]:
-    """All metrics of one trained model (held-out text and held-out task seeds)."""
+def evaluate(
+    model: BirdieLM, cfg: BirdieExperimentConfig, val_text: np.ndarray, seed: int, out_dir: Path | None = None
+) -> dict[str, float]:
+    """All metrics of one trained model (held-out text and held-out task seeds); ``out_dir`` keeps the
+    fine-tunes' checkpoints (``finetune_<task>/``; ``None``: temporary)."""
     T, n = cfg.seq_len, cfg.n_eval_examples
     s = T / 2048
     copy_cfg = CopyingObjectiveConfig(length=(max(8, round(64 * s)), max(16, round(256 * s))))
@@ -535,12 +731,12 @@ def evaluate(model: BirdieLM, cfg: BirdieExperimentConfig, val_text: np.ndarray,
         "selective_copying": _accuracy(model, _objective_items(sel_cfg, val_text, n, 60_000 + seed, T), T),
         "infilling": _accuracy(model, _objective_items(inf_cfg, val_text, n, 70_000 + seed, T), T),
     }
-    ft = _finetune(model, cfg, seed, "phonebook")
+    ft = _finetune(model, cfg, seed, "phonebook", None if out_dir is None else out_dir / "finetune_phonebook")
     for q in cfg.phonebook_queries:
         items = _task_examples("phonebook", cfg, 90_000 + 100 * q + seed, n, q)
         out[f"phonebook_q{q}"] = generated_accuracy(ft, items, T)
     out["phonebook"] = float(np.mean([out[f"phonebook_q{q}"] for q in cfg.phonebook_queries]))
-    ft = _finetune(model, cfg, seed, "mqar")
+    ft = _finetune(model, cfg, seed, "mqar", None if out_dir is None else out_dir / "finetune_mqar")
     out["mqar"] = generated_accuracy(ft, _task_examples("mqar", cfg, 91_000 + seed, n, cfg.mqar_queries), T)
     return out
 
@@ -564,7 +760,8 @@ def run_one(
     """Train and evaluate one (arm, seed); returns its JSON-ready record (``metrics`` included)."""
     train_text, val_text = _split_corpus()
     model, rec = train_arm(arm, seed, cfg, train_text, val_text, run_dir, report)
-    rec["metrics"] = evaluate(model, cfg, val_text, seed)
+    tc = train_config(arm, seed, cfg, "")
+    rec["metrics"] = evaluate(model, cfg, val_text, seed, _arm_dir(run_dir, arm, seed, tc))
     return rec
 
 

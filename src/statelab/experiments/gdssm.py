@@ -10,16 +10,21 @@ Measured per run: test loss at the query; for GD-SSM also the prediction cosine 
 (``∂ŷ/∂x_q``, row by row) to k-step GD at its optimal η, the symmetry-canonicalised parameters, the loss of the
 parameter average with the construction (interpolation) and the loss at every in-context position.
 
-Training here is a compact loop over regression batches (the shared loop in :mod:`statelab.train` trains token
-language models with cross-entropy; these regression runs need a query-only MSE and two optimisers).
+Every run trains through the shared loop of :mod:`statelab.train` (:func:`train_run`): fresh regression batches
+by step, a query-only ½·MSE as its loss hook, one AdamW under the loop's no-decay rule (the recurrence Λ, log Δ at
+``lr_recurrence`` and without decay; matrices with decay; vectors such as D without), a constant schedule and no
+clipping; validation and progress as a callback. A run directory keeps its checkpoints, so a study stopped half
+way resumes each run bit for bit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
 import subprocess
+import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -54,6 +59,9 @@ from statelab.tasks.regression import (
     interleave,
     make_regression_batch,
 )
+from statelab.train.config import DataSection, ModelSection, OptimSection, RunSection, TrainConfig
+from statelab.train.loop import Callback, StepInfo
+from statelab.train.loop import train as train_loop
 
 __all__ = [
     "TrainSection",
@@ -68,6 +76,7 @@ __all__ = [
     "build_model",
     "model_inputs",
     "query_prediction",
+    "train_config",
     "train_run",
     "execute_run",
     "report_from_files",
@@ -86,8 +95,10 @@ class TrainSection:
     Attributes:
         steps: optimiser steps, one fresh batch of ``batch_size`` tasks each.
         lr: AdamW learning rate of every weight outside the recurrence (GD-SSM: W_q, C, D).
-        lr_recurrence: Adam learning rate of GD-SSM's Λ and log Δ (no weight decay).
-        weight_decay: AdamW weight decay. eval_every: steps between validation losses.
+        lr_recurrence: learning rate of GD-SSM's Λ and log Δ (no weight decay).
+        weight_decay: AdamW weight decay of the matrices (:func:`statelab.train.loop.param_groups`: vectors,
+            biases, norms and the recurrence get none). eval_every: steps between validation losses (and
+            checkpoints).
         val_tasks / test_tasks: sizes of the fixed validation and test sets (the same for every seed).
         baseline_lr: AdamW learning rate of the baselines.
     """
@@ -342,15 +353,116 @@ def query_prediction(spec: RunSpec, model: nn.Module, inputs: torch.Tensor, e: i
     return last
 
 
-def _param_groups(spec: RunSpec, model: nn.Module, train: TrainSection) -> list[torch.optim.Optimizer]:
-    if spec.kind != "gdssm":
-        return [torch.optim.AdamW(model.parameters(), lr=train.baseline_lr, weight_decay=train.weight_decay)]
-    rec = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ("lam", "log_step")]
-    rest = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] not in ("lam", "log_step")]
-    return [
-        torch.optim.Adam(rec, lr=train.lr_recurrence),
-        torch.optim.AdamW(rest, lr=train.lr, weight_decay=train.weight_decay),
-    ]
+def train_config(spec: RunSpec, config: ExperimentConfig, out_dir: str | Path) -> TrainConfig:
+    """The :class:`~statelab.train.config.TrainConfig` of one run: a constant learning rate (``lr``, or
+    ``baseline_lr`` for a baseline; GD-SSM's Λ and log Δ at ``lr_recurrence``), AdamW's default betas, no
+    clipping, one batch of ``batch_size`` tasks per step, a checkpoint every ``eval_every`` steps."""
+    tr = config.train
+    lr = tr.lr if spec.kind == "gdssm" else tr.baseline_lr
+    scale = {"lam": tr.lr_recurrence / tr.lr, "log_step": tr.lr_recurrence / tr.lr} if spec.kind == "gdssm" else {}
+    n = config.task.n_examples
+    return TrainConfig(
+        model=ModelSection(arch=spec.kind, config={"spec": asdict(spec), "gdssm": asdict(config.gdssm)}),
+        data=DataSection(
+            source="regression",
+            seq_len=2 * n + 1 if spec.kind == "gdssm" or not spec.window else n,
+            seed=spec.seed,
+            options={"task": asdict(config.task), "baselines": asdict(config.baselines)},
+        ),
+        optim=OptimSection(
+            lr=lr,
+            min_lr=lr,
+            warmup_steps=0,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            weight_decay=tr.weight_decay,
+            grad_clip=0.0,
+            lr_scale=scale,
+        ),
+        run=RunSection(
+            out_dir=str(out_dir),
+            max_steps=tr.steps,
+            global_batch_size=tr.batch_size,
+            micro_batch_size=tr.batch_size,
+            seed=spec.seed,
+            checkpoint_every=tr.eval_every,
+            keep_checkpoints=1,
+            log_every=tr.eval_every,
+            progress=False,
+        ),
+    )
+
+
+class _TaskBatches:
+    """Fresh regression tasks by step: global batch ``s`` is ``batch_seed(seed, "train", s + 1)`` (a pure
+    function of the step), as the model's inputs and the query targets."""
+
+    def __init__(self, spec: RunSpec, config: ExperimentConfig) -> None:
+        self.spec, self.task, self.size = spec, config.task, config.train.batch_size
+
+    def batch(self, step: int, part: int, n_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.size % n_parts:
+            raise ConfigError(f"train.batch_size={self.size} does not split into {n_parts} equal parts")
+        b = make_regression_batch(self.task, batch_seed(self.spec.seed, "train", step + 1), self.size)
+        rows = slice(part * self.size // n_parts, (part + 1) * self.size // n_parts)
+        return model_inputs(self.spec, b)[rows], b.query_y[rows]
+
+
+class _QueryLoss:
+    """½·MSE at the query: each part of a global batch is one term (parts hold equally many tasks, so the mean
+    over parts is the mean over tasks)."""
+
+    def __init__(self, spec: RunSpec, e: int) -> None:
+        self.spec, self.e = spec, e
+
+    def count(self, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+        return 1.0
+
+    def tokens(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return int(batch[0].shape[0] * batch[0].shape[1])
+
+    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        inputs, target = batch
+        return half_mse(query_prediction(self.spec, model, inputs, self.e), target)
+
+
+class _Validation(Callback):
+    """Validation loss every ``eval_every`` steps (and at the end) into ``curve``; a non-finite training loss
+    stops the run; progress to a rich bar."""
+
+    def __init__(
+        self, spec: RunSpec, config: ExperimentConfig, val: RegressionBatch, progress: Any, task_id: Any
+    ) -> None:
+        self.spec, self.config, self.progress, self.task_id = spec, config, progress, task_id
+        self.val_in, self.val_y = model_inputs(spec, val), val.query_y
+        self.curve: list[tuple[int, float]] = []
+        self.t0 = time.perf_counter()
+
+    def evaluate(self, step: int, model: nn.Module) -> None:
+        with torch.no_grad():
+            pred = query_prediction(self.spec, model, self.val_in, self.config.task.e)
+            self.curve.append((step, float(half_mse(pred, self.val_y))))
+        if self.progress is not None:
+            rate = step / max(time.perf_counter() - self.t0, 1e-9)
+            self.progress.update(self.task_id, rate=f"{rate:.0f} steps/s, val loss {self.curve[-1][1]:.4f}")
+
+    def on_step(self, model: nn.Module, info: StepInfo) -> None:
+        step, loss = info.step, info.loss
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"{self.spec.label} seed {self.spec.seed}: loss became {loss} at step {step}")
+        tr = self.config.train
+        if step % tr.eval_every == 0 or step == tr.steps:
+            self.evaluate(step, model)
+        if self.progress is not None:
+            self.progress.advance(self.task_id)
+
+    def state_dict(self) -> Any:
+        return {"curve": [list(c) for c in self.curve]}
+
+    def load_state_dict(self, state: Any) -> None:
+        self.curve = [(int(s), float(v)) for s, v in state["curve"]]
+        if self.progress is not None:
+            self.progress.update(self.task_id, completed=self.curve[-1][0] if self.curve else 0)
 
 
 @dataclass
@@ -362,42 +474,43 @@ class TrainedRun:
     steps_per_s: float
 
 
+def run_dir_name(spec: RunSpec, config: ExperimentConfig) -> str:
+    """``<label>_s<seed>_<hash>``: the hash of the run's training config, so a changed config trains afresh."""
+    cfg = train_config(spec, config, "")
+    digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{spec.label}_s{spec.seed}_{digest}"
+
+
 def train_run(
-    spec: RunSpec, config: ExperimentConfig, val: RegressionBatch, progress: Any = None, task_id: Any = None
+    spec: RunSpec,
+    config: ExperimentConfig,
+    val: RegressionBatch,
+    progress: Any = None,
+    task_id: Any = None,
+    out_dir: str | Path | None = None,
+    stop_after: int | None = None,
 ) -> TrainedRun:
-    """Train one model on fresh tasks, ``config.train.steps`` steps; validation loss every ``eval_every`` steps."""
-    tr, task = config.train, config.task
+    """Train one model on fresh tasks, ``config.train.steps`` steps, through :func:`statelab.train.train`;
+    validation loss every ``eval_every`` steps.
+
+    ``out_dir`` keeps the run's checkpoints (a run found there resumes; ``None``: a temporary directory, deleted
+    afterwards). ``stop_after`` stops after that many steps, as if the process had been killed.
+    """
+    if out_dir is None:
+        with tempfile.TemporaryDirectory(prefix="gdssm-run-") as tmp:
+            return train_run(spec, config, val, progress, task_id, tmp, stop_after)
     model = build_model(spec, config)
-    opts = _param_groups(spec, model, tr)
-    val_in = model_inputs(spec, val)
-    curve: list[tuple[int, float]] = []
-    t0 = time.perf_counter()
-
-    def evaluate(step: int) -> None:
-        with torch.no_grad():
-            curve.append((step, float(half_mse(query_prediction(spec, model, val_in, task.e), val.query_y))))
-        if progress is not None:
-            rate = step / max(time.perf_counter() - t0, 1e-9)
-            progress.update(task_id, rate=f"{rate:.0f} steps/s, val loss {curve[-1][1]:.4f}")
-
-    evaluate(0)
-    for step in range(1, tr.steps + 1):
-        batch = make_regression_batch(task, batch_seed(spec.seed, "train", step), tr.batch_size)
-        loss = half_mse(query_prediction(spec, model, model_inputs(spec, batch), task.e), batch.query_y)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in opts:
-            o.step()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{spec.label} seed {spec.seed}: loss became {loss.item()} at step {step}")
-        if step % tr.eval_every == 0 or step == tr.steps:
-            evaluate(step)
-        if progress is not None:
-            progress.advance(task_id)
-    seconds = time.perf_counter() - t0
-    model.eval()
-    return TrainedRun(spec, model, curve, seconds, tr.steps / max(seconds, 1e-9))
+    validation = _Validation(spec, config, val, progress, task_id)
+    validation.evaluate(0, model)
+    result = train_loop(
+        train_config(spec, config, out_dir),
+        model=model,
+        source=_TaskBatches(spec, config),
+        loss=_QueryLoss(spec, config.task.e),
+        callbacks=[validation],
+        stop_after=stop_after,
+    )
+    return TrainedRun(spec, result.model, validation.curve, result.elapsed, result.step / max(result.elapsed, 1e-9))
 
 
 # ---- metrics -------------------------------------------------------------------------------------------------
@@ -578,16 +691,17 @@ def execute_run(
     optima: dict[int, tuple[float, float]],
     progress: Any = None,
     task_id: Any = None,
+    out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train and measure one run with ``config.threads`` threads (restored afterwards); a failure is returned as a
-    record with ``error`` (and counted by the caller)."""
+    record with ``error`` (and counted by the caller). ``out_dir``: the run's checkpoints (see :func:`train_run`)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     record: dict[str, Any] = {"label": spec.label, **asdict(spec)}
     try:
         val = make_regression_batch(config.task, batch_seed(0, "val", 0), config.train.val_tasks)
         test = make_regression_batch(config.task, batch_seed(0, "test", 0), config.train.test_tasks)
-        run = train_run(spec, config, val, progress, task_id)
+        run = train_run(spec, config, val, progress, task_id, out_dir)
         metrics = (_gdssm_metrics if spec.kind == "gdssm" else _baseline_metrics)(run, config, test, optima)
         record.update(metrics)
         record.update(
@@ -608,7 +722,9 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path | None = None, 
     """Run every run of ``config``, write ``config.json``, ``results.json``, ``report.md`` and plots; return the
     run directory. A run that raises is recorded with its error and counted; the others go on. With
     ``workers > 1`` runs go to that many processes (``threads`` each); every run is a pure function of its spec,
-    so the results do not depend on the number of workers."""
+    so the results do not depend on the number of workers. Each run keeps its checkpoints in
+    ``train/<label>_s<seed>_<config hash>/``: run again after an interruption, a study resumes every run where it
+    stopped (bit for bit) and reuses the finished ones."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
@@ -638,14 +754,20 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path | None = None, 
         if config.workers == 1:
             for spec in runs:
                 tid = progress.add_task(f"{spec.label} seed {spec.seed}", total=config.train.steps, rate="")
-                records.append(execute_run(spec, config, optima, progress, tid))
+                out = root / "train" / run_dir_name(spec, config)
+                records.append(execute_run(spec, config, optima, progress, tid, out))
                 _write_partial(root, refs, records, len(runs), t_start)
                 progress.remove_task(tid)
                 progress.advance(total)
         else:
             with ProcessPoolExecutor(config.workers, mp_context=get_context("spawn")) as pool:
                 ordered = sorted(runs, key=_order)
-                futures = [pool.submit(execute_run, spec, config, optima) for spec in ordered]
+                futures = [
+                    pool.submit(
+                        execute_run, spec, config, optima, None, None, root / "train" / run_dir_name(spec, config)
+                    )
+                    for spec in ordered
+                ]
                 for fut in as_completed(futures):
                     rec = fut.result()
                     records.append(rec)

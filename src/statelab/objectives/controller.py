@@ -229,6 +229,19 @@ class MixturePolicy:
     def update(self, step: int, losses: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything later decisions depend on (arrays, tensors and plain data; a resumed training run restores
+        it with :meth:`load_state_dict` and decides exactly as if it had not stopped)."""
+        return {"records": self.records, "action": self.action.copy()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the JSONL log is rewritten to hold exactly the restored records."""
+        self.records = list(state["records"])
+        self.action = np.array(state["action"], dtype=np.float64)
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
 
 class FixedPolicy(MixturePolicy):
     """A fixed mixture (next-token only, UL2-style ratios, uniform over classes or configs); logs like Birdie."""
@@ -311,6 +324,14 @@ class ExpWeightsPolicy(MixturePolicy):
         self._log(rec)
         return self.action
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "log_w": self.log_w.copy(), "prev_loss": self.prev_loss}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.log_w = np.array(state["log_w"], dtype=np.float64)
+        self.prev_loss = state["prev_loss"]
+
 
 class BirdieController(MixturePolicy):
     """The reward-driven controller. ``update(step, losses)`` runs the pseudocode of spec §5 and returns the
@@ -341,6 +362,30 @@ class BirdieController(MixturePolicy):
         self.prev_action: np.ndarray | None = None
         self.overhead_s = 0.0
         self._fit_iter = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "X": list(self.X),
+            "Y": list(self.Y),
+            "prev_loss": self.prev_loss,
+            "prev_action": self.prev_action,
+            "overhead_s": self.overhead_s,
+            "fit_iter": self._fit_iter,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.rng.bit_generator.state = state["rng"]
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.X, self.Y = list(state["X"]), list(state["Y"])
+        self.prev_loss, self.prev_action = state["prev_loss"], state["prev_action"]
+        self.overhead_s = float(state["overhead_s"])
+        self._fit_iter = int(state["fit_iter"])
 
     # -- pieces -------------------------------------------------------------------------------------------
     def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:

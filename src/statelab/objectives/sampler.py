@@ -8,8 +8,10 @@ A failing objective is skipped and counted instead of stopping training (the pub
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,6 +119,41 @@ class ObjectiveSampler:
     def next_batch(self, batch_size: int) -> PackedBatch:
         """``batch_size`` packed rows of ``seq_len``."""
         return self._packer.next_batch(batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream is: the next sample index, the probabilities, the counters and the example the last
+        batch could not fit (numpy arrays and plain data; see :mod:`statelab.train.state_tree`)."""
+        st = self.stats
+        return {
+            "i": self._i,
+            "probs": self.probs.copy(),
+            "cdf": self._cdf.copy(),
+            "stats": {
+                "samples": st.samples.copy(),
+                "tokens": st.tokens.copy(),
+                "masked_sum": st.masked_sum.copy(),
+                "masked_n": st.masked_n.copy(),
+                "failures": st.failures,
+            },
+            "carry": [(dataclasses.asdict(ex), cid) for ex, cid in self._packer._carry],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where :meth:`state_dict` was taken (same configs, text and seed)."""
+        if np.asarray(state["probs"]).shape != (len(self.configs),):
+            raise ValueError(
+                f"sampler state is for {len(state['probs'])} configs, this sampler has {len(self.configs)}"
+            )
+        self._i = int(state["i"])
+        self.probs = np.array(state["probs"], dtype=np.float64)
+        self._cdf = np.array(state["cdf"], dtype=np.float64)
+        st = state["stats"]
+        self.stats.samples[:] = st["samples"]
+        self.stats.tokens[:] = st["tokens"]
+        self.stats.masked_sum[:] = st["masked_sum"]
+        self.stats.masked_n[:] = st["masked_n"]
+        self.stats.failures = int(st["failures"])
+        self._packer._carry = [(Example(**ex), int(cid)) for ex, cid in state["carry"]]
 
 
 def validation_batch(

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -65,6 +65,7 @@ __all__ = [
     "LossHook",
     "TokenCrossEntropy",
     "Callback",
+    "StepInfo",
     "plot_metrics",
     "read_metrics",
 ]
@@ -324,15 +325,24 @@ class TokenCrossEntropy:
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+class StepInfo(NamedTuple):
+    """A finished optimizer step: ``step`` steps done, its mean ``loss``, ``tokens`` done in total, its ``lr``."""
+
+    step: int
+    loss: float
+    tokens: int
+    lr: float
+
+
 class Callback:
     """Something that runs after every optimizer step; override what you need.
 
-    ``on_step(step, model, loss)`` is called with the number of steps done, the (unwrapped) model in train mode
-    (leave it so) and the step's mean loss, before the checkpoint of that step. ``state_dict()`` returns a state
-    tree saved with every checkpoint (``None``: nothing to save) and ``load_state_dict`` restores it on resume.
+    ``on_step(model, info)`` is called with the (unwrapped) model in train mode (a callback that evaluates puts it
+    back in train mode) and a :class:`StepInfo`, before the checkpoint of that step. ``state_dict()`` returns a
+    state tree saved with every checkpoint (``None``: nothing to save); ``load_state_dict`` restores it on resume.
     """
 
-    def on_step(self, step: int, model: nn.Module, loss: float) -> None:
+    def on_step(self, model: nn.Module, info: StepInfo) -> None:
         return None
 
     def state_dict(self) -> Any:
@@ -711,8 +721,9 @@ def _train(
                             flush=True,
                         )
                     busy_log, tok_log = 0.0, 0
+            info = StepInfo(done, last_loss, tokens_done, lr)
             for cb in callbacks:
-                cb.on_step(done, model, last_loss)
+                cb.on_step(model, info)
             complete = run.max_tokens and tokens_done >= run.max_tokens
             due = (run.checkpoint_every and done % run.checkpoint_every == 0) or done == run.max_steps or complete
             if due:
