@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from statelab.errors import ConfigError
-from statelab.experiments.soup import ICL_METHODS, Prompter, exact_match, load_soup_config
+from statelab.experiments.soup import ICL_METHODS, load_soup_config
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,17 @@ def test_soup_cli_runs_on_a_hf_checkpoint(hf_dir, tmp_path):
     assert res["tasks"] == ["uppercase", "first_letter", "reverse"]
     assert set(res["retrieval_by_k"]) == {"1", "2"}
     assert set(res["retrieval_by_layer"]) == {"0", "1", "2"}
-    assert res["layers_default"] == [1]  # middle third of 3 layers
+    # the retrieval choice: every option validated and tested, the chosen one recorded in the store and used by it
+    from statelab.state.retrieval import FEATURES, layer_options
+
+    opts = res["retrieval_options"]
+    assert len(opts) == len(layer_options(3)) * len(FEATURES)
+    choice = res["retrieval_choice"]
+    assert res["layers_default"] == choice["layers"] and choice["feature"] in FEATURES
+    best = max(o["validation"] for o in opts)
+    chosen = [o for o in opts if (o["layers"], o["feature"]) == (choice["layers"], choice["feature"])]
+    assert len(chosen) == 1 and chosen[0]["validation"] == best
+    assert chosen[0]["test"] == res["retrieval_by_k"]  # store.search with the recorded choice == the bulk scores
     for v in res["retrieval_by_k"].values():
         assert v in (0.0, 1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0)  # 3 tasks x 2 queries
     assert set(res["icl_mean"]) == set(ICL_METHODS)
@@ -79,39 +89,11 @@ def test_soup_cli_runs_on_a_hf_checkpoint(hf_dir, tmp_path):
 
     store = StateStore(run / "library")
     assert len(store) == 6 and {e.task for e in store.list()} == set(res["tasks"])
+    recorded = store.retrieval(res["fingerprint"])
+    assert list(recorded.layers) == choice["layers"] and recorded.feature == choice["feature"]
+    assert "(chosen)" in report and "| validation |" in report
+    assert res["threads"]["how"] == "measured" and res["threads"]["threads"] >= 1
     assert "retrieval top-1" in result.output
-
-
-def test_exact_match_agrees_with_greedy_generation(hf_dir):
-    from statelab.models.loading import load_model
-    from statelab.models.tokenizer import load_tokenizer
-
-    model = load_model(hf_dir).eval()
-    tok = load_tokenizer(hf_dir)
-    prefix = model.encode(torch.tensor([tok.encode("Q: cat\nA: CAT\n\n")]))
-    items = []
-    for word in ("dog", "sunflower", "a"):
-        q = tok.encode(f"Q: {word}\nA: ")
-        gen, _, _ = model.generate(torch.tensor([q]), max_new_tokens=3, state=prefix)
-        items.append((q, gen[0].tolist()))
-    # the model's own greedy continuation is an exact match; changing its last token breaks it
-    assert exact_match(model, prefix, items) == [True, True, True]
-    broken = [(q, a[:-1] + [(a[-1] + 1) % 256]) for q, a in items]
-    assert exact_match(model, prefix, broken) == [False, False, False]
-    # right padding in a batch changes nothing: batched == one by one
-    assert exact_match(model, prefix, items + broken) == [exact_match(model, prefix, [it])[0] for it in items + broken]
-
-
-def test_prompter_splits_the_template():
-    from statelab.models.tokenizer import ByteTokenizer
-
-    p = Prompter("Q: {x}\nA: {y}\n\n", ByteTokenizer())
-    assert p.demos([("cat", "CAT")]) == "Q: cat\nA: CAT\n\n"
-    assert p.query("dog") == "Q: dog\nA: " and p.answer("DOG") == "DOG\n"
-    q, a = p.item("dog", "DOG")
-    assert bytes(q + a) == b"Q: dog\nA: DOG\n"
-    with pytest.raises(ConfigError):
-        Prompter("{y} then {x}", ByteTokenizer())
 
 
 @pytest.mark.parametrize(
@@ -182,3 +164,100 @@ def test_task_files_in_the_config_are_checked(tmp_path, monkeypatch):
     assert uses_demo_targets(load_soup_config(None, []))
     assert not uses_demo_targets(load_soup_config(None, ["model='some/dir'"]))
     assert not uses_demo_targets(load_soup_config(None, ["tasks=['uppercase.jsonl', 'reverse']"]))
+
+
+@pytest.fixture(scope="module")
+def tiny_runner(hf_dir, tmp_path_factory):
+    """A runner on the tiny checkpoint with its library built (TINY config)."""
+    from statelab import tasks as suite
+    from statelab.experiments.soup import LineProgress, SoupRunner, load_task_data
+    from statelab.models.loading import load_model
+    from statelab.models.tokenizer import load_tokenizer
+
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_soup_config(None, [*TINY, f"out_dir={json.dumps(str(out))}", "name=unit"])
+    model, tok = load_model(hf_dir).eval(), load_tokenizer(hf_dir)
+    runner = SoupRunner(cfg, model, tok, load_task_data(cfg), suite.DEFAULT_TEMPLATE)
+    runner.build_library(LineProgress(enabled=False))
+    return runner
+
+
+def test_the_retrieval_choice_never_reads_the_test_queries(tiny_runner):
+    """The choice (and its validation table) is the same whatever the test split holds."""
+    import dataclasses
+
+    from statelab.experiments.soup import LineProgress, SoupRunner
+
+    r = tiny_runner
+    r.choose_retrieval()
+    other_tasks = [dataclasses.replace(t, test=tuple(reversed(t.train))[:5]) for t in r.tasks]
+    cfg = dataclasses.replace(r.cfg, name="unit2")
+    r2 = SoupRunner(cfg, r.model, r.prompter.tokenizer, other_tasks, r.prompter.template)
+    r2.build_library(LineProgress(enabled=False))
+    r2.choose_retrieval()
+    assert r2.choice.validation == r.choice.validation
+    assert (r2.choice.layers, r2.choice.feature) == (r.choice.layers, r.choice.feature)
+    assert r2.choice.digest == r.choice.digest  # the statistics too
+    # queries are the library prompts' own prefixes: (tasks x sets) x the k below library_shots
+    v_states, v_tasks, v_groups = r.validation
+    assert len(v_states) == 3 * 2 * 2 and v_groups[:2] == [0, 0] and v_tasks[0] == r.tasks[0].name
+
+
+def test_prefix_states_equal_their_prompts_encoded_alone(tiny_runner):
+    from statelab.experiments.soup import LineProgress
+
+    r = tiny_runner
+    texts = ["Q: cat\nA: CAT\n\nQ: sun\nA: SUN\n\n", "Q: a\nA: A\n\nQ: bb\nA: BB\n\nQ: c\nA: C\n\n"]
+    prefixes = [["Q: cat\nA: CAT\n\n"], ["Q: a\nA: A\n\n"]]
+    p = LineProgress(enabled=False)
+    full, pre = r.encode_with_prefixes(texts, prefixes, p, p.add_task("x", 4))
+    alone = r.encode_many(texts + [p[0] for p in prefixes])
+    for got, want in zip(full + [pre[0][0], pre[1][0]], alone, strict=True):
+        assert got.tokens == want.tokens
+        torch.testing.assert_close(got.ssm, want.ssm, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.conv, want.conv, atol=1e-5, rtol=1e-5)
+
+
+def test_skill_then_query_is_the_concatenated_prompt(tiny_runner):
+    """ "retrieved skill, then the query" reads the query from the skill's state: the state of skill text + query
+    text in one pass (each row from its own start state)."""
+    r = tiny_runner
+    skills_text = ["Q: cat\nA: CAT\n\n", "Q: dog\nA: g\n\nQ: sun\nA: n\n\n"]
+    queries = ["Q: sea\nA: SEA\n\n", "Q: a\nA: a\n\nQ: tree\nA: e\n\n"]
+    skills = r.encode_many(skills_text)
+    got = r.encode_from(skills, queries)
+    want = r.encode_many([a + b for a, b in zip(skills_text, queries, strict=True)])
+    for g, w in zip(got, want, strict=True):
+        assert g.tokens == w.tokens
+        torch.testing.assert_close(g.ssm, w.ssm, atol=1e-5, rtol=1e-5)
+
+
+def test_line_progress_prints_when_piped(capsys, monkeypatch):
+    from statelab.experiments import soup
+
+    clock = iter([0.0, 5.0, 12.0, 13.0])
+    monkeypatch.setattr(soup.time, "perf_counter", lambda: next(clock))
+    p = soup.LineProgress(every=10.0)
+    bar = p.add_task("skill library", total=3)
+    p.advance(bar)  # 5 s: too soon for a line
+    p.advance(bar)  # 12 s: a line
+    p.advance(bar)  # done
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "skill library: 3 to do",
+        "skill library: 2/3, 12 s (0.2/s)",
+        "skill library: 3/3 in 13.0 s (0.2/s)",
+    ]
+
+
+def test_pick_threads_measures_and_sets(tiny_runner):
+    from statelab.experiments.soup import pick_threads
+
+    before = torch.get_num_threads()
+    try:
+        got = pick_threads(tiny_runner.model, candidates=[1, 2], tokens=64)
+        assert set(got["seconds"]) == {"1", "2"} and all(v > 0 for v in got["seconds"].values())
+        assert got["threads"] == min((1, 2), key=lambda n: got["seconds"][str(n)])
+        assert torch.get_num_threads() == got["threads"]
+    finally:
+        torch.set_num_threads(before)

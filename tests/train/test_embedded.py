@@ -39,7 +39,8 @@ def test_builder_trains_copies_evaluates_and_writes_a_card(tmp_path):
     dest = tmp_path / "embedded"
     card = build_embedded(
         [
-            "model.config={ d_model = 16, n_layer = 2, vocab_size = 259, d_state = 4 }",
+            "model.config={ d_model = 16, n_layer = 2, vocab_size = 259, d_state = 4"
+            + (", head_dim = 8 }" if load_train_config(recipe_path()).model.arch == "mamba2" else " }"),
             "data.seq_len=48",
             "data.options.tasks=['uppercase', 'first_letter']",
             "run.max_steps=2",
@@ -56,6 +57,12 @@ def test_builder_trains_copies_evaluates_and_writes_a_card(tmp_path):
     assert model.config.d_model == 16 and model.config.n_layer == 2
     text = card.read_text()
     assert "| d_model | 16 |" in text and "`uppercase`, `first_letter`" in text
+    # the card names the recipe's architecture and the Hugging Face class of the written config
+    arch = load_train_config(recipe_path()).model.arch
+    name, other = {"mamba1": ("Mamba-1", "Mamba-2"), "mamba2": ("Mamba-2", "Mamba-1")}[arch]
+    hf_class = json.loads((dest / "config.json").read_text())["architectures"][0]
+    assert f"byte-level {name} language model" in text and other not in text
+    assert f"| architecture | {name} (`{arch}`) |" in text and f"Hugging Face `{hf_class}`" in text
     assert Path(dest / "training_curve.png").stat().st_size > 1000
 
 
@@ -64,7 +71,7 @@ def test_accuracy_by_shots_equals_scoring_each_prompt_alone():
     encoding each prompt alone and scoring its items on their own."""
     import numpy as np
 
-    from statelab.experiments.soup import Prompter, exact_match
+    from statelab.eval.icl import Prompter, exact_match
     from statelab.tasks import DEFAULT_TEMPLATE, TASKS
     from statelab.train.embedded import accuracy_by_shots
 

@@ -50,6 +50,7 @@ from statelab.eval.gd_reference import (
 from statelab.layers.attention import CausalSelfAttention
 from statelab.layers.gd_ssm import GDSSM, GDSSMConfig, make_windows
 from statelab.layers.linear_attention import LinearSelfAttention
+from statelab.layers.norm import RMSNorm
 from statelab.layers.s5 import S5Layer
 from statelab.tasks.regression import (
     RegressionBatch,
@@ -243,6 +244,11 @@ def _mamba2_mixer(width: int, d_state: int) -> nn.Module:
     return Mamba2Mixer(d_model=width, d_inner=2 * width, d_state=d_state, n_groups=1, head_dim=16)
 
 
+def _rms_norm(width: int) -> RMSNorm:
+    """The baselines' norm, with the numerics of ``torch.nn.RMSNorm`` (eps: the machine epsilon)."""
+    return RMSNorm(width, eps=None, style="torch")
+
+
 # name -> (builder(width, d_state, heads), uses pre-norm blocks, has an MLP after the mixer)
 BASELINE_MIXERS: dict[str, tuple[Any, bool, bool]] = {
     "lsa": (lambda w, n, h: LinearSelfAttention(w, n_heads=h, d_key=w // h, d_value=w // h), False, False),
@@ -280,16 +286,16 @@ class SeqRegressor(nn.Module):
         self.read_in = nn.Linear(d_in, width)
         self.pos = nn.Embedding(max_len, width) if mixer == "transformer" else None
         self.mixers = nn.ModuleList(build(width, d_state, heads) for _ in range(layers))
-        self.norms = nn.ModuleList(nn.RMSNorm(width) for _ in range(layers)) if self.use_norm else None
+        self.norms = nn.ModuleList(_rms_norm(width) for _ in range(layers)) if self.use_norm else None
         self.mlps = (
             nn.ModuleList(
-                nn.Sequential(nn.RMSNorm(width), nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+                nn.Sequential(_rms_norm(width), nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
                 for _ in range(layers)
             )
             if use_mlp
             else None
         )
-        self.norm_f = nn.RMSNorm(width) if self.use_norm else nn.Identity()
+        self.norm_f = _rms_norm(width) if self.use_norm else nn.Identity()
         self.read_out = nn.Linear(width, d_out)
 
     def forward(self, x: torch.Tensor, state: tuple[int, list[Any]] | None = None) -> tuple[torch.Tensor, Any]:

@@ -6,13 +6,17 @@ model (the embedded one by default) and writes ``<out_dir>/<name>/`` with ``repo
 
 1. **Skill library.** For every task, ``library_sets`` disjoint ``library_shots``-shot prompts from the task's
    train split are encoded from the zero state and added to a :class:`statelab.StateStore` (task name as label).
-2. **Retrieval.** Held-out ``k``-shot queries (test split) are encoded the same way; the task of the top-1 store
-   hit (cosine of SSM states) is the prediction. Accuracy vs ``k`` for the store's default layer choice and for
-   every single layer.
+2. **Retrieval.** First the retrieval layers and feature are chosen inside the library
+   (:mod:`statelab.state.retrieval`): leave-one-set-out, the first ``k`` demonstrations of each held-out library
+   prompt are queries against the other sets; the choice is recorded in the store for the model, so
+   ``store.search`` uses it. Then held-out ``k``-shot queries (test split) are encoded; the task of the top-1
+   store hit is the prediction. Accuracy vs ``k`` for the choice, and for every option tried.
 3. **Few-shot accuracy per task**, greedy exact match of the answer and its terminator, from these states:
    zero state (0-shot); the item's own ``icl_shots``-shot prompt; the retrieved skill (top-1 library state for
-   that prompt's state); that prompt's state mixed with the soup of the retrieved task's library states; a
-   ``library_shots``-shot prompt; the mean of the same number of one-shot states; their norm-matched mean.
+   that prompt's state); that prompt's state mixed with the soup of the retrieved task's library states; the
+   prompt read from the retrieved skill's state, and from the soup's (ordered: skill first, then the query);
+   A-decay composition of the skill and the prompt's state; a ``library_shots``-shot prompt; the mean of the same
+   number of one-shot states; their norm-matched mean.
 4. **Ordered composition.** Long sequences are cut into equal chunks encoded independently from zero; the
    continuation's perplexity is measured from ``adecay`` of the chunk states, their ``mean``, the last chunk
    alone, the full pass and no context (and ``adecay`` of chunks encoded with conv context).
@@ -42,14 +46,17 @@ import torch
 
 from statelab.config import apply_overrides, from_dict, read_config_file, to_dict
 from statelab.errors import ConfigError, StatelabError
+from statelab.eval.icl import Prompter, exact_match
 from statelab.state.core import State
+from statelab.state.retrieval import FEATURES
 
 __all__ = [
     "SoupConfig",
     "load_soup_config",
     "TaskData",
-    "Prompter",
     "SoupRunner",
+    "pick_threads",
+    "LineProgress",
     "run_soup",
     "ICL_METHODS",
 ]
@@ -60,6 +67,9 @@ ICL_METHODS = (
     "k-shot prompt",
     "retrieved skill",
     "query + retrieved soup",
+    "retrieved skill, then the query",
+    "retrieved soup, then the query",
+    "adecay(skill, query)",
     "32-shot prompt",
     "mean of one-shot states",
     "norm-matched mean",
@@ -83,7 +93,10 @@ class SoupConfig:
         library_shots: demonstrations per library prompt (also the "32-shot" baseline).
         retrieval_shots: the ``k`` of the retrieval queries.
         retrieval_queries: queries per task and ``k``.
-        retrieval_layers: layers for the "default" retrieval; empty for the store's default (middle third).
+        retrieval_layers: the only layer set the retrieval choice may use; empty: every option of
+            :func:`statelab.state.retrieval.layer_options` (single layers, adjacent pairs, middle third, all).
+        retrieval_features: the features the retrieval choice may use (of ``raw``, ``unit``, ``centred``,
+            ``whitened``).
         icl_shots: demonstrations in the per-item prompt (the "k-shot prompt" condition and the retrieval query).
         icl_items: test items per task.
         icl_prompts: distinct ``icl_shots``-shot prompts per task, each used for an equal share of the items.
@@ -96,7 +109,8 @@ class SoupConfig:
         cross_pairs: pairs of related tasks for cross-task mixing (pairs naming absent tasks are skipped).
         cross_items: test items per task in the cross-task study.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-        threads: torch threads (0 leaves the default).
+        threads: torch threads; 0 measures 1 against all cores on the model and takes the faster
+            (:func:`pick_threads`).
         progress: show progress bars.
     """
 
@@ -113,6 +127,7 @@ class SoupConfig:
     retrieval_shots: tuple[int, ...] = (1, 2, 4, 8)
     retrieval_queries: int = 10
     retrieval_layers: tuple[int, ...] = ()
+    retrieval_features: tuple[str, ...] = FEATURES
     icl_shots: int = 2
     icl_items: int = 20
     icl_prompts: int = 4
@@ -130,7 +145,17 @@ class SoupConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.library_sets >= 1, "library_sets must be >= 1", self.library_sets),
+            (
+                self.library_sets >= 2,
+                "library_sets must be >= 2 (the retrieval choice holds one set out at a time)",
+                self.library_sets,
+            ),
+            (
+                len(self.retrieval_features) > 0 and set(self.retrieval_features) <= set(FEATURES),
+                f"retrieval_features must be some of {list(FEATURES)}",
+                self.retrieval_features,
+            ),
+            (self.threads >= 0, "threads must be >= 0 (0: measured)", self.threads),
             (self.library_shots >= 1, "library_shots must be >= 1", self.library_shots),
             (
                 len(self.retrieval_shots) > 0 and min(self.retrieval_shots) >= 1,
@@ -234,70 +259,6 @@ def load_task_data(cfg: SoupConfig) -> list[TaskData]:
     return out
 
 
-@torch.no_grad()
-def exact_match(model: Any, state: State | None, items: Sequence[tuple[list[int], list[int]]]) -> list[bool]:
-    """Greedy exact match of each item's answer when ``model`` continues from ``state`` (``None``: zero state).
-
-    ``items``: ``(query tokens, answer tokens)``; ``state`` has batch 1 (shared by every item) or one row per item.
-    Greedy decoding emits the answer iff the argmax at every answer position, given the correct prefix, is the
-    answer token, so one right-padded teacher-forced pass ``[B, T]`` decides it; padding follows every scored
-    position and cannot change it (the model is causal).
-    """
-    device = model.device
-    seqs = [list(q) + list(a) for q, a in items]
-    T = max(len(s) for s in seqs)
-    x = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        x[i, : len(s)] = torch.tensor(s)
-    st = None if state is None else state.expand(len(seqs)) if state.batch_size == 1 else state
-    logits, _ = model(x, st)
-    pred = logits.argmax(-1)
-    out = []
-    for i, (q, a) in enumerate(items):
-        pos = torch.arange(len(q) - 1, len(q) + len(a) - 1, device=device)
-        out.append(bool((pred[i, pos] == x[i, pos + 1]).all()))
-    return out
-
-
-class Prompter:
-    """Turns examples into demonstration text and tokens with a template ``"...{x}...{y}<terminator>..."``.
-
-    Example:
-        >>> p = Prompter("Q: {x}\\nA: {y}\\n\\n", tokenizer=None)
-        >>> p.demos([("cat", "CAT")]), p.query("dog"), p.answer("DOG")
-        ('Q: cat\\nA: CAT\\n\\n', 'Q: dog\\nA: ', 'DOG\\n')
-    """
-
-    def __init__(self, template: str, tokenizer: Any) -> None:
-        if template.count("{y}") != 1 or template.count("{x}") != 1 or template.index("{x}") > template.index("{y}"):
-            raise ConfigError(f"template must hold one {{x}} before one {{y}}, got {template!r}")
-        self.template = template
-        # the query is everything before {y} (as training documents render it, trailing space included)
-        self._pre, self._post = template.split("{y}")
-        self.tokenizer = tokenizer
-
-    def demos(self, examples: Sequence[tuple[str, str]]) -> str:
-        return "".join(self.template.replace("{x}", x).replace("{y}", y) for x, y in examples)
-
-    def query(self, x: str) -> str:
-        return self._pre.replace("{x}", x)
-
-    def answer(self, y: str) -> str:
-        """The answer as the model must produce it: the answer and the first character of the separator."""
-        return y + self._post[:1]
-
-    def ids(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
-
-    def item(self, x: str, y: str) -> tuple[list[int], list[int]]:
-        """``(query tokens, answer tokens)``; the answer split off the jointly tokenized text when possible."""
-        q = self.ids(self.query(x))
-        full = self.ids(self.query(x) + self.answer(y))
-        if full[: len(q)] == q and len(full) > len(q):
-            return q, full[len(q) :]
-        return q, self.ids(self.answer(y))
-
-
 # ---- the runner ------------------------------------------------------------------------------------------------
 
 
@@ -313,12 +274,20 @@ def _pick(rng: np.random.Generator, pool: Sequence[Any], n: int, what: str) -> l
 
 @dataclass
 class SoupResults:
-    """Everything measured, JSON-able (written to ``results.json``)."""
+    """Everything measured, JSON-able (written to ``results.json``).
+
+    ``retrieval_choice``: the chosen ``layers`` and ``feature`` and how they were validated; ``retrieval_options``:
+    every option tried, ``{"layers", "feature", "validation", "test": {k: top-1}}`` (validation inside the
+    library; test on the held-out queries, with the library statistics fitted on the whole library);
+    ``retrieval_by_k``: the chosen option through ``store.search``; ``layers_default``: the chosen layers.
+    """
 
     model: str
     fingerprint: str
     tasks: list[str]
     layers_default: list[int]
+    retrieval_choice: dict[str, Any] = field(default_factory=dict)
+    retrieval_options: list[dict[str, Any]] = field(default_factory=list)
     retrieval_by_k: dict[str, float] = field(default_factory=dict)
     retrieval_by_layer: dict[str, dict[str, float]] = field(default_factory=dict)
     icl: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -326,6 +295,7 @@ class SoupResults:
     composition: dict[str, float] = field(default_factory=dict)
     composition_scored_tokens: int = 0
     cross: list[dict[str, Any]] = field(default_factory=list)
+    threads: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -342,6 +312,9 @@ class SoupRunner:
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.library: dict[str, list[State]] = {}
         self.store: Any = None
+        self.choice: Any = None
+        self.validation: tuple[list[State], list[str], list[int]] = ([], [], [])
+        self.query_states: dict[tuple[str, int], list[State]] = {}
         self.results = SoupResults(
             model=cfg.model,
             fingerprint=model.fingerprint,
@@ -350,24 +323,93 @@ class SoupRunner:
         )
 
     # -- primitives ----------------------------------------------------------------------------------------------
-    def encode_many(self, texts: Sequence[str]) -> list[State]:
-        """The state after each text, from the zero state (batch 1 each), in length-bucketed ragged batches."""
+    def encode_many(self, texts: Sequence[str], progress: Any = None, bar: Any = None) -> list[State]:
+        """The state after each text, from the zero state (batch 1 each), in length-bucketed ragged batches;
+        advances ``bar`` once per text (in blocks of 64, so a long stage reports as it goes)."""
         from statelab.models.batching import encode_texts
 
-        return encode_texts(self.model, self.prompter.tokenizer, texts)
+        out: list[State] = []
+        for start in range(0, len(texts), 64):
+            block = texts[start : start + 64]
+            out += encode_texts(self.model, self.prompter.tokenizer, block)
+            if progress is not None:
+                progress.advance(bar, len(block))
+        return out
+
+    @torch.no_grad()
+    def encode_with_prefixes(
+        self, texts: Sequence[str], prefixes: Sequence[Sequence[str]], progress: Any, bar: Any
+    ) -> tuple[list[State], list[list[State]]]:
+        """The state after each text and after each of its ``prefixes`` (texts the text starts with), from zero.
+
+        When a prefix's tokens begin its text's tokens (always with a byte tokenizer), its state comes from the
+        text's own pass (``model.encode(positions=...)``), so the prefixes cost nothing; otherwise they are
+        encoded on their own. ``bar`` advances once per text and per prefix.
+        """
+        from statelab.models.batching import DEFAULT_BATCH_TOKENS, length_buckets, tokenize_texts
+
+        tok = self.prompter.tokenizer
+        rows = tokenize_texts(tok, texts)
+        flat = [p for ps in prefixes for p in ps]
+        pre = tokenize_texts(tok, flat) if flat else []
+        it = iter(pre)
+        pre_rows = [[next(it) for _ in ps] for ps in prefixes]
+        aligned = all(
+            len(p) <= len(r) and torch.equal(r[: len(p)], p) for r, ps in zip(rows, pre_rows, strict=True) for p in ps
+        )
+        if not aligned or len({len(ps) for ps in prefixes}) > 1:
+            full = self.encode_many(texts, progress, bar)
+            pre_states = self.encode_many(flat, progress, bar)
+            it_states = iter(pre_states)
+            return full, [[next(it_states) for _ in ps] for ps in prefixes]
+        full_out: list[Any] = [None] * len(rows)
+        pre_out: list[Any] = [None] * len(rows)
+        for bucket in length_buckets([len(r) for r in rows], DEFAULT_BATCH_TOKENS):
+            lengths = torch.tensor([len(rows[i]) for i in bucket])
+            ids = torch.zeros(len(bucket), int(lengths.max()), dtype=torch.long)
+            for j, i in enumerate(bucket):
+                ids[j, : len(rows[i])] = rows[i]
+            positions = [[len(p) for p in pre_rows[i]] + [len(rows[i])] for i in bucket]
+            got = self.model.encode(ids.to(self.device), positions=positions, lengths=lengths)
+            for j, i in enumerate(bucket):
+                full_out[i] = got[-1].select([j])
+                pre_out[i] = [g.select([j]) for g in got[:-1]]
+            progress.advance(bar, len(bucket) * len(positions[0]))
+        return full_out, pre_out
+
+    @torch.no_grad()
+    def encode_from(self, starts: Sequence[State], texts: Sequence[str]) -> list[State]:
+        """The state after ``texts[i]`` read from ``starts[i]`` (one ragged batch; batch-1 states out)."""
+        from statelab.models.batching import tokenize_texts
+
+        rows = tokenize_texts(self.prompter.tokenizer, texts)
+        lengths = torch.tensor([len(r) for r in rows])
+        ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+        batch = self.model.encode(ids.to(self.device), state=State.cat(list(starts)), lengths=lengths)
+        return [batch.select([i]) for i in range(len(rows))]
 
     def exact_match(self, state: State | None, items: Sequence[tuple[list[int], list[int]]]) -> list[bool]:
         return exact_match(self.model, state, items)
 
-    def top1(self, query: State, layers: Sequence[int] | None) -> tuple[str, str]:
-        """``(entry name, task)`` of the best library match of ``query``."""
+    def top1(self, query: State, layers: Sequence[int] | None = None) -> tuple[str, str]:
+        """``(entry name, task)`` of the best library match of ``query`` (``layers=None``: the store's recorded
+        retrieval choice for this model)."""
         hits = self.store.search(query, k=1, layers=None if layers is None else list(layers))
         if not hits:
             raise StatelabError("the skill library returned no hit")
         return hits[0].name, hits[0].task or ""
 
+    def _lib_rows(self) -> tuple[list[State], list[str], list[int]]:
+        """The library's states, tasks and set indices, task by task."""
+        rows = [(st, t.name, s) for t in self.tasks for s, st in enumerate(self.library[t.name])]
+        return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
     # -- 1. library ----------------------------------------------------------------------------------------------
     def build_library(self, progress: Any) -> None:
+        """Encode and store the library; also encode its validation queries: the first ``k`` demonstrations of
+        every library prompt, for each ``k`` of the retrieval study below ``library_shots`` (train split only)."""
         from statelab.state.store import StateStore
 
         cfg = self.cfg
@@ -375,10 +417,13 @@ class SoupRunner:
         if lib_dir.exists():
             shutil.rmtree(lib_dir)
         self.store = StateStore(lib_dir, layers=list(cfg.retrieval_layers) or None)
-        bar = progress.add_task("skill library", total=len(self.tasks) * cfg.library_sets)
         sets = [(task.name, s, demos) for task in self.tasks for s, demos in enumerate(task.library)]
         texts = [self.prompter.demos(demos) for _, _, demos in sets]
-        states = self.encode_many(texts)
+        ks = [k for k in cfg.retrieval_shots if k < cfg.library_shots]
+        bar = progress.add_task("skill library", total=len(texts) * (1 + len(ks)))
+        states, prefix_states = self.encode_with_prefixes(
+            texts, [[self.prompter.demos(demos[:k]) for k in ks] for _, _, demos in sets], progress, bar
+        )
         self.store.add_many(
             [
                 {"name": f"{name}/{s}", "state": state, "task": name, "tags": ("soup", "skill"), "prompt": text,
@@ -388,23 +433,47 @@ class SoupRunner:
         )  # fmt: skip
         for (name, _, _), state in zip(sets, states, strict=True):
             self.library.setdefault(name, []).append(state)
-        progress.update(bar, completed=len(sets))
+        self.validation = (
+            [st for sts in prefix_states for st in sts],
+            [name for name, _, _ in sets for _ in ks],
+            [s for _, s, _ in sets for _ in ks],
+        )
 
     # -- 2. retrieval --------------------------------------------------------------------------------------------
-    def retrieval(self, progress: Any) -> None:
-        cfg = self.cfg
-        L = self.model.zero_state(1, device="meta").num_layers
+    def choose_retrieval(self) -> None:
+        """Choose layers and feature by leave-one-set-out validation inside the library (never the test queries)
+        and record the choice in the store for this model."""
+        from statelab.state.retrieval import choose, layer_options
         from statelab.state.search import resolve_layers
 
-        default = list(cfg.retrieval_layers) if cfg.retrieval_layers else None
-        self.results.layers_default = resolve_layers(default, L)
+        cfg = self.cfg
+        L = self.model.zero_state(1, device="meta").num_layers
+        options = [tuple(resolve_layers(cfg.retrieval_layers, L))] if cfg.retrieval_layers else layer_options(L)
+        lib, tasks, groups = self._lib_rows()
+        v_states, v_tasks, v_groups = self.validation
+        ks = [k for k in cfg.retrieval_shots if k < cfg.library_shots]
+        how = (
+            f"leave-one-set-out over the library's {cfg.library_sets} sets: the first k = {ks} demonstrations of "
+            "each held-out library prompt against the other sets"
+            if v_states
+            else f"leave-one-set-out over the library's {cfg.library_sets} sets (library states as queries)"
+        )
+        self.choice = choose(
+            lib, tasks, groups, v_states or None, v_tasks or None, v_groups or None,
+            options=options, features=cfg.retrieval_features, method=how,
+        )  # fmt: skip
+        self.store.set_retrieval(self.choice)
+        c = self.choice
+        self.results.retrieval_choice = {"layers": list(c.layers), "feature": c.feature, "method": c.method}
+        self.results.layers_default = list(c.layers)
+
+    def retrieval(self, progress: Any) -> None:
+        from statelab.state.retrieval import per_layer, predict
+
+        cfg = self.cfg
+        self.choose_retrieval()
         n = len(self.tasks) * len(cfg.retrieval_shots) * cfg.retrieval_queries
-        bar = progress.add_task("retrieval", total=n)
-        hits_default: dict[int, list[bool]] = {k: [] for k in cfg.retrieval_shots}
-        hits_layer: dict[int, dict[int, list[bool]]] = {
-            layer: {k: [] for k in cfg.retrieval_shots} for layer in range(L)
-        }
-        self.query_states: dict[tuple[str, int], list[State]] = {}
+        bar = progress.add_task("retrieval", total=2 * n)
         queries = []  # (task, k, query text), every query drawn before any is encoded
         for ti, task in enumerate(self.tasks):
             for k in cfg.retrieval_shots:
@@ -412,16 +481,31 @@ class SoupRunner:
                 for _ in range(cfg.retrieval_queries):
                     demos = _pick(rng, task.test, k, f"query of task {task.name}")
                     queries.append((task, k, self.prompter.demos(demos)))
-        states = self.encode_many([text for _, _, text in queries])
+        states = self.encode_many([text for _, _, text in queries], progress, bar)
+        chosen: dict[int, list[bool]] = {k: [] for k in cfg.retrieval_shots}
         for (task, k, _), q in zip(queries, states, strict=True):
             self.query_states.setdefault((task.name, k), []).append(q)
-            hits_default[k].append(self.top1(q, default)[1] == task.name)
-            for layer in range(L):
-                hits_layer[layer][k].append(self.top1(q, [layer])[1] == task.name)
+            chosen[k].append(self.top1(q)[1] == task.name)  # through the store, as a user's search runs
             progress.advance(bar)
-        self.results.retrieval_by_k = {str(k): float(np.mean(v)) for k, v in hits_default.items()}
+        self.results.retrieval_by_k = {str(k): float(np.mean(v)) for k, v in chosen.items()}
+        # every option tried, with statistics fitted on the whole library (what the store would use)
+        lib, tasks, _ = self._lib_rows()
+        lib_x, q_x = per_layer(lib), per_layer(states)
+        ks = [k for _, k, _ in queries]
+        truth = [t.name for t, _, _ in queries]
+        for row in self.choice.validation:
+            got = predict(lib_x, tasks, q_x, row["layers"], row["feature"])
+            test = {
+                str(k): float(np.mean([g == t for g, t, kk in zip(got, truth, ks, strict=True) if kk == k]))
+                for k in cfg.retrieval_shots
+            }
+            self.results.retrieval_options.append(
+                {"layers": row["layers"], "feature": row["feature"], "validation": row["accuracy"], "test": test}
+            )
         self.results.retrieval_by_layer = {
-            str(layer): {str(k): float(np.mean(v)) for k, v in by_k.items()} for layer, by_k in hits_layer.items()
+            str(o["layers"][0]): o["test"]
+            for o in self.results.retrieval_options
+            if o["feature"] == "raw" and len(o["layers"]) == 1
         }
 
     # -- 3. few-shot accuracy ------------------------------------------------------------------------------------
@@ -429,8 +513,9 @@ class SoupRunner:
         from statelab.state.mix import mix
 
         cfg = self.cfg
-        default = list(cfg.retrieval_layers) if cfg.retrieval_layers else None
         bar = progress.add_task("few-shot accuracy", total=len(self.tasks))
+        per_prompt = ("k-shot prompt", "retrieved skill", "query + retrieved soup", "retrieved skill, then the query",
+                      "retrieved soup, then the query", "adecay(skill, query)")  # fmt: skip
         for ti, task in enumerate(self.tasks):
             rng = _rng(cfg.seed, 3, ti)
             test = _pick(rng, task.test, min(cfg.icl_items, len(task.test)), f"test items of {task.name}")
@@ -445,19 +530,24 @@ class SoupRunner:
             texts = [self.prompter.demos(d) for d in prompts] + [self.prompter.demos(many)]
             states = self.encode_many(texts + [self.prompter.demos([ex]) for ex in many])
             queries, long_prompt, ones = states[: len(groups)], states[len(groups)], states[len(groups) + 1 :]
-            per_item: dict[str, list[State]] = {m: [] for m in ("k-shot prompt", "retrieved skill", "query + soup")}
-            for q, group in zip(queries, groups, strict=True):
-                hit_name, hit_task = self.top1(q, default)
+            skills, soups, mixed, composed = [], [], [], []
+            for q in queries:
+                hit_name, hit_task = self.top1(q)
                 skill = self.library[hit_task][int(hit_name.rsplit("/", 1)[1])]
                 soup = mix(self.library[hit_task], method="mean")
-                mixed = mix([q, soup], method="mean", weights=[cfg.query_weight, 1.0 - cfg.query_weight])
-                for m, st in zip(per_item, (q, skill, mixed), strict=True):
-                    per_item[m].append(st.expand(len(group)))
+                skills.append(skill)
+                soups.append(soup)
+                mixed.append(mix([q, soup], method="mean", weights=[cfg.query_weight, 1.0 - cfg.query_weight]))
+                composed.append(mix([skill, q], method="adecay", A=self.A))
+            # ordered: the query prompt read from the retrieved state (exact, unlike a mix of separate states)
+            after_skill = self.encode_from(skills, texts[: len(groups)])
+            after_soup = self.encode_from(soups, texts[: len(groups)])
+            starts = dict(zip(per_prompt, (queries, skills, mixed, after_skill, after_soup, composed), strict=True))
             # one teacher-forced pass per condition over the items of all prompts, each item from its prompt's state
             in_order = [it for group in groups for it in group]
-            acc["k-shot prompt"] = self.exact_match(State.cat(per_item["k-shot prompt"]), in_order)
-            acc["retrieved skill"] = self.exact_match(State.cat(per_item["retrieved skill"]), in_order)
-            acc["query + retrieved soup"] = self.exact_match(State.cat(per_item["query + soup"]), in_order)
+            for m, sts in starts.items():
+                batch = State.cat([st.expand(len(group)) for st, group in zip(sts, groups, strict=True)])
+                acc[m] = self.exact_match(batch, in_order)
             acc["32-shot prompt"] = self.exact_match(long_prompt, items)
             acc["mean of one-shot states"] = self.exact_match(mix(ones, method="mean"), items)
             acc["norm-matched mean"] = self.exact_match(mix(ones, method="norm_matched"), items)
@@ -585,6 +675,7 @@ class SoupRunner:
 
     # -- all -----------------------------------------------------------------------------------------------------
     def run(self) -> SoupResults:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -595,18 +686,101 @@ class SoupRunner:
             ("composition", self.composition),
             ("cross", self.cross),
         ]
-        with Progress(
-            TextColumn("{task.description:<22}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            disable=not self.cfg.progress,
-        ) as progress:
+        if not self.cfg.progress:
+            progress: Any = LineProgress(enabled=False)
+        elif Console().is_terminal:
+            progress = Progress(
+                TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+            )
+        else:  # piped to a file: a live bar prints nothing until it stops, so print lines as the stages go
+            progress = LineProgress()
+        with progress:
             for name, fn in steps:
                 t0 = time.perf_counter()
                 fn(progress)
                 self.results.seconds[name] = time.perf_counter() - t0
         return self.results
+
+
+class LineProgress:
+    """Progress as plain lines (for output piped to a file): a line when a stage starts, one at most every
+    ``every`` seconds while it runs, and one when it is done, each with items per second. Same calls as
+    ``rich.progress.Progress`` (``add_task``, ``advance``, ``update``, context manager)."""
+
+    def __init__(self, every: float = 10.0, enabled: bool = True) -> None:
+        self.every = every
+        self.enabled = enabled
+        self._tasks: list[dict[str, Any]] = []
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def _say(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def add_task(self, description: str, total: float) -> int:
+        now = time.perf_counter()
+        self._tasks.append({"name": description, "total": total, "done": 0, "t0": now, "last": now})
+        self._say(f"{description}: {int(total)} to do")
+        return len(self._tasks) - 1
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, completed=self._tasks[task_id]["done"] + advance)
+
+    def update(self, task_id: int, completed: float | None = None, **_: Any) -> None:
+        t = self._tasks[task_id]
+        if completed is None or t["done"] >= t["total"]:
+            return
+        t["done"] = completed
+        now = time.perf_counter()
+        el = max(now - t["t0"], 1e-9)
+        if t["done"] >= t["total"]:
+            self._say(f"{t['name']}: {int(t['done'])}/{int(t['total'])} in {el:.1f} s ({t['done'] / el:.1f}/s)")
+        elif now - t["last"] >= self.every:
+            t["last"] = now
+            self._say(f"{t['name']}: {int(t['done'])}/{int(t['total'])}, {el:.0f} s ({t['done'] / el:.1f}/s)")
+
+
+def pick_threads(model: Any, candidates: Sequence[int] | None = None, tokens: int = 1024) -> dict[str, Any]:
+    """Measure torch thread counts on ``model`` and set the fastest; returns ``{"threads", "seconds": {n: s}}``.
+
+    Each candidate (default: 1 and every core the process may use, when that is more) runs the same encode of a
+    ``[8, tokens / 8]`` batch of random tokens twice after a warm-up; the best time counts. On a machine whose
+    cores are busy, extra threads wait on each other and small models run slower with them, so this measures
+    rather than assumes.
+    """
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cands = sorted(set(candidates or [1, cores]))
+    if len(cands) == 1:
+        torch.set_num_threads(cands[0])
+        return {"threads": cands[0], "seconds": {}}
+    vocab = int(getattr(model, "vocab_size", 0) or 256)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, min(vocab, 256), (8, max(1, tokens // 8)), generator=g).to(model.device)
+    before = torch.get_num_threads()
+    seconds = {}
+    try:
+        with torch.no_grad():
+            for n in cands:
+                torch.set_num_threads(n)
+                model.encode(x[:, :16])
+                best = math.inf
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    model.encode(x)
+                    best = min(best, time.perf_counter() - t0)
+                seconds[n] = best
+    finally:
+        torch.set_num_threads(before)
+    threads = min(seconds, key=lambda n: seconds[n])
+    torch.set_num_threads(threads)
+    return {"threads": threads, "seconds": {str(n): s for n, s in seconds.items()}}
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
@@ -622,21 +796,19 @@ def _plots(runner: SoupRunner, res: SoupResults, run_dir: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from statelab.state.search import layer_features
-
     made = []
     cfg = runner.cfg
     ks = [int(k) for k in res.retrieval_by_k]
     fig, ax = plt.subplots(figsize=(6, 4))
     for layer, by_k in res.retrieval_by_layer.items():
-        ax.plot(ks, [100 * by_k[str(k)] for k in ks], marker=".", lw=1, alpha=0.6, label=f"layer {layer}")
+        ax.plot(ks, [100 * by_k[str(k)] for k in ks], marker=".", lw=1, alpha=0.6, label=f"layer {layer}, raw")
     ax.plot(
         ks,
         [100 * res.retrieval_by_k[str(k)] for k in ks],
         marker="o",
         lw=2.5,
         color="black",
-        label=f"default (layers {res.layers_default})",
+        label=f"chosen: layers {res.layers_default}, {res.retrieval_choice.get('feature', 'raw')}",
     )
     ax.axhline(100 / len(res.tasks), color="grey", ls=":", label="chance")
     ax.set_xscale("log", base=2)
@@ -652,7 +824,7 @@ def _plots(runner: SoupRunner, res: SoupResults, run_dir: Path) -> list[str]:
     plt.close(fig)
     made.append("retrieval_vs_k.png")
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     vals = [100 * res.icl_mean[m] for m in ICL_METHODS]
     labels = [
         m.replace("k-shot", f"{cfg.icl_shots}-shot").replace("32-shot", f"{cfg.library_shots}-shot")
@@ -672,16 +844,15 @@ def _plots(runner: SoupRunner, res: SoupResults, run_dir: Path) -> list[str]:
     feats, labels_t = [], []
     for t in res.tasks:
         for st in runner.library[t]:
-            feats.append(layer_features(st, res.layers_default)[0])
+            feats.append(st)
             labels_t.append(t)
     qk = 2 if 2 in cfg.retrieval_shots else cfg.retrieval_shots[0]
     qfeats, qlabels = [], []
     for t in res.tasks:
         for st in runner.query_states.get((t, qk), []):
-            qfeats.append(layer_features(st, res.layers_default)[0])
+            qfeats.append(st)
             qlabels.append(t)
-    X = torch.stack(feats + qfeats).double()
-    X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-30)  # retrieval compares directions (cosine)
+    X = runner.choice.vectors(feats + qfeats).double()  # the chosen retrieval vectors (unit: cosine compares them)
     Xc = X - X[: len(feats)].mean(0)
     _, _, V = torch.linalg.svd(Xc[: len(feats)], full_matrices=False)
     P = (Xc @ V[:2].T).numpy()
@@ -695,7 +866,9 @@ def _plots(runner: SoupRunner, res: SoupResults, run_dir: Path) -> list[str]:
         ax.scatter(P[qs, 0], P[qs, 1], facecolors="none", edgecolors=[col], marker=marker, s=18, lw=0.8)
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
-    ax.set_title(f"Library states (filled) and {qk}-shot queries (hollow), layers {res.layers_default}, PCA")
+    feature = res.retrieval_choice.get("feature", "raw")
+    title = f"Library (filled), {qk}-shot queries (hollow): layers {res.layers_default}, {feature}, PCA"
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6, ncol=2, loc="best")
     fig.tight_layout()
     fig.savefig(run_dir / "library_pca.png", dpi=110)
@@ -739,15 +912,28 @@ def write_report(runner: SoupRunner, res: SoupResults, run_dir: Path) -> Path:
         "",
         "## Retrieval: top-1 task accuracy (%) from k-shot query states",
         "",
-        f"Queries: {cfg.retrieval_queries} per task and k, from the test split; cosine of SSM states. "
-        f"Default layers: {res.layers_default}. Chance: {100 / len(res.tasks):.1f}%.",
+        f"Queries: {cfg.retrieval_queries} per task and k, from the test split. Chance: {100 / len(res.tasks):.1f}%. "
+        f"Layers and feature are chosen by validation inside the library, never on these queries "
+        f"({res.retrieval_choice.get('method', '')}); the choice, **layers {res.layers_default}, "
+        f"{res.retrieval_choice.get('feature', 'raw')}**, is recorded in the store for this model, and the first "
+        "row is `store.search` with it. Features: raw (the layers' SSM states concatenated), unit (each layer "
+        "scaled to unit norm), centred (unit, minus the library mean), whitened (centred, the library's principal "
+        "directions shrunk; `statelab.state.retrieval`). Cosine in every case.",
         "",
-        "| layers | " + " | ".join(f"k={k}" for k in res.retrieval_by_k) + " |",
-        "|---|" + "---|" * len(res.retrieval_by_k),
-        "| **default** | " + " | ".join(f"**{_pct(v)}**" for v in res.retrieval_by_k.values()) + " |",
+        "| layers | feature | validation | " + " | ".join(f"test k={k}" for k in res.retrieval_by_k) + " |",
+        "|---|---|---|" + "---|" * len(res.retrieval_by_k),
+        f"| **{res.layers_default}** | **{res.retrieval_choice.get('feature', 'raw')}** | **chosen** | "
+        + " | ".join(f"**{_pct(v)}**" for v in res.retrieval_by_k.values())
+        + " |",
     ]
-    for layer, by_k in res.retrieval_by_layer.items():
-        lines.append(f"| {layer} | " + " | ".join(_pct(v) for v in by_k.values()) + " |")
+    chosen = (res.layers_default, res.retrieval_choice.get("feature"))
+    for o in res.retrieval_options:
+        mark = " (chosen)" if (o["layers"], o["feature"]) == chosen else ""
+        lines.append(
+            f"| {o['layers']} | {o['feature']}{mark} | {_pct(o['validation'])} | "
+            + " | ".join(_pct(v) for v in o["test"].values())
+            + " |"
+        )
     lines += ["", "![retrieval accuracy vs k](retrieval_vs_k.png)", "", "![library states, PCA](library_pca.png)", ""]
     heads = [m.replace("k-shot", k_lbl).replace("32-shot", f"{cfg.library_shots}-shot") for m in ICL_METHODS]
     lines += [
@@ -757,7 +943,10 @@ def write_report(runner: SoupRunner, res: SoupResults, run_dir: Path) -> Path:
         f'"{k_lbl} prompt": {cfg.icl_prompts} prompts per task from the train split, each for an equal share '
         "of the items; each is also the retrieval query for "
         f'"retrieved skill" (the top-1 library state) and "query + retrieved soup" (weight {cfg.query_weight} '
-        f"on the query, the rest on the mean of the retrieved task's library states). The one-shot states use the "
+        f'on the query, the rest on the mean of the retrieved task\'s library states). "..., then the query": '
+        "the query prompt read from the retrieved skill's state, or from the soup's (ordered composition by "
+        'running the model, exact); "adecay(skill, query)": A-decay composition of the skill and the query '
+        "prompt's own state, encoded apart. The one-shot states use the "
         f"same {cfg.library_shots} examples as the {cfg.library_shots}-shot prompt.",
         "",
         "| task | " + " | ".join(heads) + " |",
@@ -812,13 +1001,19 @@ def uses_demo_targets(cfg: SoupConfig) -> bool:
 
 
 def targets(res: SoupResults, cfg: SoupConfig) -> list[str]:
-    """The issue's three targets, each with the measured figures and whether it holds (demo runs only, see
+    """The demo's targets, each with the measured figures and whether it holds (demo runs only, see
     :func:`uses_demo_targets`)."""
     out = []
     if "2" in res.retrieval_by_k:
         v = res.retrieval_by_k["2"]
         out.append(f"retrieval top-1 at k=2 >= 90%: {_pct(v)}% ({'met' if v >= 0.9 else 'not met'})")
     if res.icl_mean:
+        a, b = res.icl_mean["retrieved skill, then the query"], res.icl_mean["k-shot prompt"]
+        ok = a >= b + 0.05
+        out.append(
+            f"retrieved skill, then the query >= the {cfg.icl_shots}-shot prompt alone + 5 points: "
+            f"{_pct(a)}% vs {_pct(b)}% ({'met' if ok else 'not met'})"
+        )
         a, b = res.icl_mean["mean of one-shot states"], res.icl_mean["32-shot prompt"]
         ok = a >= b - 0.02
         out.append(
@@ -836,25 +1031,42 @@ def targets(res: SoupResults, cfg: SoupConfig) -> list[str]:
 
 
 def run_soup(cfg: SoupConfig, model: Any = None, tokenizer: Any = None) -> tuple[SoupResults, Path]:
-    """Load the model (unless given), run every study, write the report; returns results and the report path."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if model is None:
-        from statelab.models.loading import load_model
+    """Load the model (unless given), run every study, write the report; returns results and the report path.
 
-        device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-        model = load_model(cfg.model).to(device)
-    model.eval()
-    if tokenizer is None:
-        from statelab.models.tokenizer import load_tokenizer
+    Torch's thread count is ``cfg.threads``, or measured (:func:`pick_threads`) when it is 0 and the model is on
+    the CPU; the caller's count is restored on return.
+    """
+    before = torch.get_num_threads()
+    try:
+        if model is None:
+            from statelab.models.loading import load_model
 
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-    from statelab import tasks as suite
+            use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+            model = load_model(cfg.model).to("cuda" if use_cuda else "cpu")
+        model.eval()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+            threads = {"threads": cfg.threads, "seconds": {}, "how": "config"}
+        elif model.device.type == "cpu":
+            threads = {**pick_threads(model), "how": "measured"}
+        else:
+            threads = {"threads": before, "seconds": {}, "how": "default (model not on the CPU)"}
+        if cfg.progress:
+            times = ", ".join(f"{n}: {s * 1000:.0f} ms" for n, s in threads["seconds"].items())
+            print(f"torch threads: {threads['threads']} ({threads['how']}{'; ' + times if times else ''})", flush=True)
+        if tokenizer is None:
+            from statelab.models.tokenizer import load_tokenizer
 
-    template = cfg.template or suite.DEFAULT_TEMPLATE
-    runner = SoupRunner(cfg, model, tokenizer, load_task_data(cfg), template)
-    res = runner.run()
-    return res, write_report(runner, res, runner.run_dir)
+            tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        from statelab import tasks as suite
+
+        template = cfg.template or suite.DEFAULT_TEMPLATE
+        runner = SoupRunner(cfg, model, tokenizer, load_task_data(cfg), template)
+        runner.results.threads = threads
+        res = runner.run()
+        return res, write_report(runner, res, runner.run_dir)
+    finally:
+        torch.set_num_threads(before)
 
 
 def print_summary(res: SoupResults, cfg: SoupConfig, report: Path) -> None:
@@ -865,6 +1077,8 @@ def print_summary(res: SoupResults, cfg: SoupConfig, report: Path) -> None:
     t = Table(title=f"State Soup: {cfg.model}, {len(res.tasks)} tasks")
     t.add_column("measure")
     t.add_column("value", justify="right")
+    c = res.retrieval_choice
+    t.add_row("retrieval choice (validated in the library)", f"layers {c.get('layers')}, {c.get('feature')}")
     for k, v in res.retrieval_by_k.items():
         t.add_row(f"retrieval top-1, k={k}", f"{_pct(v)}%")
     for m in ICL_METHODS:
@@ -875,4 +1089,3 @@ def print_summary(res: SoupResults, cfg: SoupConfig, report: Path) -> None:
     for line in targets(res, cfg) if uses_demo_targets(cfg) else ():
         console.print(f"  {line}")
     console.print(f"report: {report}")
-

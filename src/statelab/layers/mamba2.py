@@ -8,7 +8,7 @@ One mixer (Dao & Gu, arXiv 2405.21060 §7, "Mamba-2 architecture"), with the sem
     x, B, C = split(xBC, [D, G·N, G·N])
     Δ    = clamp(softplus(dt + dt_bias), time_step_limit)
     y    = SSD(x, Δ, A = -exp(A_log), B, C, D_skip)  (statelab.ops.ssd)
-    out  = W_out · GatedRMSNorm_G(y, z)               norm of y ⊙ SiLU(z), per group of D / G channels
+    out  = W_out · RMSNorm_G(y, gate=z)               norm of y ⊙ SiLU(z), per group of D / G channels
 
 State of one layer (:class:`Mamba2LayerState`): conv ``[B, C, K - 1]``, ssm ``[B, H, P, N]`` and ΣΔ ``[B, H]``
 (fp32), all "after the last token read". Nothing here writes into a state it was given.
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from statelab.layers.decode import Matvec, matvec
-from statelab.layers.norm import GatedRMSNorm, gated_rms_norm
+from statelab.layers.norm import RMSNorm, rms_norm
 from statelab.layers.protocol import Mixer, Segments
 from statelab.ops.conv1d import causal_conv1d, conv_state_after, conv_states_at
 from statelab.ops.ssd import ssd_scan, ssd_step
@@ -111,7 +111,7 @@ class Mamba2Mixer(Mixer):
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.empty(self.n_heads))
-        self.norm = GatedRMSNorm(d_inner, eps=norm_eps, group_size=d_inner // n_groups)
+        self.norm = RMSNorm(d_inner, eps=norm_eps, group_size=d_inner // n_groups)
         self.out_proj = nn.Linear(d_inner, d_model, bias=use_bias)
         self.chunk_size = chunk_size
         if self.A_log.device.type != "meta":
@@ -303,5 +303,5 @@ class Mamba2Mixer(Mixer):
         if not direct:
             out.ssm.copy_(ssm_new)
         torch.add(state.sum_delta, delta, out=out.sum_delta)
-        normed = gated_rms_norm(y.reshape(Bsz, D), z, w.norm_weight, self.norm.eps, self.norm.group_size)
+        normed = rms_norm(y.reshape(Bsz, D), w.norm_weight, self.norm.eps, gate=z, group_size=self.norm.group_size)
         return w.out_proj(normed.to(x.dtype))

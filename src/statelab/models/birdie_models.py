@@ -33,6 +33,7 @@ from statelab.errors import ConfigError, StateMismatchError
 from statelab.layers.bidirectional import BidirectionalMamba2Mixer
 from statelab.layers.gated_ssm import GatedSSMLayer
 from statelab.layers.hawk import HawkLayer
+from statelab.layers.norm import RMSNorm
 from statelab.layers.protocol import Segments
 
 __all__ = ["BirdieModelConfig", "BirdieState", "BirdieLM", "ARCHES"]
@@ -150,7 +151,7 @@ class _Block(nn.Module):
     def __init__(self, cfg: BirdieModelConfig, i: int) -> None:
         super().__init__()
         bi = cfg.layer_is_bidirectional(i)
-        self.norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
+        self.norm = RMSNorm(cfg.d_model, eps=1e-5, style="torch")
         self.mlp = None
         if cfg.arch == "gated_ssm":
             self.mixer = GatedSSMLayer(cfg.d_model, cfg.d_state, bidirectional=bi)
@@ -169,7 +170,7 @@ class _Block(nn.Module):
         else:
             self.mixer = _Attention(cfg.d_model, cfg.n_heads, prefix_lm=bi)
         if cfg.arch in ("hawk", "transformer"):
-            self.norm2 = nn.RMSNorm(cfg.d_model, eps=1e-5)
+            self.norm2 = RMSNorm(cfg.d_model, eps=1e-5, style="torch")
             self.mlp = _MLP(cfg.d_model, cfg.mlp_mult)
         self.arch = cfg.arch
 
@@ -197,7 +198,7 @@ class BirdieLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         nn.init.normal_(self.embed.weight, std=1.0 / math.sqrt(config.d_model))
         self.blocks = nn.ModuleList(_Block(config, i) for i in range(config.n_layer))
-        self.norm_f = nn.RMSNorm(config.d_model, eps=1e-5)
+        self.norm_f = RMSNorm(config.d_model, eps=1e-5, style="torch")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

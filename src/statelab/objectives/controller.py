@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from statelab.errors import ConfigError
+from statelab.layers.norm import RMSNorm
 from statelab.objectives.base import ObjectiveConfig
 from statelab.objectives.grid import class_uniform_probs
 from statelab.ops.linear_scan import linear_scan
@@ -91,21 +92,12 @@ def eval_schedule(total_steps: int) -> list[int]:
 # ---- reward model -------------------------------------------------------------------------------------------
 
 
-class _RMSNorm(nn.Module):
-    def __init__(self, d: int, init: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.full((d,), init))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
-
-
 class _GatedBlock(nn.Module):
     """``K = σ(W_K x)``, ``u = W_u x ⊙ σ(W_g x) ⊙ (1 - K)``, ``h_t = K_t ⊙ h_{t-1} + u_t``, gated output, residual."""
 
     def __init__(self, d: int, n: int) -> None:
         super().__init__()
-        self.norm = _RMSNorm(d, 0.1)
+        self.norm = RMSNorm(d, 1e-6, style="torch", init=0.1)
         self.proj = nn.Linear(d, 4 * n)
         self.out = nn.Linear(n, d)
 
@@ -129,8 +121,8 @@ class RewardModel(nn.Module):
     def __init__(self, n_configs: int, hidden: int = 256, n_state: int = 512, n_layers: int = 4) -> None:
         super().__init__()
         self.n_configs, self.n_state = n_configs, n_state
-        self.norm_loss = _RMSNorm(n_configs, 0.1)
-        self.norm_action = _RMSNorm(n_configs, 0.1)
+        self.norm_loss = RMSNorm(n_configs, 1e-6, style="torch", init=0.1)
+        self.norm_action = RMSNorm(n_configs, 1e-6, style="torch", init=0.1)
         self.inp = nn.Linear(2 * n_configs, hidden)
         self.blocks = nn.ModuleList(_GatedBlock(hidden, n_state) for _ in range(n_layers))
         self.head = nn.Linear(hidden, n_configs)

@@ -31,6 +31,7 @@ it by default for that model's queries.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -54,6 +55,7 @@ __all__ = [
     "fit_stats",
     "transform",
     "top1",
+    "predict",
     "validate",
     "choose",
     "choose_for_store",
@@ -144,23 +146,35 @@ def top1(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return (queries @ keys.T).argmax(dim=1)
 
 
+def predict(
+    lib: Sequence[torch.Tensor], lib_tasks: Sequence[str], qs: Sequence[torch.Tensor],
+    layers: Sequence[int], feature: str, rank: int = WHITEN_RANK,
+) -> list[str]:  # fmt: skip
+    """Top-1 task of each query under ``(layers, feature)`` with the statistics fitted on the whole library.
+
+    ``lib`` and ``qs`` are :func:`per_layer` outputs (``L`` tensors ``[M, F_ℓ]`` and ``[Q, F_ℓ]``).
+    """
+    base = "raw" if feature == "raw" else "unit"
+    u_lib, u_q = _stack(lib, layers, base), _stack(qs, layers, base)
+    stats = fit_stats(u_lib, feature, rank)
+    best = top1(transform(u_q, feature, stats), transform(u_lib, feature, stats))
+    return [lib_tasks[int(b)] for b in best]
+
+
 def _accuracy(
     lib: Sequence[torch.Tensor], lib_tasks: Sequence[str], lib_groups: Sequence[Any],
     qs: Sequence[torch.Tensor], q_tasks: Sequence[str], q_groups: Sequence[Any],
     layers: Sequence[int], feature: str, rank: int,
 ) -> float:  # fmt: skip
     """Top-1 task accuracy of one configuration, each query group against the library's other groups."""
-    base = "raw" if feature == "raw" else "unit"
-    u_lib, u_q = _stack(lib, layers, base), _stack(qs, layers, base)
     hits = 0
     for g in dict.fromkeys(q_groups):
         ref = [i for i, lg in enumerate(lib_groups) if lg != g]
         mine = [i for i, qg in enumerate(q_groups) if qg == g]
         if not ref:
             raise StoreError("validation needs library states of at least two groups")
-        stats = fit_stats(u_lib[ref], feature, rank)
-        best = top1(transform(u_q[mine], feature, stats), transform(u_lib[ref], feature, stats))
-        hits += sum(lib_tasks[ref[int(b)]] == q_tasks[i] for i, b in zip(mine, best, strict=True))
+        got = predict([x[ref] for x in lib], [lib_tasks[i] for i in ref], [x[mine] for x in qs], layers, feature, rank)
+        hits += sum(t == q_tasks[i] for i, t in zip(mine, got, strict=True))
     return hits / len(q_tasks)
 
 
@@ -253,9 +267,9 @@ class RetrievalChoice:
             "n_library": self.n_library, "validation": list(self.validation), "method": self.method,
         }  # fmt: skip
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
-        """SHA-256 of the spec and the statistics (identifies the choice in caches)."""
+        """SHA-256 of the spec and the statistics (identifies the choice in caches; computed once)."""
         return _digest(json.dumps(self.spec(), sort_keys=True), _stats_bytes(self.stats))
 
 
@@ -351,12 +365,14 @@ def load_choice(db: sqlite3.Connection, fingerprint: str) -> RetrievalChoice | N
     """The recorded choice of model ``fingerprint``, verified against its checksum, or ``None``."""
     if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'retrieval'").fetchone():
         return None
-    row = db.execute("SELECT spec, stats, sha256 FROM retrieval WHERE fingerprint = ?", (fingerprint,)).fetchone()
+    row = db.execute("SELECT sha256 FROM retrieval WHERE fingerprint = ?", (fingerprint,)).fetchone()
     if row is None:
         return None
-    spec, data, sha = row
-    if sha in _CACHE:
-        return _CACHE[sha]
+    if row[0] in _CACHE:  # verified when it was first read (a search reads the choice every time)
+        return _CACHE[row[0]]
+    spec, data, sha = db.execute(
+        "SELECT spec, stats, sha256 FROM retrieval WHERE fingerprint = ?", (fingerprint,)
+    ).fetchone()
     if _digest(spec, data) != sha:
         raise StoreError(
             f"the retrieval choice of model {fingerprint[:16]} in this store is damaged (checksum mismatch); "

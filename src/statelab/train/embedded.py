@@ -29,6 +29,7 @@ from statelab.train.loop import read_metrics, train
 __all__ = ["recipe_path", "accuracy_by_shots", "write_checksums", "write_model_card", "build_embedded", "main"]
 
 SHOTS = (0, 1, 2, 4, 8, 16, 32)
+_ARCH_NAMES = {"mamba1": "Mamba-1", "mamba2": "Mamba-2"}
 _COPY = ("config.json", "model.safetensors", "statelab_tokenizer.json", "tokenizer.json")
 
 
@@ -55,7 +56,7 @@ def accuracy_by_shots(
     in one teacher-forced pass, each item from its own prompt's state (greedy exact match, as ``exact_match``
     decides it).
     """
-    from statelab.experiments.soup import Prompter, exact_match
+    from statelab.eval.icl import Prompter, exact_match
     from statelab.models.batching import encode_texts
     from statelab.state.core import State
     from statelab.tasks import TASKS
@@ -138,7 +139,10 @@ def write_model_card(
     template: str,
     note: str = "",
 ) -> Path:
-    """``README.md``: what the model is, how it was made (config, data, seed), its curve and its accuracy."""
+    """``README.md``: what the model is, how it was made (config, data, seed), its curve and its accuracy.
+
+    The architecture, Hugging Face class and data options are read from ``cfg`` and ``dest/config.json``, so the
+    card describes whichever model the recipe builds."""
     mc = cfg.model.config
     last = metrics[-1] if metrics else {}
     n_params = None
@@ -151,10 +155,27 @@ def write_model_card(
     ks = list(next(iter(acc.values())))
     mean = {k: float(np.mean([row[k] for row in acc.values()])) for k in ks}
     tasks = list(cfg.data.options.get("tasks", []))
+    arch = _ARCH_NAMES.get(cfg.model.arch, cfg.model.arch)
+    hf_class = "?"
+    if (dest / "config.json").is_file():
+        hf_class = ", ".join(json.loads((dest / "config.json").read_text()).get("architectures", ["?"]))
+    opts = cfg.data.options
+    extra_templates = list(opts.get("templates", []))
+    mixing = []
+    if extra_templates and opts.get("template_mix"):
+        mixing.append(
+            f"a fraction {opts['template_mix']:g} of the sequences use one of {len(extra_templates)} other "
+            f"templates ({', '.join(f'`{json.dumps(t)}`' for t in extra_templates)})"
+        )
+    if opts.get("switch_prob"):
+        mixing.append(f"with probability {opts['switch_prob']:g} a sequence holds 2 or 3 tasks in turn, unannounced")
+    if opts.get("text_fraction"):
+        frac, text = opts["text_fraction"], opts.get("text", "?")
+        mixing.append(f"a fraction {frac:g} of the sequences are windows of the text `{text}` (loss on every byte)")
     lines = [
         "# statelab embedded model",
         "",
-        "A small byte-level Mamba-1 language model trained by statelab's own training loop to learn word-function "
+        f"A small byte-level {arch} language model trained by statelab's own training loop to learn word-function "
         "tasks in context. It ships with the package so that the State Soup demo (`make demo`) runs anywhere "
         'without downloading anything: `statelab.load_model("embedded")`. It is a toy for demonstrations and '
         "tests, not a general language model.",
@@ -166,16 +187,18 @@ def write_model_card(
         *[f"| {k} | {v} |" for k, v in mc.items()],
         f"| parameters | {n_params:,} |" if n_params is not None else "| parameters | ? |",
         "| tokenizer | bytes 0-255, then PAD 256, BOS 257, EOS 258 (`statelab_tokenizer.json`) |",
-        "| format | Hugging Face `MambaForCausalLM` (`config.json`, `model.safetensors`) |",
+        f"| architecture | {arch} (`{cfg.model.arch}`) |",
+        f"| format | Hugging Face `{hf_class}` (`config.json`, `model.safetensors`) |",
         "",
         "## Training",
         "",
         "- Recipe: `train.toml` (in this directory; the exact resolved config is `train_config.json`). Reproduce "
-        "with `make embedded` (CPU, 2 threads).",
+        f"with `make embedded` (CPU, {cfg.run.threads or 'default'} torch thread(s)).",
         f"- Data: the `tasks` source of `statelab.train.mixture`, seed {cfg.data.seed}: each sequence of "
         f"{cfg.data.seq_len} bytes holds demonstrations of one task drawn uniformly from {len(tasks)} word-function "
         f"tasks of `statelab.tasks` (train split only; the test split is held out by key), template "
-        f"`{json.dumps(template)}`, loss on the answer bytes and the newline after each answer.",
+        f"`{json.dumps(template)}`, loss on the answer bytes and the newline after each answer"
+        + (f"; {'; '.join(mixing)}." if mixing else "."),
         f"- Tasks: {', '.join(f'`{t}`' for t in tasks)}.",
         f"- Optimiser: AdamW lr {cfg.optim.lr:g} (warmup {cfg.optim.warmup_steps} steps, cosine to "
         f"{cfg.optim.min_lr:g}), betas {list(cfg.optim.betas)}, weight decay {cfg.optim.weight_decay:g} (none on "
@@ -205,7 +228,9 @@ def write_model_card(
         "",
         "- Tiny and briefly trained: knowledge tasks (capitals, antonyms) cannot be answered for held-out keys the "
         "model never saw; accuracy there measures format and guessing, not knowledge.",
-        "- Byte-level and trained only on the `Q: x\\nA: y` format: other text is out of distribution.",
+        "- Byte-level and trained on the formats above: other text is out of distribution."
+        if extra_templates
+        else "- Byte-level and trained only on the `Q: x\\nA: y` format: other text is out of distribution.",
         "",
     ]
     path = dest / "README.md"
