@@ -151,3 +151,40 @@ def test_bad_configs():
 def test_docstring_examples():
     result = doctest.testmod(syn)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_phonebook_text_is_the_token_phonebook_as_text():
+    """Row b of make_phonebook and item b of phonebook_text come from the same draws: same book, same queries."""
+    cfg = PhonebookConfig(n_entries=6, n_queries=3, n_digits=5)
+    tokens = make_phonebook(cfg, seed=4, batch_size=3, split="test")
+    items = syn.phonebook_text(cfg, seed=4, batch_size=3, split="test")
+    assert len(items) == 3 and items != syn.phonebook_text(cfg, seed=4, batch_size=3, split="train")
+    for row, item in zip(tokens.input_ids, items, strict=True):
+        shown = render_phonebook(cfg, row).splitlines()
+        book, queries = shown[: cfg.n_entries], shown[cfg.n_entries :]
+        lines = item.prompt.splitlines()
+        assert lines[1] == "Phonebook:" and lines[0] == lines[-1] and lines[2:-1] == [b.strip() for b in book]
+        asked = [q.lstrip("? ").split(":")[0] for q in queries]
+        assert lines[0] == "Find: " + ", ".join(asked)
+        entries = dict(b.strip().split(": ") for b in book)
+        # the token sequence drops its last newline; its last query's digits are all there
+        assert item.answer.split(", ") == [entries[a].replace(" ", "") for a in asked]
+
+
+def test_mqar_text_is_the_token_mqar_as_text():
+    """The text pairs are the token context's pairs; the queried keys are the first ones the tokens ask for."""
+    cfg = MQARConfig(vocab_size=200, seq_len=40, num_kv_pairs=6)
+    tokens = make_mqar(cfg, seed=2, batch_size=2, split="test")
+    items = syn.mqar_text(cfg, seed=2, batch_size=2, n_queries=4, split="test")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for ids, labels, item in zip(tokens.input_ids.tolist(), tokens.labels.tolist(), items, strict=True):
+        key = {k: letters[(k - 1) // 26] + letters[(k - 1) % 26] for k in ids[0:12:2]}
+        pairs = dict(p.split(":") for p in item.prompt.splitlines()[0][len("pairs: ") :].split())
+        assert pairs == {key[k]: f"{v - 100:02d}" for k, v in zip(ids[0:12:2], ids[1:12:2], strict=True)}
+        asked = [key[ids[t]] for t in range(12, len(ids)) if labels[t] != IGNORE_INDEX][:4]
+        assert item.prompt.splitlines()[1] == "query: " + " ".join(asked)
+        assert item.answer.split() == [pairs[k] for k in asked]
+    with pytest.raises(ConfigError, match="too large for the text form"):
+        syn.mqar_text(MQARConfig(vocab_size=256, seq_len=40, num_kv_pairs=6), seed=0, batch_size=1, n_queries=1)
+    with pytest.raises(ConfigError, match="n_queries"):
+        syn.mqar_text(cfg, seed=0, batch_size=1, n_queries=7)

@@ -5,10 +5,11 @@ counted tokens (context plus target, paper A.11) on Tiny Shakespeare (bytes), th
 
 * perplexity: bits per byte of held-out text (next-token, causal);
 * copying, selective copying and span infilling: teacher-forced token accuracy on held-out objective samples;
-* phonebook lookup (at each number of queried names) and multi-query associative recall (MQAR), as text: after the
-  same short fine-tune for every arm (spec §9 protocol), the answer is generated greedily from the prompt (the
-  prompt is the prefix, generation continues from the state after ``[BEGIN]``) and scored position by position on
-  its digits (the paper's digit accuracy; chance is about 10%).
+* phonebook lookup (at each number of queried names) and multi-query associative recall (MQAR), drawn from
+  :mod:`statelab.tasks` (the text forms of its phonebook and MQAR generators; fine-tunes read the ``train`` split,
+  evaluation the ``test`` split): after the same short fine-tune for every arm (spec §9 protocol), the answer is
+  generated greedily from the prompt (the prompt is the prefix, generation continues from the state after
+  ``[BEGIN]``) and scored position by position on its digits (the paper's digit accuracy; chance is about 10%).
 
 Arms (all on the same architecture and optimiser; only the mixture and the bidirectional layers differ):
 
@@ -85,6 +86,7 @@ from statelab.objectives.corruption import apply_objective
 from statelab.objectives.grid import birdie_grid, class_uniform_probs, ul2_configs, ul2_probs
 from statelab.objectives.packing import IGNORE, PackedBatch, pack_rows
 from statelab.objectives.sampler import ObjectiveSampler, per_config_loss, validation_batch
+from statelab.tasks.synthetic import MQARConfig, PhonebookConfig, TextItem, mqar_text, phonebook_text
 from statelab.train.config import DataSection, ModelSection, OptimSection, RunSection, TrainConfig
 from statelab.train.loop import Callback, StepInfo, build_model
 from statelab.train.loop import train as train_loop
@@ -94,7 +96,9 @@ __all__ = [
     "BirdieExperimentConfig",
     "load_corpus",
     "phonebook_example",
+    "phonebook_examples",
     "mqar_example",
+    "mqar_examples",
     "arm_configs",
     "train_config",
     "train_arm",
@@ -196,75 +200,62 @@ class BirdieExperimentConfig:
             raise ConfigError(f"workers and threads must be >= 1, got {self.workers}, {self.threads}")
 
 
-# ---- evaluation tasks (pure functions of their sizes and a generator) --------------------------------------
-
-_SYL = ["ka", "lo", "mi", "ra", "ten", "vos", "el", "dan", "ur", "is", "po", "fe", "gar", "nu", "shi", "bo"]
-
-
-def _name(rng: np.random.Generator) -> str:
-    first = "".join(rng.choice(_SYL, size=1)).capitalize()
-    last = "".join(rng.choice(_SYL, size=2)).capitalize()
-    return f"{first} {last}"
+# ---- evaluation tasks: statelab.tasks' phonebook and MQAR, as text ----------------------------------------
 
 
 def _ids(text: str) -> np.ndarray:
     return np.frombuffer(text.encode(), dtype=np.uint8).astype(np.int64)
 
 
-def phonebook_example(n_entries: int, n_queries: int, rng: np.random.Generator) -> tuple[Example, np.ndarray]:
-    """The multi-number phonebook of Birdie §4 (Fig. 1) as text.
-
-    Input: the question (``Find: A, B``), ``Phonebook:``, ``n_entries`` lines ``First Last: ddd-ddd-dddd``, the
-    question again (a short form of the paper's "What are the phone numbers for ...? Answer below/above.").
-    Target: the queried numbers joined by ``", "``, then ``<eos>``. Also returns the mask of digit positions of
-    the target (the scored positions).
-    """
-    names: list[str] = []
-    while len(names) < n_entries:
-        nm = _name(rng)
-        if nm not in names:
-            names.append(nm)
-    numbers = ["-".join("".join(map(str, rng.integers(0, 10, n))) for n in (3, 3, 4)) for _ in names]
-    q = rng.choice(n_entries, size=n_queries, replace=False)
-    who = ", ".join(names[i] for i in q)
-    book = "".join(f"{n}: {p}\n" for n, p in zip(names, numbers, strict=True))
-    prompt = f"Find: {who}\nPhonebook:\n{book}Find: {who}\n"
-    answer = ", ".join(numbers[i] for i in q)
-    tgt = np.concatenate([_ids(answer), [VOCAB.eos]])
-    mask = np.array([chr(c).isdigit() if c < 128 else False for c in tgt[:-1]] + [False])
-    return Example(input=_ids(prompt), target=tgt), mask
+def _item_seed(*parts: int) -> int:
+    """One int seed for a tuple of ints (the tasks' generators hash it again with the task and split)."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:7], "little")
 
 
-def mqar_example(n_pairs: int, n_queries: int, rng: np.random.Generator) -> tuple[Example, np.ndarray]:
-    """Multi-query associative recall (Zoology, arXiv 2312.04927) as text: ``ab:37 cd:12 ...`` then the queried
-    keys; the target lists their values. Returns the example and the mask of value digits in the target."""
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    keys: list[str] = []
-    while len(keys) < n_pairs:
-        k = "".join(rng.choice(list(letters), size=2))
-        if k not in keys:
-            keys.append(k)
-    vals = [f"{int(v):02d}" for v in rng.integers(0, 100, n_pairs)]
-    q = rng.choice(n_pairs, size=n_queries, replace=False)
-    prompt = "pairs: " + " ".join(f"{k}:{v}" for k, v in zip(keys, vals, strict=True))
-    prompt += "\nquery: " + " ".join(keys[i] for i in q) + "\n"
-    answer = " ".join(vals[i] for i in q)
-    tgt = np.concatenate([_ids(answer), [VOCAB.eos]])
+def _text_example(item: TextItem) -> tuple[Example, np.ndarray]:
+    """Prompt as the input, answer and ``<eos>`` as the target (bytes), and the mask of the answer's digits."""
+    tgt = np.concatenate([_ids(item.answer), [VOCAB.eos]])
     mask = np.array([chr(c).isdigit() for c in tgt[:-1]] + [False])
-    return Example(input=_ids(prompt), target=tgt), mask
+    return Example(input=_ids(item.prompt), target=tgt), mask
+
+
+def phonebook_examples(
+    n_entries: int, n_queries: int, seed: int, n: int, split: str = "test"
+) -> list[tuple[Example, np.ndarray]]:
+    """``n`` multi-number phonebooks (Birdie §4, Fig. 1) from :func:`statelab.tasks.phonebook_text`: ten-digit
+    numbers, names from the tasks' name lists. Input: the question (``Find: A, B``), ``Phonebook:``, the entries
+    ``First Last: dddddddddd``, the question again; target: the queried numbers joined by ``", "``, then ``<eos>``;
+    with the mask of the target's digits (the scored positions)."""
+    cfg = PhonebookConfig(n_entries=n_entries, n_queries=n_queries, n_digits=10)
+    return [_text_example(item) for item in phonebook_text(cfg, seed, n, split)]
+
+
+def phonebook_example(n_entries: int, n_queries: int, seed: int, split: str = "test") -> tuple[Example, np.ndarray]:
+    """One phonebook of :func:`phonebook_examples`."""
+    return phonebook_examples(n_entries, n_queries, seed, 1, split)[0]
+
+
+def mqar_examples(
+    n_pairs: int, n_queries: int, seed: int, n: int, split: str = "test"
+) -> list[tuple[Example, np.ndarray]]:
+    """``n`` multi-query associative recall items (Zoology, arXiv 2312.04927) from :func:`statelab.tasks.mqar_text`:
+    ``pairs: ab:37 cd:12 ...`` then the queried keys; the target lists their values. With the mask of the value
+    digits in the target."""
+    cfg = MQARConfig(vocab_size=200, seq_len=4 * n_pairs, num_kv_pairs=n_pairs)
+    return [_text_example(item) for item in mqar_text(cfg, seed, n, n_queries, split)]
+
+
+def mqar_example(n_pairs: int, n_queries: int, seed: int, split: str = "test") -> tuple[Example, np.ndarray]:
+    """One item of :func:`mqar_examples`."""
+    return mqar_examples(n_pairs, n_queries, seed, 1, split)[0]
 
 
 def _task_examples(
     task: str, cfg: BirdieExperimentConfig, seed: int, n: int, queries: int
 ) -> list[tuple[Example, np.ndarray]]:
-    out = []
-    for j in range(n):
-        rng = np.random.default_rng([seed, j])
-        if task == "phonebook":
-            out.append(phonebook_example(cfg.phonebook_entries, queries, rng))
-        else:
-            out.append(mqar_example(cfg.mqar_pairs, queries, rng))
-    return out
+    if task == "phonebook":
+        return phonebook_examples(cfg.phonebook_entries, queries, seed, n, "test")
+    return mqar_examples(cfg.mqar_pairs, queries, seed, n, "test")
 
 
 # ---- training -----------------------------------------------------------------------------------------------
@@ -619,12 +610,12 @@ class _FinetuneRows:
         cfg = self.cfg
         items = []
         for j in range(part, cfg.finetune_batch, n_parts):
-            rng = np.random.default_rng([777, self.seed, step, j])
+            seed = _item_seed(777, self.seed, step, j)
             if self.task == "phonebook":
                 q = cfg.phonebook_queries[j % len(cfg.phonebook_queries)]
-                ex = phonebook_example(cfg.phonebook_entries, q, rng)[0]
+                ex = phonebook_example(cfg.phonebook_entries, q, seed, "train")[0]
             else:
-                ex = mqar_example(cfg.mqar_pairs, cfg.mqar_queries, rng)[0]
+                ex = mqar_example(cfg.mqar_pairs, cfg.mqar_queries, seed, "train")[0]
             if ex.packed_length <= cfg.seq_len:
                 items.append((ex, j))
         if not items:
@@ -694,7 +685,7 @@ def generated_accuracy(model: BirdieLM, items: list[tuple[Example, np.ndarray]],
     hits = []
     for group in by_len.values():
         prompt = torch.from_numpy(np.stack([np.concatenate([ex.input, [VOCAB.begin]]) for ex, _ in group]))
-        gen = model.generate(prompt, max(ex.target.shape[0] for ex, _ in group)).tokens.numpy()
+        gen = model.generate(prompt, max(ex.target.shape[0] for ex, _ in group)).numpy()
         for (ex, mask), g in zip(group, gen, strict=True):
             hits.append((g[: ex.target.shape[0]] == ex.target)[mask])
     return float(np.concatenate(hits).mean())

@@ -15,6 +15,9 @@ Tasks:
   Loss only where the next token is a queried value.
 - **Phonebook** lookup (Jelassi et al. 2024, arXiv 2402.01032): entries ``first last : d1..dD \\n``, then queries
   ``? first last : d1..dD \\n``; loss on the queried number's digits (and the newline after it).
+- Text forms of the same draws, as a prompt and its answer (:class:`TextItem`): :func:`phonebook_text` (Birdie's
+  layout, arXiv 2411.01030 Fig. 1) and :func:`mqar_text` (``pairs: ab:37 ...`` then the queried keys). Item ``b``
+  of ``phonebook_text(cfg, seed, B)`` is the book and the queries of row ``b`` of ``make_phonebook(cfg, seed, B)``.
 - **Copying**: ``x1..xn | x1..xn``; loss on the copy.
 - **Text recall** (:func:`make_text_recall`): MQAR as text in the word-task template, a random word mapping.
 - **Selective copying** (Gu and Dao 2023, arXiv 2312.00752, section 3.1): ``n`` data tokens scattered among
@@ -34,7 +37,7 @@ import hashlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -53,6 +56,9 @@ __all__ = [
     "make_copying",
     "make_selective_copying",
     "render_phonebook",
+    "TextItem",
+    "phonebook_text",
+    "mqar_text",
     "TextRecallConfig",
     "make_text_recall",
     "SYNTHETIC_TASKS",
@@ -143,6 +149,23 @@ class MQARConfig:
             raise ConfigError(f"MQARConfig.filler must be 'zero' or 'random', got {self.filler!r}")
 
 
+def _mqar_draw(
+    cfg: MQARConfig, gen: torch.Generator, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``keys, values [B, N]`` (distinct within a row), the query ``slot`` of each queried key ``[B, N]`` and
+    ``order [B, N]``: slot ``slot[b, i]`` asks for key ``order[b, i]``."""
+    n, total = cfg.num_kv_pairs, cfg.seq_len + 1
+    half = cfg.vocab_size // 2
+    keys = _sample_rows(gen, batch_size, 1, half, n)  # [B, N]
+    values = _sample_rows(gen, batch_size, half, cfg.vocab_size, n)  # [B, N]
+    slots = (total - 2 * n) // 2  # query slots of two tokens each
+    gaps = torch.arange(1, slots + 1, dtype=torch.float64)
+    probs = (cfg.power_a * gaps ** (cfg.power_a - 1)).expand(batch_size, slots)
+    slot = torch.multinomial(probs, n, replacement=False, generator=gen)  # [B, N]
+    order = torch.rand(batch_size, n, generator=gen).argsort(dim=1)  # which key goes to which slot
+    return keys, values, slot, order
+
+
 def make_mqar(cfg: MQARConfig, seed: int, batch_size: int, split: str = "train") -> SyntheticBatch:
     """A batch of MQAR sequences.
 
@@ -159,16 +182,8 @@ def make_mqar(cfg: MQARConfig, seed: int, batch_size: int, split: str = "train")
     _check_batch(batch_size)
     gen = task_generator("mqar", split, seed)
     n, total = cfg.num_kv_pairs, cfg.seq_len + 1
-    half = cfg.vocab_size // 2
-    keys = _sample_rows(gen, batch_size, 1, half, n)  # [B, N]
-    values = _sample_rows(gen, batch_size, half, cfg.vocab_size, n)  # [B, N]
+    keys, values, slot, order = _mqar_draw(cfg, gen, batch_size)
     context = torch.stack([keys, values], dim=2).reshape(batch_size, 2 * n)
-
-    slots = (total - 2 * n) // 2  # query slots of two tokens each
-    gaps = torch.arange(1, slots + 1, dtype=torch.float64)
-    probs = (cfg.power_a * gaps ** (cfg.power_a - 1)).expand(batch_size, slots)
-    slot = torch.multinomial(probs, n, replacement=False, generator=gen)  # [B, N]
-    order = torch.rand(batch_size, n, generator=gen).argsort(dim=1)  # which key goes to which slot
 
     if cfg.filler == "zero":
         region = torch.zeros(batch_size, total - 2 * n, dtype=torch.long)
@@ -321,6 +336,20 @@ class PhonebookConfig:
         return self.n_entries * (self.n_digits + 4) + self.n_queries * (self.n_digits + 5) - 1
 
 
+def _phonebook_draw(cfg: PhonebookConfig, gen: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``book [B, n_entries, n_digits + 4]`` (token lines ``first last : digits \\n``) and the queried entries
+    ``asked [B, n_queries]`` (distinct, in query order)."""
+    n, d = cfg.n_entries, cfg.n_digits
+    name_idx = _sample_rows(gen, batch_size, 0, cfg.n_first * cfg.n_last, n)  # distinct (first, last) pairs
+    first = cfg.first_id + name_idx // cfg.n_last
+    last = cfg.last_id + name_idx % cfg.n_last
+    digits = 4 + torch.randint(0, 10, (batch_size, n, d), generator=gen)
+    col = torch.ones(batch_size, n, 1, dtype=torch.long)
+    book = torch.cat([first[..., None], last[..., None], col, digits, 2 * col], dim=2)  # [B, n, d + 4]
+    asked = _sample_rows(gen, batch_size, 0, n, cfg.n_queries)  # [B, Q]
+    return book, asked
+
+
 def make_phonebook(cfg: PhonebookConfig, seed: int, batch_size: int, split: str = "train") -> SyntheticBatch:
     """A batch of phonebooks with queries; ``input_ids, labels: [B, cfg.seq_len]``.
 
@@ -332,15 +361,8 @@ def make_phonebook(cfg: PhonebookConfig, seed: int, batch_size: int, split: str 
     (3, True, 2)
     """
     _check_batch(batch_size)
-    gen = task_generator("phonebook", split, seed)
     n, d = cfg.n_entries, cfg.n_digits
-    name_idx = _sample_rows(gen, batch_size, 0, cfg.n_first * cfg.n_last, n)  # distinct (first, last) pairs
-    first = cfg.first_id + name_idx // cfg.n_last
-    last = cfg.last_id + name_idx % cfg.n_last
-    digits = 4 + torch.randint(0, 10, (batch_size, n, d), generator=gen)
-    col = torch.ones(batch_size, n, 1, dtype=torch.long)
-    book = torch.cat([first[..., None], last[..., None], col, digits, 2 * col], dim=2)  # [B, n, d + 4]
-    asked = _sample_rows(gen, batch_size, 0, n, cfg.n_queries)  # [B, Q]
+    book, asked = _phonebook_draw(cfg, task_generator("phonebook", split, seed), batch_size)
     rows = torch.arange(batch_size)[:, None]
     queries = torch.cat([3 * torch.ones(batch_size, cfg.n_queries, 1, dtype=torch.long), book[rows, asked]], dim=2)
     q_target = torch.full_like(queries, IGNORE_INDEX)
@@ -369,6 +391,69 @@ def render_phonebook(cfg: PhonebookConfig, ids: torch.Tensor | list[int]) -> str
         else:
             raise ConfigError(f"token {t} is outside the phonebook vocabulary of {cfg.vocab_size} ids")
     return "".join(out)
+
+
+class TextItem(NamedTuple):
+    """A task as text: the ``prompt`` a model reads and the ``answer`` it should produce."""
+
+    prompt: str
+    answer: str
+
+
+def _name_text(cfg: PhonebookConfig, first_id: int, last_id: int) -> str:
+    i, j = first_id - cfg.first_id, last_id - cfg.last_id
+    return f"{_FIRST[i] if i < len(_FIRST) else f'F{i}'} {_LAST[j] if j < len(_LAST) else f'L{j}'}"
+
+
+def phonebook_text(cfg: PhonebookConfig, seed: int, batch_size: int, split: str = "train") -> list[TextItem]:
+    """The phonebooks of :func:`make_phonebook` (same seed, same draws) as text, in Birdie's layout: the question,
+    the book, the question again; the answer lists the queried numbers.
+
+    >>> item = phonebook_text(PhonebookConfig(n_entries=2, n_queries=1, n_digits=3), seed=0, batch_size=1)[0]
+    >>> lines = item.prompt.splitlines()
+    >>> lines[0].startswith("Find: "), lines[1], lines[0] == lines[-1], f": {item.answer}" in item.prompt
+    (True, 'Phonebook:', True, True)
+    """
+    _check_batch(batch_size)
+    book, asked = _phonebook_draw(cfg, task_generator("phonebook", split, seed), batch_size)
+    out = []
+    for b in range(batch_size):
+        names = [_name_text(cfg, int(line[0]), int(line[1])) for line in book[b]]
+        numbers = ["".join(str(int(t) - 4) for t in line[3:-1]) for line in book[b]]
+        who = ", ".join(names[int(i)] for i in asked[b])
+        lines = "".join(f"{n}: {p}\n" for n, p in zip(names, numbers, strict=True))
+        answer = ", ".join(numbers[int(i)] for i in asked[b])
+        out.append(TextItem(f"Find: {who}\nPhonebook:\n{lines}Find: {who}\n", answer))
+    return out
+
+
+def mqar_text(cfg: MQARConfig, seed: int, batch_size: int, n_queries: int, split: str = "train") -> list[TextItem]:
+    """The key-value pairs of :func:`make_mqar` (same seed, same draws) as text: ``pairs: ab:37 cd:12 ...`` and
+    ``query:`` the first ``n_queries`` keys that the token sequence asks for, in its order; the answer lists their
+    values. Keys render as two letters, values as two digits, so ``cfg.vocab_size`` must be at most 200.
+
+    >>> item = mqar_text(MQARConfig(vocab_size=200, seq_len=16, num_kv_pairs=3), seed=0, batch_size=1, n_queries=2)[0]
+    >>> pairs = dict(p.split(":") for p in item.prompt.splitlines()[0][len("pairs: "):].split())
+    >>> item.answer.split() == [pairs[k] for k in item.prompt.splitlines()[1][len("query: "):].split()]
+    True
+    """
+    _check_batch(batch_size)
+    if not isinstance(n_queries, int) or not 1 <= n_queries <= cfg.num_kv_pairs:
+        raise ConfigError(f"n_queries must be an int in [1, {cfg.num_kv_pairs}], got {n_queries!r}")
+    half = cfg.vocab_size // 2
+    if half - 1 > 26 * 26 or cfg.vocab_size - half > 100:
+        raise ConfigError(f"MQARConfig.vocab_size={cfg.vocab_size} is too large for the text form (at most 200)")
+    keys, values, slot, order = _mqar_draw(cfg, task_generator("mqar", split, seed), batch_size)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    out = []
+    for b in range(batch_size):
+        key = [letters[(int(k) - 1) // 26] + letters[(int(k) - 1) % 26] for k in keys[b]]
+        val = [f"{int(v) - half:02d}" for v in values[b]]
+        asked = order[b][slot[b].argsort()][:n_queries].tolist()  # queried key indices in sequence order
+        prompt = "pairs: " + " ".join(f"{k}:{v}" for k, v in zip(key, val, strict=True))
+        prompt += "\nquery: " + " ".join(key[i] for i in asked) + "\n"
+        out.append(TextItem(prompt, " ".join(val[i] for i in asked)))
+    return out
 
 
 @dataclass(frozen=True)
