@@ -66,7 +66,7 @@ def test_soup_cli_runs_on_a_hf_checkpoint(hf_dir, tmp_path):
     best = max(o["validation"] for o in opts)
     chosen = [o for o in opts if (o["layers"], o["feature"]) == (choice["layers"], choice["feature"])]
     assert len(chosen) == 1 and chosen[0]["validation"] == best
-    assert chosen[0]["test"] == res["retrieval_by_k"]  # store.search with the recorded choice == the bulk scores
+    assert chosen[0]["test"] == res["retrieval_by_k"]
     for v in res["retrieval_by_k"].values():
         assert v in (0.0, 1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0)  # 3 tasks x 2 queries
     assert set(res["icl_mean"]) == set(ICL_METHODS)
@@ -198,6 +198,15 @@ def test_the_retrieval_choice_never_reads_the_test_queries(tiny_runner):
     assert r2.choice.validation == r.choice.validation
     assert (r2.choice.layers, r2.choice.feature) == (r.choice.layers, r.choice.feature)
     assert r2.choice.digest == r.choice.digest  # the statistics too
+    # store.search with the recorded choice ranks as the bulk scores of the retrieval study do
+    from statelab.state.retrieval import per_layer, predict
+
+    queries = r.encode_many(
+        [r.prompter.demos(t.test[:2]) for t in r.tasks] + [r.prompter.demos(t.test[2:3]) for t in r.tasks]
+    )
+    lib, tasks, _ = r._lib_rows()
+    bulk = predict(per_layer(lib), tasks, per_layer(queries), r.choice.layers, r.choice.feature)
+    assert [r.top1(q)[1] for q in queries] == bulk
     # queries are the library prompts' own prefixes: (tasks x sets) x the k below library_shots
     v_states, v_tasks, v_groups = r.validation
     assert len(v_states) == 3 * 2 * 2 and v_groups[:2] == [0, 0] and v_tasks[0] == r.tasks[0].name
