@@ -116,7 +116,10 @@ def test_generated_accuracy_scores_what_the_model_generates():
 
     class Sevens(torch.nn.Module):
         def generate(self, prompt, n):
-            return torch.full((prompt.shape[0], n), ord("7"))
+            from statelab.models.base import Generation
+
+            B = prompt.shape[0]
+            return Generation(torch.full((B, n), ord("7")), None, torch.full((B,), n))
 
     digits = np.concatenate([ex.target[m] for ex, m in items])
     assert generated_accuracy(Sevens(), items, 256) == pytest.approx(np.mean(digits == ord("7")))

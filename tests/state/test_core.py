@@ -133,3 +133,27 @@ def test_bad_token_counts_are_refused():
         make(B=2, n="12")
     with pytest.raises(StateMismatchError, match="int or one count per row"):
         make(B=2, n=True)
+
+
+def test_architecture_registry_knows_every_model_state_and_refuses_a_conflict():
+    from statelab.state.core import ARCH_LAYOUTS, ARCH_SSM_RANK, ArchLayout, register_arch
+
+    for arch in ("mamba1", "mamba2", "birdie_gated_ssm", "birdie_hawk", "birdie_mamba2", "birdie_transformer"):
+        assert ARCH_SSM_RANK[arch] == ARCH_LAYOUTS[arch].ssm_rank
+    assert register_arch("mamba1", ARCH_LAYOUTS["mamba1"]) == ARCH_LAYOUTS["mamba1"]
+    with pytest.raises(StateMismatchError, match="already registered"):
+        register_arch("mamba1", ArchLayout(3))
+    with pytest.raises(StateMismatchError, match="unknown state architecture"):
+        State("rnn", torch.zeros(1, 1, 2), torch.zeros(1, 1, 0, 0), torch.zeros(1, 1, 0), 0, "")
+
+
+def test_cat_pads_the_token_axis_of_caches():
+    def cache(S, n):
+        kv = torch.randn(2, 1, 3, S, 4)
+        return State("birdie_transformer", kv, kv.clone(), torch.zeros(2, 1, 0), n, "fp")
+
+    a, b = cache(5, 5), cache(2, 2)
+    both = State.cat([a, b])
+    assert both.tokens == (5, 2) and both.ssm.shape == (2, 2, 3, 5, 4)
+    assert torch.equal(both.ssm[:, 1, :, :2], b.ssm[:, 0]) and not both.ssm[:, 1, :, 2:].any()
+    assert a.layout_key == b.layout_key and a.layout != b.layout

@@ -685,7 +685,7 @@ def generated_accuracy(model: BirdieLM, items: list[tuple[Example, np.ndarray]],
     hits = []
     for group in by_len.values():
         prompt = torch.from_numpy(np.stack([np.concatenate([ex.input, [VOCAB.begin]]) for ex, _ in group]))
-        gen = model.generate(prompt, max(ex.target.shape[0] for ex, _ in group)).numpy()
+        gen = model.generate(prompt, max(ex.target.shape[0] for ex, _ in group)).tokens.numpy()
         for (ex, mask), g in zip(group, gen, strict=True):
             hits.append((g[: ex.target.shape[0]] == ex.target)[mask])
     return float(np.concatenate(hits).mean())

@@ -255,7 +255,7 @@ class StatefulLM(nn.Module):
         if state.arch != self.arch:
             raise StateMismatchError(f"this is a {self.arch} model but the state is from a {state.arch} model")
         ref = self.zero_state(1, device="meta")
-        if state.layout != ref.layout or state.num_layers != ref.num_layers:
+        if state.layout_key != ref.layout_key or state.num_layers != ref.num_layers:
             raise StateMismatchError(
                 f"state layout L={state.num_layers} {state.layout} does not fit this model "
                 f"(L={ref.num_layers} {ref.layout})"
@@ -589,6 +589,11 @@ class StatefulLM(nn.Module):
         mask = batch.to_caller(torch.cat([torch.zeros_like(valid[:, :1]), valid], dim=1))[:, 1:]
         return ScoreResult(logprobs=full, perplexity=ppl, state=out.state, mask=mask)
 
+    def _read_prompt(self, input_ids: torch.Tensor, state: State | None, lengths: torch.Tensor | None) -> RunOutput:
+        """Read all but the last token of prompts (no output head) for ``generate``: a causal pass by default; a
+        model whose layers read a prompt as a bidirectional prefix (Birdie) overrides it."""
+        return self._run(input_ids, state, None, False, lengths)
+
     def _prefill(self, batch: RaggedBatch, state: State | None) -> tuple[torch.Tensor, State]:
         """Read each row's prompt: ``(logits [B, V] after its last real token, state after it)``.
 
@@ -612,11 +617,9 @@ class StatefulLM(nn.Module):
                 continue
             rows = torch.tensor(idx, device=dev)
             sub_len = torch.tensor([lengths[i] - 1 for i in idx], device=dev)
-            part = self._run(
+            part = self._read_prompt(
                 batch.ids.index_select(0, rows)[:, : width - 1],
                 None if state is None else state.select(idx),
-                None,
-                False,
                 None if bool((sub_len == width - 1).all()) else sub_len,
             )
             prefix_states.append(part.state)

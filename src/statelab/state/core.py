@@ -1,11 +1,23 @@
-"""The ``State`` value: everything a stateful SSM language model carries from one call to the next.
+"""The ``State`` value: everything a stateful language model carries from one call to the next.
 
-Layouts (letters from :mod:`statelab.glossary`), all layers stacked on the first axis:
+Layouts (letters from :mod:`statelab.glossary`), all layers stacked on the first axis, one entry per architecture
+in the registry :data:`ARCH_LAYOUTS` (:func:`register_arch`):
 
-| arch     | ssm               | conv                 | sum_delta    |
-|----------|-------------------|----------------------|--------------|
-| mamba1   | [L, B, D, N]      | [L, B, D, K - 1]     | [L, B, D]    |
-| mamba2   | [L, B, H, P, N]   | [L, B, C, K - 1]     | [L, B, H]    |
+| arch                | ssm                   | conv                  | sum_delta  |
+|---------------------|-----------------------|-----------------------|------------|
+| mamba1              | [L, B, D, N]          | [L, B, D, K - 1]      | [L, B, D]  |
+| mamba2              | [L, B, H, P, N]       | [L, B, C, K - 1]      | [L, B, H]  |
+| birdie_gated_ssm    | [L, B, D]             | [L, B, 0, 0]          | [L, B, 0]  |
+| birdie_hawk         | [L, B, D]             | [L, B, D, K - 1]      | [L, B, 0]  |
+| birdie_mamba2       | [L, B, H, P, N]       | [L, B, C, K - 1]      | [L, B, 0]  |
+| birdie_transformer  | keys [L, B, H, S, P]  | values [L, B, H, S, P]| [L, B, 0]  |
+
+The Birdie stacks (:mod:`statelab.models.birdie_models`) track no ΣΔ (an empty last axis), so ordered composition
+refuses their states; their bidirectional-prefix layers keep only the forward half of the channels (heads), which
+fill the first half of the layer's entries, the rest staying zero. The Transformer's "state" is its key/value
+cache: its ``S`` axis grows with the tokens read (the registry marks it as the token axis; ``S`` is at least the
+largest row count and row ``b``'s entries past ``tokens[b]`` are ignored), so states of different lengths still
+batch (:meth:`State.cat` pads that axis), but a cache is not a fixed-size summary and :func:`statelab.mix` refuses it.
 
 A state is "after token ``n``": row ``b`` has consumed tokens ``[0, tokens[b])`` of its own sequence. Rows of one
 batch may have consumed different numbers of tokens (a ragged batch); ``tokens`` always has one count per row,
@@ -26,10 +38,69 @@ import torch
 
 from statelab.errors import StateMismatchError
 
-__all__ = ["State", "ARCH_SSM_RANK"]
+__all__ = ["State", "ArchLayout", "ARCH_LAYOUTS", "ARCH_SSM_RANK", "register_arch"]
 
-# Number of per-sequence SSM dims after [L, B]: mamba1 [D, N], mamba2 [H, P, N].
-ARCH_SSM_RANK: dict[str, int] = {"mamba1": 2, "mamba2": 3}
+
+@dataclass(frozen=True)
+class ArchLayout:
+    """How the states of one architecture are laid out.
+
+    Attributes:
+        ssm_rank, conv_rank, delta_rank: per-sequence dims (after ``[L, B]``) of ``ssm``, ``conv`` and ``sum_delta``.
+        tracks_delta: whether ``sum_delta`` holds ΣΔ (ordered composition needs it).
+        token_axis: the per-sequence axis of ``ssm`` and ``conv`` that grows with the tokens read (a cache), or
+            ``None`` for a fixed-size state.
+        description: one line for people (what the parts hold).
+    """
+
+    ssm_rank: int
+    conv_rank: int = 2
+    delta_rank: int = 1
+    tracks_delta: bool = True
+    token_axis: int | None = None
+    description: str = ""
+
+
+#: arch name -> its layout. Extended by :func:`register_arch` (the model module of a new architecture calls it).
+ARCH_LAYOUTS: dict[str, ArchLayout] = {}
+
+# Number of per-sequence SSM dims after [L, B] for every registered arch (kept in step with ARCH_LAYOUTS).
+ARCH_SSM_RANK: dict[str, int] = {}
+
+
+def register_arch(name: str, layout: ArchLayout) -> ArchLayout:
+    """Register (or confirm) the state layout of architecture ``name``; a different layout under a taken name is an
+    error."""
+    known = ARCH_LAYOUTS.get(name)
+    if known is not None and known != layout:
+        raise StateMismatchError(f"architecture {name!r} is already registered with another layout: {known}")
+    if layout.token_axis is not None and not 0 <= layout.token_axis < min(layout.ssm_rank, layout.conv_rank):
+        raise StateMismatchError(f"token_axis {layout.token_axis} is outside the parts of {name!r}")
+    ARCH_LAYOUTS[name] = layout
+    ARCH_SSM_RANK[name] = layout.ssm_rank
+    return layout
+
+
+register_arch("mamba1", ArchLayout(2, description="Mamba-1: ssm [D, N], conv [D, K-1], ΣΔ [D]"))
+register_arch("mamba2", ArchLayout(3, description="Mamba-2: ssm [H, P, N], conv [C, K-1], ΣΔ [H]"))
+register_arch(
+    "birdie_gated_ssm",
+    ArchLayout(1, tracks_delta=False, description="Birdie gated SSM: ssm [D] (forward half first), no conv"),
+)
+register_arch(
+    "birdie_hawk",
+    ArchLayout(1, tracks_delta=False, description="Birdie Hawk (RG-LRU): ssm [D] (forward half first), conv [D, K-1]"),
+)
+register_arch(
+    "birdie_mamba2",
+    ArchLayout(3, tracks_delta=False, description="Birdie Mamba-2: ssm [H, P, N] (forward heads first), conv [C, K-1]"),
+)
+register_arch(
+    "birdie_transformer",
+    ArchLayout(
+        3, conv_rank=3, tracks_delta=False, token_axis=1, description="Birdie Transformer: keys and values [H, S, P]"
+    ),
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,10 +108,11 @@ class State:
     """Recurrent state of a whole model for a batch of sequences.
 
     Attributes:
-        arch: ``"mamba1"`` or ``"mamba2"``.
-        ssm: SSM state, ``[L, B, D, N]`` (mamba1) or ``[L, B, H, P, N]`` (mamba2).
-        conv: last ``K - 1`` pre-conv inputs per layer, oldest first, ``[L, B, C, K - 1]``.
-        sum_delta: ΣΔ over the consumed tokens, ``[L, B, D]`` (mamba1) or ``[L, B, H]`` (mamba2), fp32.
+        arch: a registered architecture (:data:`ARCH_LAYOUTS`: ``"mamba1"``, ``"mamba2"``, the Birdie stacks).
+        ssm: SSM state, ``[L, B, D, N]`` (mamba1) or ``[L, B, H, P, N]`` (mamba2); see the module table.
+        conv: last ``K - 1`` pre-conv inputs per layer, oldest first, ``[L, B, C, K - 1]``; see the module table.
+        sum_delta: ΣΔ over the consumed tokens, ``[L, B, D]`` (mamba1) or ``[L, B, H]`` (mamba2), fp32 (an empty
+            last axis for architectures that track none).
         n_tokens: how many tokens each row has consumed: an int when every row agrees, else a tuple with one
             count per row. The constructor accepts an int (every row) or a sequence of ``B`` ints; read
             ``tokens`` for the per-row tuple in either case.
@@ -55,14 +127,19 @@ class State:
     fingerprint: str
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCH_SSM_RANK:
-            raise StateMismatchError(f"unknown state architecture {self.arch!r}; known: {sorted(ARCH_SSM_RANK)}")
-        want = 2 + ARCH_SSM_RANK[self.arch]
+        spec = ARCH_LAYOUTS.get(self.arch)
+        if spec is None:
+            raise StateMismatchError(f"unknown state architecture {self.arch!r}; known: {sorted(ARCH_LAYOUTS)}")
+        want = 2 + spec.ssm_rank
         if self.ssm.dim() != want:
             raise StateMismatchError(f"{self.arch} ssm state must have {want} dims, got {tuple(self.ssm.shape)}")
-        if self.conv.dim() != 4:
-            raise StateMismatchError(f"conv state must be [L, B, C, K-1], got {tuple(self.conv.shape)}")
-        if self.sum_delta.dim() != 3:
+        if self.conv.dim() != 2 + spec.conv_rank:
+            if spec.conv_rank == 2:
+                raise StateMismatchError(f"conv state must be [L, B, C, K-1], got {tuple(self.conv.shape)}")
+            raise StateMismatchError(
+                f"{self.arch} conv part must have {2 + spec.conv_rank} dims, got {tuple(self.conv.shape)}"
+            )
+        if self.sum_delta.dim() != 2 + spec.delta_rank:
             raise StateMismatchError(f"sum_delta must be [L, B, D|H], got {tuple(self.sum_delta.shape)}")
         L, B = self.ssm.shape[:2]
         for name in ("conv", "sum_delta"):
@@ -113,6 +190,21 @@ class State:
             "conv": list(self.conv.shape[2:]),
             "sum_delta": list(self.sum_delta.shape[2:]),
         }
+
+    @property
+    def arch_layout(self) -> ArchLayout:
+        """This state's entry of the architecture registry."""
+        return ARCH_LAYOUTS[self.arch]
+
+    @property
+    def layout_key(self) -> dict[str, list[int]]:
+        """``layout`` with the token axis of a cache (:attr:`ArchLayout.token_axis`) shown as ``-1``: two states
+        that fit the same model have the same key whatever their lengths."""
+        axis = self.arch_layout.token_axis
+        out = self.layout
+        if axis is not None:
+            out["ssm"][axis] = out["conv"][axis] = -1
+        return out
 
     # ---- value operations --------------------------------------------------------------------------------
     def replace(self, **changes) -> State:
@@ -209,6 +301,19 @@ class State:
         first = states[0]
         for s in states[1:]:
             first.check_like(s)
+        axis = first.arch_layout.token_axis
+        if axis is not None:  # caches of different lengths: pad the token axis (entries past a row's count are unused)
+            width = max(s.ssm.shape[2 + axis] for s in states)
+
+            def pad(t: torch.Tensor) -> torch.Tensor:
+                extra = width - t.shape[2 + axis]
+                if not extra:
+                    return t
+                shape = list(t.shape)
+                shape[2 + axis] = extra
+                return torch.cat([t, t.new_zeros(shape)], 2 + axis)
+
+            states = [s.replace(ssm=pad(s.ssm), conv=pad(s.conv)) for s in states]
         return first.replace(
             ssm=torch.cat([s.ssm for s in states], 1),
             conv=torch.cat([s.conv for s in states], 1),
@@ -224,7 +329,7 @@ class State:
             raise StateMismatchError(
                 f"states come from different models: fingerprint {self.fingerprint[:16]} vs {other.fingerprint[:16]}"
             )
-        if other.layout != self.layout or other.num_layers != self.num_layers:
+        if other.layout_key != self.layout_key or other.num_layers != self.num_layers:
             raise StateMismatchError(
                 f"layout mismatch: L={self.num_layers} {self.layout} vs L={other.num_layers} {other.layout}"
             )

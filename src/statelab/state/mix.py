@@ -142,6 +142,11 @@ def _check_states(states: Sequence[State]) -> list[State]:
         if not isinstance(s, State):
             raise StateMismatchError(f"states[{i}] must be a statelab.State, got {type(s).__name__}")
     first = states[0]
+    if first.arch_layout.token_axis is not None:
+        raise StateMismatchError(
+            f"{first.arch} states are key/value caches that grow with the context, not fixed-size states; "
+            "they cannot be mixed (mix the states of a recurrent model)"
+        )
     for i, s in enumerate(states):
         first.check_like(s)
         if s.batch_size != first.batch_size:
@@ -337,6 +342,11 @@ def decay_log(state: State, A: torch.Tensor) -> torch.Tensor:
     """
     if not isinstance(A, torch.Tensor):
         raise ConfigError(f"A must be a tensor (model.decay_A()), got {type(A).__name__}")
+    if not state.arch_layout.tracks_delta:
+        raise StateMismatchError(
+            f"{state.arch} states track no ΣΔ, so ordered composition (adecay, append, hybrid, picaso) does not "
+            "apply to them; use an order-free method (mean, weighted, sum, norm_matched, task_arithmetic, ...)"
+        )
     sd = state.sum_delta
     if torch.isnan(sd).any():
         raise StateMismatchError(
