@@ -118,8 +118,10 @@ TokenizerOpt = Annotated[str | None, typer.Option("--tokenizer", help=TOKENIZER_
 def load_model_and_tokenizer(model: str, tokenizer: str | None = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for ``MODEL``: the tokenizer ``--tokenizer`` names, else the checkpoint's own."""
     from statelab.models.loading import load_model
+    from statelab.threads import COMMAND_WORK_TOKENS, apply_thread_rule
 
     m = load_model(model)
+    apply_thread_rule(m, COMMAND_WORK_TOKENS)  # statelab.threads: measured rule, STATELAB_THREADS overrides
     return m, tokenizer_for(model, m, tokenizer)
 
 

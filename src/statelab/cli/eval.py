@@ -67,6 +67,7 @@ def eval_command(
     from statelab.eval.skills import parse_weights, start_state
     from statelab.models.loading import load_model
     from statelab.models.tokenizer import load_tokenizer
+    from statelab.threads import COMMAND_WORK_TOKENS, apply_thread_rule
 
     if skill is not None and soup:
         raise CliError("give --skill or --soup, not both")
@@ -76,6 +77,7 @@ def eval_command(
         raise CliError("-s/--store is read only with --skill or --soup")
     items = read_items(file)
     m = load_model(model)
+    apply_thread_rule(m, COMMAND_WORK_TOKENS)  # statelab.threads: measured rule, STATELAB_THREADS overrides
     tok = load_tokenizer(tokenizer if tokenizer is not None else model)
     state = start_state(
         m, store=store, skill=skill, soup=_soup_names(soup), mix=mix,

@@ -58,7 +58,8 @@ def serve_command(
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most new tokens per choice.")] = 2048,
     device: Annotated[str, typer.Option(help="Device for the model: cpu, cuda, cuda:1, ...")] = "cpu",
     threads: Annotated[
-        int | None, typer.Option(help="torch intra-op threads (default: torch's choice; 1 on a busy machine).")
+        int | None,
+        typer.Option(help="torch intra-op threads (default: statelab.threads' rule: 1 for small work or busy cores)."),
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
 ) -> None:
@@ -101,15 +102,15 @@ def serve_command(
 
     from statelab.models.loading import load_model
     from statelab.serve.app import BackgroundServer, ServeConfig, create_app, default_model_id
+    from statelab.threads import COMMAND_WORK_TOKENS, apply_thread_rule
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     try:
         dev = torch.device(device)
     except RuntimeError as e:
         raise CliError(f"--device: {e}") from None
     try:
         m = load_model(model, device=dev)
+        apply_thread_rule(m, COMMAND_WORK_TOKENS, threads)
         tok = tokenizer_for(model, m, tokenizer)
         st = None
         if store is not None:

@@ -45,6 +45,7 @@ from lm_eval.api.registry import register_model
 from statelab.errors import ConfigError
 from statelab.eval import scoring
 from statelab.eval.skills import parse_soup, parse_weights, start_state
+from statelab.threads import apply_thread_rule
 
 __all__ = ["StatelabLM"]
 
@@ -130,6 +131,7 @@ class StatelabLM(LM):
             weight_list = [float(weights)] if isinstance(weights, int | float) else parse_weights(str(weights))
         skill_name = None if skill is None else str(skill)  # lm-eval turns an all-digit name into an int
         model = load_model(pretrained, dtype=_DTYPES[dtype], device=self._device)
+        apply_thread_rule(model, self.batch_tokens)  # statelab.threads: measured rule, STATELAB_THREADS overrides
         # a skill stored from this checkpoint in another dtype (usually fp32) is adopted: cast to this model's
         # state dtype (model.adopt_state); a skill of another model is refused
         state = start_state(

@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from statelab.errors import ConfigError
+from statelab.layers.protocol import Segments
 from statelab.models.birdie_models import BirdieLM
 from statelab.objectives.base import (
     VOCAB,
@@ -262,7 +263,7 @@ def _task_examples(
 
 def _token_losses(model: BirdieLM, batch: PackedBatch) -> torch.Tensor:
     """Per-position target losses ``[B, T]`` (0 where the label is -100)."""
-    logits, _ = model(batch.tokens, None, batch.seq_start, batch.is_prefix)
+    logits, _ = model(batch.tokens, segments=Segments(batch.seq_start, batch.is_prefix))
     flat = logits.float().reshape(-1, logits.shape[-1])  # class dim last and contiguous: a fast log-softmax
     return F.cross_entropy(flat, batch.labels.reshape(-1), ignore_index=IGNORE, reduction="none").view_as(batch.labels)
 
@@ -570,7 +571,7 @@ def _accuracy(model: BirdieLM, items: list[tuple[Example, np.ndarray]], seq_len:
         return float("nan")
     model.eval()
     batch, _ = pack_rows(((ex, i) for i, (ex, _) in enumerate(items)), seq_len)
-    logits, _ = model(batch.tokens, None, batch.seq_start, batch.is_prefix)
+    logits, _ = model(batch.tokens, segments=Segments(batch.seq_start, batch.is_prefix))
     lab = batch.labels != IGNORE
     correct = (logits.argmax(-1) == batch.labels)[lab].numpy()
     mask = np.concatenate([m for _, m in items])
@@ -684,7 +685,7 @@ def generated_accuracy(model: BirdieLM, items: list[tuple[Example, np.ndarray]],
     hits = []
     for group in by_len.values():
         prompt = torch.from_numpy(np.stack([np.concatenate([ex.input, [VOCAB.begin]]) for ex, _ in group]))
-        gen = model.generate(prompt, max(ex.target.shape[0] for ex, _ in group)).numpy()
+        gen = model.generate(prompt, max(ex.target.shape[0] for ex, _ in group)).tokens.numpy()
         for (ex, mask), g in zip(group, gen, strict=True):
             hits.append((g[: ex.target.shape[0]] == ex.target)[mask])
     return float(np.concatenate(hits).mean())

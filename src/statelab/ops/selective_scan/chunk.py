@@ -13,42 +13,24 @@ Same contract as ``naive.selective_scan_naive`` (see there for the recurrence). 
   recomputed, then the adjoint recurrence ``G_t = C_t ⊗ dy_t + a_{t+1} G_{t+1}`` runs backwards in place and the
   parameter gradients are vectorised contractions over the chunk.
 * **One token** (decode): a direct update with no chunk machinery.
+
+The scan runs on whatever intra-op thread count the process has; it never changes it (entry points choose it once,
+:mod:`statelab.threads`: its many small per-chunk ops are why small work runs on one thread).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 
 from statelab.ops.selective_scan.naive import ScanOutput, check_scan_args
 
-__all__ = ["selective_scan_chunk", "CHUNK", "SCAN_THREADS", "ROW_BLOCK_BYTES"]
+__all__ = ["selective_scan_chunk", "CHUNK", "ROW_BLOCK_BYTES"]
 
 CHUNK = 32  # tokens per chunk: two [Q, B, D, N] fp32 buffers stay within the last-level cache at Mamba sizes
 # without autograd, a batch is scanned in blocks of rows whose [Q, rows, D, N] fp32 buffer is at most this big
 ROW_BLOCK_BYTES = 4 << 20
-
-# Intra-op threads for the scan. Its per-chunk ops are small, so with several threads each one is a
-# synchronisation point; on a machine shared with other jobs a stalled worker turns every such point into a
-# scheduler quantum (measured 10x slower than one thread on 2 busy cores). One thread is the robust default;
-# ``None`` keeps torch's setting.
-SCAN_THREADS: int | None = 1
-
-
-@contextlib.contextmanager
-def _threads(n: int | None):
-    """Run the body with ``n`` intra-op threads (if fewer than now), restoring the setting afterwards."""
-    before = torch.get_num_threads()
-    if n is None or n >= before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _forward(
@@ -133,8 +115,7 @@ class _ChunkScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, uT, dT, A, BT, CT, h0, positions, Q):  # type: ignore[override]
-        with _threads(SCAN_THREADS):
-            y, h, bounds, states = _forward(uT, dT, A, BT, CT, h0, positions, True, Q)
+        y, h, bounds, states = _forward(uT, dT, A, BT, CT, h0, positions, True, Q)
         ctx.positions = tuple(positions)
         ctx.Q = Q
         ctx.save_for_backward(uT, dT, A, BT, CT, torch.stack(bounds) if bounds else h0[None])
@@ -143,8 +124,7 @@ class _ChunkScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, d_final, d_at):  # type: ignore[override]
-        with _threads(SCAN_THREADS):
-            return _ChunkScan._backward(ctx, dy, d_final, d_at)
+        return _ChunkScan._backward(ctx, dy, d_final, d_at)
 
     @staticmethod
     def _backward(ctx, dy, d_final, d_at):
@@ -245,8 +225,7 @@ def selective_scan_chunk(
             yT, h, at = _ChunkScan.apply(uT, dT, Af, BT, CT, h0, plist, chunk_size)
             states_at = at.transpose(0, 1) if pos is not None else None
         else:
-            with _threads(SCAN_THREADS):
-                yT, h, states = _forward_rows(uT, dT, Af, BT, CT, h0, plist, chunk_size)
+            yT, h, states = _forward_rows(uT, dT, Af, BT, CT, h0, plist, chunk_size)
             states_at = torch.stack([states[p] for p in plist], 1) if pos is not None and plist else None
             if pos is not None and not plist:
                 states_at = h0.new_empty(Bsz, 0, D, N)
