@@ -22,6 +22,7 @@ import torch
 
 from statelab.config import from_dict, read_config_file
 from statelab.experiments.birdie import BirdieExperimentConfig, load_corpus
+from statelab.layers.protocol import Segments
 from statelab.models.birdie_models import BirdieLM, BirdieModelConfig
 from statelab.objectives import VOCAB, ObjectiveSampler, birdie_grid
 from statelab.objectives.controller import BirdieController, ControllerConfig, eval_schedule
@@ -54,7 +55,7 @@ def main() -> None:
     batch = sampler.next_batch(cfg.batch_size)
 
     def train_step():
-        logits, _ = model(batch.tokens, None, batch.seq_start, batch.is_prefix)
+        logits, _ = model(batch.tokens, segments=Segments(batch.seq_start, batch.is_prefix))
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE)
         opt.zero_grad()
         loss.backward()
@@ -72,7 +73,7 @@ def main() -> None:
 
     def validate():
         with torch.no_grad():
-            logits, _ = model(val.tokens, None, val.seq_start, val.is_prefix)
+            logits, _ = model(val.tokens, segments=Segments(val.seq_start, val.is_prefix))
             tok = torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1), val.labels.flatten(), ignore_index=IGNORE, reduction="none"
             )

@@ -265,6 +265,10 @@ class SeqRegressor(nn.Module):
     ``pred, state = model(x [B, T, d_in], state=None)``: ``pred: [B, T, E]`` at every position; the state is
     ``(n_tokens, [per-layer states])`` after the last token. The Transformer adds learned absolute positions
     (``max_len``) and an MLP per block; LSA blocks have no norm (von Oswald's LSA is purely linear).
+
+    Like :class:`~statelab.layers.gd_ssm.GDSSM` this is a regressor over real-valued tokens, not a language model,
+    so it is not a ``StatefulLM`` and its state is not a ``State`` (see :class:`~statelab.layers.gd_ssm.GDSSMState`
+    for the reasons); its per-layer states are whatever each baseline mixer returns.
     """
 
     def __init__(

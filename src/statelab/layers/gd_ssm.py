@@ -86,6 +86,14 @@ def make_windows(seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class GDSSMState:
     """State of a GD-SSM stack after ``n_tokens`` tokens.
 
+    Why this is not a :class:`statelab.state.core.State` (and :class:`GDSSM` not a ``StatefulLM``): GD-SSM models
+    are regressors over real-valued tokens, not language models over token ids. The ``StatefulLM`` contract is
+    about ids (``input_ids [B, T]`` checked against a vocabulary, logits, ``score`` as log-probabilities,
+    ``generate`` sampling tokens), none of which exists here; and the part of this state that is not per layer,
+    ``tail`` (the raw input tokens of an incomplete window, whose count depends on the parity of ``n_tokens``),
+    has no place in a ``State``'s per-layer ``[L, B, ...]`` parts. The value semantics are the same: a call never
+    modifies the state it is given, ``clone`` copies, and continuation is exact (``tests/layers/test_gd_ssm.py``).
+
     Attributes:
         ssm: ``[L, B, P, d]``, the accumulator of every layer after the last complete window.
         tail: ``[B, n_tokens - 2·windows, d]``: tokens of the incomplete window (0 tokens only at the start).
