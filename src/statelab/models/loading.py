@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from statelab.errors import CheckpointError
+from statelab.fileio import read_json_object
 
 __all__ = [
     "ArchSpec",
@@ -253,12 +254,7 @@ def load_model(
     cfg_file = directory / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{directory} has no config.json")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{cfg_file} must hold a JSON object")
+    cfg = read_json_object(cfg_file)
     arch, fmt = _detect(cfg, directory)
     cls = model_class(arch)
     if fmt == "hf":

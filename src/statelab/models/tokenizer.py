@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from statelab.errors import CheckpointError
+from statelab.fileio import read_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -337,15 +338,7 @@ class HFTokenizer:
 
 def _read_json_object(f: Path) -> dict[str, Any]:
     """The JSON object in ``f``, ``{}`` when the file is absent; ``CheckpointError`` when it is not an object."""
-    if not f.is_file():
-        return {}
-    try:
-        cfg = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f} is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{f} must hold a JSON object")
-    return cfg
+    return read_json_object(f) if f.is_file() else {}
 
 
 def _token_text(v: Any) -> str | None:

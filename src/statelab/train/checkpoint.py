@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from statelab.errors import CheckpointError
-from statelab.fileio import fsync_dir, fsync_file
+from statelab.fileio import fsync_dir, fsync_file, read_json_object
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -159,10 +159,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     meta_path = p / "trainer.json"
     if not meta_path.is_file():
         raise CheckpointError(f"{p} is not a training checkpoint: trainer.json is missing")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from e
+    meta = read_json_object(meta_path)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p}: checkpoint format {meta.get('format')!r}, this statelab reads {CHECKPOINT_FORMAT}")
     for name, digest in meta.get("files", {}).items():
