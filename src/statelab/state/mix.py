@@ -294,14 +294,9 @@ def sum_(states: Sequence[State], weights: torch.Tensor | None, *, conv: str = "
     """
     if weights is not None:
         raise ConfigError("sum takes no weights; use method='weighted'")
-    first = states[0]
-    ones = torch.ones(len(states), first.batch_size, device=first.device)
-    return first.replace(
-        ssm=_lincomb([s.ssm for s in states], ones).to(first.dtype),
-        conv=_conv(states, None, conv),
-        sum_delta=_lincomb([s.sum_delta for s in states], ones),
-        n_tokens=_summed_tokens(states),
-    )
+    ones = torch.ones(len(states), states[0].batch_size, device=states[0].device)
+    # the composition of chunk states without decay factors: ssm, ΣΔ and token counts all add up
+    return _ordered(states, _lincomb([s.ssm for s in states], ones), conv)
 
 
 @register("norm_matched")

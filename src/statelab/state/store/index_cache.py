@@ -17,6 +17,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,6 +48,15 @@ def read_sketches(db: sqlite3.Connection, ids: Sequence[int], dim: int) -> torch
     got.sort(key=lambda r: order[r["id"]])
     vecs = np.frombuffer(b"".join(r["sketch"] for r in got), dtype="<f4").reshape(len(got), dim)
     return torch.from_numpy(vecs.copy())
+
+
+def _record_mismatch(data: bytes, record: sqlite3.Row) -> str | None:
+    """Why a cache file's bytes do not match their record (size, SHA-256), or None when they do."""
+    if len(data) != record["nbytes"]:
+        return f"has {len(data)} bytes where {record['nbytes']} were recorded"
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        return "does not match its recorded SHA-256 (the file was changed or damaged)"
+    return None
 
 
 @dataclass
@@ -153,11 +163,8 @@ class IndexCache:
         except OSError as e:
             problem = f"cannot be read ({e.strerror or e})"
         else:
-            if len(data) != rec["nbytes"]:
-                problem = f"has {len(data)} bytes where {rec['nbytes']} were recorded"
-            elif hashlib.sha256(data).hexdigest() != rec["sha256"]:
-                problem = "does not match its recorded SHA-256 (the file was changed or damaged)"
-            elif rec["count"] != count:
+            problem = _record_mismatch(data, rec)
+            if problem is None and rec["count"] != count:
                 problem = f"covers {rec['count']} entries, the store holds {count} in its range"
         index = None
         if problem is None:
@@ -232,6 +239,11 @@ class IndexCache:
             records = {r["file"]: r for r in rows}
         found = IndexCheck([], [], [])
         on_disk = sorted(self.directory.iterdir()) if self.directory.is_dir() else []
+
+        def drop(p: Path) -> None:
+            p.unlink(missing_ok=True)
+            db.execute("DELETE FROM index_files WHERE file = ?", (p.name,))
+
         for p in on_disk:
             if p.name.startswith(TMP_PREFIX):
                 if temp_file_owner_alive(p.name):
@@ -244,19 +256,16 @@ class IndexCache:
             if stale:
                 found.stale.append(p.name)
                 if repair:
-                    p.unlink(missing_ok=True)
-                    db.execute("DELETE FROM index_files WHERE file = ?", (p.name,))
+                    drop(p)
                 continue
             try:
-                data = p.read_bytes()
-                good = len(data) == rec["nbytes"] and hashlib.sha256(data).hexdigest() == rec["sha256"]
+                good = _record_mismatch(p.read_bytes(), rec) is None
             except OSError:
                 good = False
             if not good:
                 found.bad.append(p.name)
                 if repair:
-                    p.unlink(missing_ok=True)
-                    db.execute("DELETE FROM index_files WHERE file = ?", (p.name,))
+                    drop(p)
                     found.rebuild.append((rec["kind"], rec["fingerprint"]))
         if repair:
             present = {p.name for p in on_disk}
