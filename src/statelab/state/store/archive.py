@@ -13,11 +13,12 @@ import tarfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from statelab.errors import StateFileError, StoreError
-from statelab.state.core import State
-from statelab.state.io import atomic_write, decode_state
+
+if TYPE_CHECKING:  # torch loads when an archive is written or read, not when the store is opened
+    from statelab.state.core import State
 from statelab.state.store.rows import Entry
 
 __all__ = ["ARCHIVE_FORMAT", "ARCHIVE_VERSION", "ArchivedEntry", "write_archive", "read_archive"]
@@ -49,6 +50,8 @@ def write_archive(path: Path, entries: Sequence[Entry], blobs: dict[str, bytes],
         for blob in sorted(blobs):
             _tar_add(tar, f"blobs/{blob}.safetensors", blobs[blob])
     try:
+        from statelab.state.io import atomic_write
+
         atomic_write(path, buf.getvalue())
     except StateFileError as e:
         raise StoreError(f"export failed: {e}") from None
@@ -128,6 +131,8 @@ def read_archive(archive: Path, prepare: Callable[[ArchivedEntry], T]) -> list[T
     for name, data in files.items():
         blob = name.removeprefix("blobs/").removesuffix(".safetensors")
         try:
+            from statelab.state.io import decode_state
+
             state, meta = decode_state(data, f"{archive}:{name}")
         except StateFileError as e:
             raise StoreError(str(e)) from None

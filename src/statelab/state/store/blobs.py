@@ -14,11 +14,13 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from statelab.errors import StateFileError, StoreError
-from statelab.state.core import State
-from statelab.state.io import TMP_PREFIX, atomic_write, decode_state
 from statelab.state.store.db import StoreDB
+
+if TYPE_CHECKING:  # torch loads when a state file is written or read, not when the store is opened
+    from statelab.state.core import State
 
 __all__ = ["Blobs", "DirectoryScan", "temp_file_owner_alive"]
 
@@ -38,6 +40,8 @@ def _pid_alive(pid: int) -> bool:
 def temp_file_owner_alive(name: str) -> bool:
     """Whether the temporary file ``name`` (``.tmp-<pid>-…``) belongs to another process that is still running
     (then it is a write in flight, not debris)."""
+    from statelab.state.io import TMP_PREFIX
+
     m = re.match(re.escape(TMP_PREFIX) + r"(\d+)-", name)
     owner = int(m.group(1)) if m else None
     return owner is not None and owner != os.getpid() and _pid_alive(owner)
@@ -76,6 +80,8 @@ class Blobs:
         except OSError as e:
             raise self._db.write_error(e, "write a state file") from None
         try:
+            from statelab.state.io import atomic_write
+
             atomic_write(p, data)
         except StateFileError as e:
             raise StoreError(f"store {self._db.path}: {e}") from None
@@ -96,6 +102,8 @@ class Blobs:
     def decode(data: bytes, blob: str, label: str) -> State:
         """The state in a blob's bytes, verified against its name ``blob``; ``label`` names it in errors."""
         try:
+            from statelab.state.io import decode_state
+
             state, meta = decode_state(data, f"entry {label}")
         except StateFileError as e:
             raise StoreError(f"{e}; run `statelab store check --repair`") from None
@@ -105,6 +113,8 @@ class Blobs:
 
     def scan(self) -> DirectoryScan:
         """The files in the blob directory (other files are left alone)."""
+        from statelab.state.io import TMP_PREFIX
+
         found = DirectoryScan()
         for p in self.root.glob("*/*"):
             if p.name.startswith(TMP_PREFIX):

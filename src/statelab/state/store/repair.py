@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from statelab.errors import StoreError
 from statelab.state.store.blobs import Blobs
 from statelab.state.store.db import StoreDB
-from statelab.state.store.index_cache import IndexCache, model_tag
 from statelab.state.store.schema import count_removal
+
+if TYPE_CHECKING:  # the index cache (numpy, torch) loads when a check runs, not when the store is opened
+    from statelab.state.store.index_cache import IndexCache
 
 __all__ = ["CheckReport", "check_store"]
 
@@ -113,5 +115,7 @@ def check_store(store_db: StoreDB, blobs: Blobs, indexes: IndexCache, repair: bo
         for kind, fp in index_check.rebuild:
             with contextlib.suppress(StoreError):  # e.g. the index's package is not installed: left deleted
                 indexes.index(fp, kind)
+                from statelab.state.store.index_cache import model_tag
+
                 report.rebuilt_indexes.append(f"{kind}-{model_tag(fp)}")
     return report

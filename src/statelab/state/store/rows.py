@@ -11,10 +11,12 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from statelab.errors import StoreError
-from statelab.state.core import State
+
+if TYPE_CHECKING:  # torch loads only when a state is handled, not when rows are listed
+    from statelab.state.core import State
 
 __all__ = [
     "Entry",
@@ -150,6 +152,8 @@ def check_fields(
 
     Returns the tags as a tuple.
     """
+    from statelab.state.core import State
+
     if not isinstance(state, State):
         raise StoreError(f"state must be a statelab.State, got {type(state).__name__}")
     if state.batch_size != 1:

@@ -7,26 +7,19 @@ indexes), :mod:`~.ranking` (exact scores), :mod:`~.repair` (check) and :mod:`~.a
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from statelab.errors import StateFileError, StateMismatchError, StoreError
-from statelab.state.core import State
-from statelab.state.io import encode_state
-from statelab.state.retrieval import RetrievalChoice, delete_choice, load_choice, save_choice
-from statelab.state.search import CountSketch, layer_features, resolve_layers
 from statelab.state.store.archive import ArchivedEntry, read_archive, write_archive
 from statelab.state.store.blobs import Blobs
 from statelab.state.store.db import IN_CHUNK, StoreDB, scalar
-from statelab.state.store.index_cache import IndexCache, read_sketches
-from statelab.state.store.ranking import FeatureCache, exact_hits, with_prompts
 from statelab.state.store.repair import CheckReport, check_store
 from statelab.state.store.rows import (
     ENTRY_COLUMNS,
@@ -39,6 +32,17 @@ from statelab.state.store.rows import (
     find_row,
 )
 from statelab.state.store.schema import count_removal, create_store, open_store, wanted_config
+
+# torch, numpy and the search modules load on the first call that handles a state (add, get, search, ...):
+# opening a store and reading its rows (list, show, rm) import none of them, so `statelab store list` starts fast
+if TYPE_CHECKING:
+    import torch
+
+    from statelab.state.core import State
+    from statelab.state.retrieval import RetrievalChoice
+    from statelab.state.search import CountSketch
+    from statelab.state.store.index_cache import IndexCache
+    from statelab.state.store.ranking import FeatureCache
 
 __all__ = ["StateStore", "STORE_INDEX_KINDS"]
 
@@ -105,12 +109,29 @@ class StateStore:
         self.sketch_dim = config.sketch_dim
         self.sketch_seed = config.sketch_seed
         self.layers: list[int] | None = config.layers
-        self._sketch = CountSketch(self.sketch_dim, self.sketch_seed)
         self._blobs = Blobs(self._db)
+        self._index_records = config.index_records
+        self._cache_bytes = int(cache_mb) * 2**20
+
+    @functools.cached_property
+    def _sketch(self) -> CountSketch:
+        from statelab.state.search import CountSketch
+
+        return CountSketch(self.sketch_dim, self.sketch_seed)
+
+    @functools.cached_property
+    def _indexes(self) -> IndexCache:
+        from statelab.state.store.index_cache import IndexCache
+
         # a "sketch" store scores sketches by brute force: an exact index over them, never cached on disk
-        sketch_index = "exact" if index == "sketch" else index
-        self._indexes = IndexCache(self._db, sketch_index, self.sketch_dim, config.index_records)
-        self._features = FeatureCache(self._blobs, int(cache_mb) * 2**20)
+        sketch_index = "exact" if self.index_kind == "sketch" else self.index_kind
+        return IndexCache(self._db, sketch_index, self.sketch_dim, self._index_records)
+
+    @functools.cached_property
+    def _features(self) -> FeatureCache:
+        from statelab.state.store.ranking import FeatureCache
+
+        return FeatureCache(self._blobs, self._cache_bytes)
 
     @property
     def read_only(self) -> str | None:
@@ -118,6 +139,8 @@ class StateStore:
         return self._db.read_only_reason()
 
     def _layers_for(self, num_layers: int) -> list[int]:
+        from statelab.state.search import resolve_layers
+
         return resolve_layers(self.layers, num_layers)
 
     # adding
@@ -127,6 +150,9 @@ class StateStore:
         prompt: str | None, shots: int | None,
     ) -> tuple[bytes, dict[str, Any]]:  # fmt: skip
         """The blob bytes and the row (column values, plus ``tags``) of a new entry, after checking its fields."""
+        from statelab.state.io import encode_state
+        from statelab.state.search import layer_features
+
         tags = check_fields(state, name, task, tags, description, prompt, shots)
         try:
             data, meta = encode_state(state.detach(), prompt=prompt)
@@ -174,6 +200,8 @@ class StateStore:
         state. Identical states share one blob. Raises ``StoreError`` for a taken name, a batch size other than 1,
         a NaN/inf state or a write failure, and then leaves the store as it was.
         """
+        from statelab.state.core import State
+
         if not isinstance(state, State):
             raise StoreError(f"add needs a statelab.State, got {type(state).__name__}")
         data, row = self._prepare(state, name, task, tags, description, prompt, shots)
@@ -242,6 +270,8 @@ class StateStore:
                     for i, (spec, row) in enumerate(zip(specs, rows, strict=True)):
                         data = None
                         if not self._blobs.exists(row["blob"]):  # collected by a concurrent repair: rewrite
+                            from statelab.state.io import encode_state
+
                             data, _ = encode_state(spec.state.detach(), prompt=spec.prompt)
                         try:
                             added.append(self._insert(db, row, data))
@@ -455,6 +485,9 @@ class StateStore:
 
         Raises ``StoreError`` for an empty store or a store holding no entry of the query's model.
         """
+        from statelab.state.core import State
+        from statelab.state.store.ranking import with_prompts
+
         if not isinstance(query_state, State):
             raise StoreError(f"search needs a statelab.State query, got {type(query_state).__name__}")
         if query_state.batch_size != 1:
@@ -479,6 +512,13 @@ class StateStore:
         threshold: float | None, rerank: int, task: str | None,
     ) -> list[Hit]:  # fmt: skip
         """The hits of :meth:`search` (without prompts), candidates read through ``db``."""
+        import torch
+
+        from statelab.state.retrieval import load_choice
+        from statelab.state.search import layer_features, resolve_layers
+        from statelab.state.store.index_cache import read_sketches
+        from statelab.state.store.ranking import exact_hits
+
         fp = query_state.fingerprint
         total = scalar(db, "SELECT COUNT(*) FROM entries")
         cond, args = "fingerprint = ?", [fp]
@@ -533,17 +573,23 @@ class StateStore:
     def set_retrieval(self, choice: RetrievalChoice) -> None:
         """Record how states of ``choice.fingerprint`` are compared: exact searches of that model's queries without
         ``layers=`` then use its layers and feature (replaces an earlier choice for that model)."""
+        from statelab.state.retrieval import save_choice
+
         with self._db.write("record a retrieval choice") as db:
             save_choice(db, choice)
 
     def retrieval(self, fingerprint: str) -> RetrievalChoice | None:
         """The recorded retrieval choice of model ``fingerprint``, or ``None`` (search then compares raw states
         of the store's layers)."""
+        from statelab.state.retrieval import load_choice
+
         with self._db.read() as db:
             return load_choice(db, fingerprint)
 
     def clear_retrieval(self, fingerprint: str) -> bool:
         """Forget the retrieval choice of model ``fingerprint``; whether there was one."""
+        from statelab.state.retrieval import delete_choice
+
         with self._db.write("clear a retrieval choice") as db:
             return delete_choice(db, fingerprint)
 
