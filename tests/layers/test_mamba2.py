@@ -97,3 +97,17 @@ def test_given_state_is_not_modified_and_bad_input_is_refused():
     check_states("unchanged", copy, s)
     with pytest.raises(ValueError, match=r"expects x \[B, T, 12\]"):
         m(torch.randn(1, 4, 13))
+
+
+def test_protocol_keywords_and_backend_are_validated():
+    from statelab.layers.protocol import Segments
+
+    m = make_mixer()
+    x = torch.randn(1, 4, 12)
+    with pytest.raises(ValueError, match="does not support segments="):
+        m(x, segments=Segments(torch.zeros(1, 4, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        m.backend = "fast"
+    assert m.backend == "chunk"
+    with pytest.raises(ValueError, match="unknown backend"):
+        Mamba2Mixer(12, 24, 8, 1, 6, backend="parallel")

@@ -146,3 +146,18 @@ def test_bf16_model_continuation():
         b, _ = m(x[:, 4:], state=s1)
     assert s.dtype == torch.bfloat16 and s.sum_delta.dtype == torch.float32
     assert_close("bf16", whole.float(), torch.cat([a, b], 1).float(), rtol=5e-2, atol=5e-2)
+
+
+def test_backend_is_a_validated_constructor_argument(model):
+    torch.manual_seed(0)
+    naive = Mamba1LM(CFG, backend="naive").eval()
+    naive.load_state_dict(model.state_dict())
+    assert naive.backend == "naive" and all(b.mixer.backend == "naive" for b in naive.layers)
+    ids = _ids(9)
+    with torch.no_grad():
+        assert_close("naive == chunk", model(ids)[0], naive(ids)[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        Mamba1LM(CFG, backend="fast")
+    with pytest.raises(ValueError, match="unknown backend"):
+        naive.backend = "cuda"
+    assert naive.backend == "naive"

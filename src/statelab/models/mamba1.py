@@ -29,6 +29,7 @@ from statelab.errors import CheckpointError, ConfigError
 from statelab.layers.decode import Matvec, cached_plan, matvec, transposed_layout
 from statelab.layers.mamba1 import Mamba1Mixer, MixerState, StepWeights
 from statelab.layers.norm import RMSNorm
+from statelab.layers.protocol import check_backend
 from statelab.models.base import RunOutput, StatefulLM, advanced_state, empty_like_state
 from statelab.state.core import State
 
@@ -111,7 +112,7 @@ class _StepPlan(NamedTuple):
 class Mamba1Block(nn.Module):
     """Pre-norm residual block: ``h ← h + mixer(rmsnorm(h))``."""
 
-    def __init__(self, config: Mamba1Config) -> None:
+    def __init__(self, config: Mamba1Config, backend: str = "chunk") -> None:
         super().__init__()
         c = config
         self.norm = RMSNorm(c.d_model, eps=c.rms_norm_eps)
@@ -128,23 +129,28 @@ class Mamba1Block(nn.Module):
             c.dt_init_floor,
             c.dt_scale,
             c.dt_init,
+            backend=backend,
         )
 
 
 class Mamba1LM(StatefulLM):
-    """Mamba-1 language model: ``logits [B, T, V], state = model(input_ids [B, T], state=None)``."""
+    """Mamba-1 language model: ``logits [B, T, V], state = model(input_ids [B, T], state=None)``.
+
+    ``backend`` (``"chunk" | "naive"``, validated) selects the selective-scan implementation of every layer.
+    """
 
     arch: ClassVar[str] = "mamba1"
     # decay parameters stay fp32 when the model is cast (STYLE: numerics of recurrences)
     fp32_params: ClassVar[tuple[str, ...]] = ("A_log", ".D", "dt_proj.bias")
 
-    def __init__(self, config: Mamba1Config) -> None:
+    def __init__(self, config: Mamba1Config, backend: str = "chunk") -> None:
         super().__init__()
         if not isinstance(config, Mamba1Config):
             raise ConfigError(f"Mamba1LM needs a Mamba1Config, got {type(config).__name__}")
+        check_backend("Mamba1LM", backend, Mamba1Mixer.BACKENDS)
         self.config = config
         self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Mamba1Block(config) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(Mamba1Block(config, backend) for _ in range(config.n_layer))
         self.norm_f = RMSNorm(config.d_model, eps=config.rms_norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.padded_vocab_size, False)
         if self.embedding.weight.device.type != "meta":
@@ -154,10 +160,20 @@ class Mamba1LM(StatefulLM):
     def config_dict(self) -> dict[str, Any]:
         return self.config.to_dict()
 
-    def set_backend(self, backend: str) -> None:
-        """Selective-scan backend of every layer: ``"chunk"`` (default) or ``"naive"``."""
+    @property
+    def backend(self) -> str:
+        """The selective-scan backend of the layers (``"chunk"`` or ``"naive"``)."""
+        return self.layers[0].mixer.backend if len(self.layers) else "chunk"
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        check_backend("Mamba1LM", value, Mamba1Mixer.BACKENDS)
         for block in self.layers:
-            block.mixer.backend = backend
+            block.mixer.backend = value
+
+    def set_backend(self, backend: str) -> None:
+        """Selective-scan backend of every layer: ``"chunk"`` (default) or ``"naive"`` (as ``model.backend = b``)."""
+        self.backend = backend
 
     def zero_state(
         self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
