@@ -470,6 +470,7 @@ def train_config(arm: str, seed: int, cfg: BirdieExperimentConfig, out_dir: str 
             keep_checkpoints=1,
             log_every=10,
             progress=False,
+            plots=False,
         ),
     )
 
@@ -651,6 +652,7 @@ def finetune_config(
             keep_checkpoints=1,
             log_every=10,
             progress=False,
+            plots=False,
         ),
     )
 

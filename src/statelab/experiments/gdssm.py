@@ -399,6 +399,7 @@ def train_config(spec: RunSpec, config: ExperimentConfig, out_dir: str | Path) -
             keep_checkpoints=1,
             log_every=tr.eval_every,
             progress=False,
+            plots=False,
         ),
     )
 
@@ -447,11 +448,14 @@ class _Validation(Callback):
         self.val_in, self.val_y = model_inputs(spec, val), val.query_y
         self.curve: list[tuple[int, float]] = []
         self.t0 = time.perf_counter()
+        self.eval_s = 0.0
 
     def evaluate(self, step: int, model: nn.Module) -> None:
+        t = time.perf_counter()
         with torch.no_grad():
             pred = query_prediction(self.spec, model, self.val_in, self.config.task.e)
             self.curve.append((step, float(half_mse(pred, self.val_y))))
+        self.eval_s += time.perf_counter() - t
         if self.progress is not None:
             rate = step / max(time.perf_counter() - self.t0, 1e-9)
             self.progress.update(self.task_id, rate=f"{rate:.0f} steps/s, val loss {self.curve[-1][1]:.4f}")
@@ -520,7 +524,9 @@ def train_run(
         callbacks=[validation],
         stop_after=stop_after,
     )
-    return TrainedRun(spec, result.model, validation.curve, result.elapsed, result.step / max(result.elapsed, 1e-9))
+    # training time as before the shared loop: optimizer steps and validation (not checkpoints)
+    seconds = result.step_seconds + validation.eval_s
+    return TrainedRun(spec, result.model, validation.curve, seconds, result.step / max(seconds, 1e-9))
 
 
 # ---- metrics -------------------------------------------------------------------------------------------------

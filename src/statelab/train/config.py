@@ -135,6 +135,8 @@ class RunSection:
         autocast: ``"none"`` or ``"bfloat16"`` (mixed precision on CUDA; parameters stay fp32).
         threads: torch intra-op threads; ``0`` leaves torch's default.
         progress: show a rich progress bar (rank 0 only).
+        plots: draw ``loss.png`` (at checkpoints, at most once a minute, and at the end); studies that train many
+            small runs turn it off.
     """
 
     out_dir: str = "runs/train"
@@ -151,6 +153,7 @@ class RunSection:
     autocast: str = "none"
     threads: int = 0
     progress: bool = True
+    plots: bool = True
 
 
 @dataclass(frozen=True)

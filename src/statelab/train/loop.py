@@ -88,7 +88,15 @@ MODEL_FACTORIES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {}
 
 # Config keys that do not change the trajectory of a run: they may differ between a run and its resumption.
 _COSMETIC_KEYS = frozenset(
-    {"run.progress", "run.resume", "run.threads", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints"}
+    {
+        "run.progress",
+        "run.resume",
+        "run.threads",
+        "run.log_every",
+        "run.checkpoint_every",
+        "run.keep_checkpoints",
+        "run.plots",
+    }
 )
 
 
@@ -817,7 +825,7 @@ def _save(
         ckpt_io.prune_checkpoints(out_dir, cfg.run.keep_checkpoints, protect=[final])
         plot = out_dir / "loss.png"
         # refresh the plot at most once a minute (drawing costs a fraction of a second); always at the end
-        if not plot.exists() or time.time() - plot.stat().st_mtime > 60:
+        if cfg.run.plots and (not plot.exists() or time.time() - plot.stat().st_mtime > 60):
             plot_metrics(read_metrics(out_dir / "metrics.jsonl"), plot)
     ctx.barrier()
 
@@ -838,4 +846,5 @@ def _finish(cfg: TrainConfig, out_dir: Path, model: nn.Module, tokenizer: Any) -
         tokenizer.save(final)
     (final / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=1), encoding="utf-8")
     (out_dir / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=1), encoding="utf-8")
-    plot_metrics(read_metrics(out_dir / "metrics.jsonl"), out_dir / "loss.png")
+    if cfg.run.plots:
+        plot_metrics(read_metrics(out_dir / "metrics.jsonl"), out_dir / "loss.png")
