@@ -186,3 +186,29 @@ def test_step_into_a_buffer_equals_the_plain_step():
     assert torch.equal(y, y2) and torch.equal(h, h2)
     with pytest.raises(ValueError, match="separate fp32 buffer"):
         ssd_step(x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D, h0, out=h0)
+
+
+@pytest.mark.parametrize("T", [63, 64, 200], ids=lambda t: f"T{t}")
+def test_blocked_inference_equals_one_pass_and_naive(monkeypatch, T):
+    """Without autograd a long call runs in blocks of whole chunks (cache-sized temporaries); blocks of 1 and 2
+    chunks give what one pass and the naive loop give, states at positions included (0, block edges, inside blocks,
+    the end, a repeat)."""
+    from statelab.ops.ssd import chunk
+
+    x, dt, A, Bm, Cm, D, h0 = make_inputs(B=2, T=T, decay_scale=0.5)
+    positions = sorted({0, 1, 15, 16, 17, T // 2, T - 1, T}) + [16]
+    with torch.no_grad():
+        ref = ssd_scan_naive(x, dt, A, Bm, Cm, D, h0, True, positions)
+        monkeypatch.setattr(chunk, "BLOCK_BYTES", 1 << 40)
+        one = ssd_scan_chunk(x, dt, A, Bm, Cm, D, h0, True, positions, chunk_size=16)
+        for chunks in (1, 2):
+            per_chunk = 2 * 4 * 16 * 16 * 8  # B x H x Q x Q fp64
+            monkeypatch.setattr(chunk, "BLOCK_BYTES", chunks * per_chunk)
+            assert chunk.block_tokens(2, 4, 16) == 16 * chunks
+            got = ssd_scan_chunk(x, dt, A, Bm, Cm, D, h0, True, positions, chunk_size=16)
+            for name, a, b in (("one pass", one, got), ("naive", ref, got)):
+                assert_close(f"y vs {name}", a.y, b.y)
+                assert_close(f"final_state vs {name}", a.final_state, b.final_state)
+                assert_close(f"sum_delta vs {name}", a.sum_delta, b.sum_delta)
+                assert_close(f"states_at vs {name}", a.states_at, b.states_at)
+                assert_close(f"sum_delta_at vs {name}", a.sum_delta_at, b.sum_delta_at)

@@ -38,6 +38,8 @@ from statelab.ops.ssd.naive import check_ssd_inputs
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "BLOCK_BYTES",
+    "block_tokens",
     "ssd_scan_chunk",
     "chunk_cumsum",
     "intra_chunk_output",
@@ -49,6 +51,8 @@ __all__ = [
 # Measured on 2 CPU cores (130m-sized layer, 2048 tokens): 64 balances the O(T·Q) diagonal blocks against the
 # per-chunk state work.
 DEFAULT_CHUNK_SIZE = 64
+# the inference path runs long sequences in blocks whose [B, chunks, H, Q, Q] fp64 decay matrix is at most this big
+BLOCK_BYTES = 8 << 20
 
 
 def chunk_cumsum(a: torch.Tensor, Q: int) -> torch.Tensor:
@@ -205,10 +209,74 @@ def ssd_scan_chunk(
 
     Returns:
         :class:`~statelab.ops.ScanOutput`.
+
+    Without autograd a long sequence runs in blocks of whole chunks (:func:`block_tokens`), each continuing from
+    the state the previous one ended in: the per-chunk temporaries (the ``[Q, Q]`` decay and score matrices of
+    every chunk, in fp64 and fp32) then stay cache-sized, so the cost per token does not grow with the length and
+    memory grows only with the inputs and outputs. The chunks are those of one pass, so blocks change nothing but
+    rounding (ΣΔ is a cumulative sum restarted per block; batched products of another batch size may round
+    differently).
     """
     pos = check_ssd_inputs(x, dt, A, Bm, Cm, D, initial_state, return_states_at)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    T = x.shape[1]
+    step = block_tokens(x.shape[0], x.shape[2], min(chunk_size, max(T, 1)))
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, Bm, Cm, D, initial_state)
+    )
+    if grad or step >= T:
+        return _scan(x, dt, A, Bm, Cm, D, initial_state, output_final_state, pos, chunk_size)
+    h = initial_state
+    ys, sd = [], None
+    at: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        local = sorted({p - t0 for p in pos or () if t0 < p <= t1 or (p == 0 and t0 == 0)})
+        part = _scan(x[:, t0:t1], dt[:, t0:t1], A, Bm[:, t0:t1], Cm[:, t0:t1], D, h, True, local or None, chunk_size)
+        ys.append(part.y)
+        if local:
+            assert part.states_at is not None and part.sum_delta_at is not None
+            for k, p in enumerate(local):
+                sd_p = part.sum_delta_at[:, k] if sd is None else sd + part.sum_delta_at[:, k]
+                at[t0 + p] = (part.states_at[:, k], sd_p)
+        sd = part.sum_delta if sd is None else sd + part.sum_delta
+        h = part.final_state
+    assert h is not None and sd is not None
+    states_at = sum_delta_at = None
+    if pos is not None:
+        states_at = stack_at([at[p][0] for p in pos], h)
+        sum_delta_at = torch.stack([at[p][1] for p in pos], 1) if pos else sd.new_empty(sd.shape[0], 0, sd.shape[1])
+    return ScanOutput(
+        y=torch.cat(ys, dim=1),
+        final_state=h if output_final_state else None,
+        sum_delta=sd,
+        states_at=states_at,
+        sum_delta_at=sum_delta_at,
+    )
+
+
+def block_tokens(batch: int, heads: int, Q: int) -> int:
+    """Tokens per block of the inference path: whole chunks of ``Q`` whose ``[B, chunks, H, Q, Q]`` fp64 decay
+    matrix stays within :data:`BLOCK_BYTES` (at least one chunk)."""
+    per_chunk = batch * heads * Q * Q * 8
+    return Q * max(1, BLOCK_BYTES // per_chunk)
+
+
+def _scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    Bm: torch.Tensor,
+    Cm: torch.Tensor,
+    D: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    pos: list[int] | None,
+    chunk_size: int,
+) -> ScanOutput:
+    """:func:`ssd_scan_chunk` in one pass over the whole sequence (inputs already checked, ``pos`` a list or
+    ``None``)."""
     Bsz, T, H, P = x.shape
     G, N = Bm.shape[2:]
     if T == 0:
