@@ -8,12 +8,17 @@ Every mixer is called as::
   returned ``state`` is the state after the last (real) token. The given state is never modified.
 * ``positions``: counts ``p`` of tokens of this call; the states after the first ``p`` tokens come back **inside
   the returned state**, in its ``at`` field, each part stacked on axis 1 (``[B, n_pos, ...]``, the
-  :mod:`statelab.ops` convention); without ``positions`` ``at`` is ``None``. Mixers whose state is not such a
-  record (see :data:`POSITIONS`) refuse ``positions`` with a ``ValueError``.
+  :mod:`statelab.ops` convention); without ``positions`` ``at`` is ``None``. The Mamba-1 and Mamba-2 mixers
+  honour it; the mixers whose state is a bare tensor, a tuple or a cache (gated SSM, Hawk, the split Mamba-2,
+  S5, GD-SSM, attention, linear attention) refuse it with a ``ValueError``; their models take states at
+  positions by running the pieces between them one after another, which is exact for a causal pass
+  (:class:`statelab.models.birdie_models.BirdieLM`).
 * ``lengths [B]``: right padding; row ``b`` is ``x[b, :lengths[b]]`` and its state stops after its own last real
-  token.
+  token (outputs at padded positions are unspecified). Honoured by Mamba-1, Mamba-2, the gated SSM, Hawk and the
+  split Mamba-2.
 * ``segments``: packed samples (:class:`Segments`): recurrences and conv windows restart at each sample start, and
-  bidirectional layers read each sample's prefix backwards.
+  bidirectional layers read each sample's prefix backwards. Honoured by the Birdie layers (gated SSM, Hawk, split
+  Mamba-2).
 
 A mixer that cannot honour one of these keywords raises ``ValueError`` naming it (never ignores it).
 
