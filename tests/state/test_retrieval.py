@@ -9,6 +9,7 @@ from statelab.errors import StoreError
 from statelab.state.core import State
 from statelab.state.retrieval import (
     FEATURES,
+    Kernels,
     choose,
     choose_for_store,
     fit_stats,
@@ -76,6 +77,32 @@ def test_whitened_equals_a_full_covariance_reference():
     assert set(cs) == {"mean"}
     torch.testing.assert_close(transform(u, "centred", cs).norm(dim=1), torch.ones(12))
     assert fit_stats(u, "raw") == {} and fit_stats(u, "unit") == {}
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_kernel_scores_equal_the_explicit_vectors(feature):
+    """Scores from per-layer Gram matrices == the features formed explicitly (statistics fitted on the
+    reference rows), then cosine: for a layer pair, a subset of references and a zero query."""
+    states, _, _ = library(signal_layer=2, wobble=4.0, loud=5.0)
+    queries = [skill(t, 9000 + t, wobble=4.0, loud=5.0) for t in range(4)]
+    queries.append(queries[0].replace(ssm=torch.zeros_like(queries[0].ssm)))
+    lib, qs = per_layer(states), per_layer(queries)
+    ref, layers = [0, 2, 3, 5, 7, 8, 9, 12, 14], (2, 3)
+    base = "raw" if feature == "raw" else "unit"
+    stack = lambda xs, rows: torch.cat(  # noqa: E731
+        [
+            xs[i][rows] / (1 if base == "raw" else xs[i][rows].norm(dim=1, keepdim=True).clamp_min(1e-30))
+            for i in layers
+        ],
+        1,
+    )
+    u_ref = stack(lib, ref)
+    stats = fit_stats(u_ref, feature, rank=3)
+    want = transform(stack(qs, list(range(5))), feature, stats) @ transform(u_ref, feature, stats).T
+    got = Kernels(lib, qs).scores(layers, feature, range(5), ref, rank=3)
+    torch.testing.assert_close(got.float(), want, atol=2e-5, rtol=1e-4)
+    if feature in ("raw", "unit"):  # a zero state has cosine 0 (centred, it is minus the library mean)
+        assert bool((got[4] == 0).all())
 
 
 def test_validation_finds_the_informative_layer_and_feature():

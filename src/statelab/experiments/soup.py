@@ -469,7 +469,7 @@ class SoupRunner:
         self.results.layers_default = list(c.layers)
 
     def retrieval(self, progress: Any) -> None:
-        from statelab.state.retrieval import per_layer, predict
+        from statelab.state.retrieval import Kernels, per_layer, predict
 
         cfg = self.cfg
         self.choose_retrieval()
@@ -489,10 +489,11 @@ class SoupRunner:
         # store.search computes (the few-shot study below retrieves through the store)
         lib, tasks, _ = self._lib_rows()
         lib_x, q_x = per_layer(lib), per_layer(states)
+        kernels = Kernels(lib_x, q_x)  # one pass over the features serves every option
         ks = [k for _, k, _ in queries]
         truth = [t.name for t, _, _ in queries]
         for row in self.choice.validation:
-            got = predict(lib_x, tasks, q_x, row["layers"], row["feature"])
+            got = predict(lib_x, tasks, q_x, row["layers"], row["feature"], kernels=kernels)
             test = {
                 str(k): float(np.mean([g == t for g, t, kk in zip(got, truth, ks, strict=True) if kk == k]))
                 for k in cfg.retrieval_shots
