@@ -84,10 +84,13 @@ def intra_chunk_output(u: torch.Tensor, acs: torch.Tensor, Bc: torch.Tensor, Cc:
     G = Bc.shape[2]
     R = H // G
     scores = Cc @ Bc.transpose(-1, -2)  # [B, Nc, G, Q(l), Q(s)], C_l · B_s per group
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=u.device).tril()
+    future = torch.ones(Q, Q, dtype=torch.bool, device=u.device).triu(1)
     # exp(acs_l - acs_s) for s <= l; masked to -inf first so the exponential only sees values <= 0
-    seg = (acs[..., :, None] - acs[..., None, :]).float().masked_fill(~causal, float("-inf"))
-    weights = torch.exp(seg).view(Bsz, Nc, G, R, Q, Q) * scores[:, :, :, None]  # [B, Nc, G, R, Q, Q]
+    seg = (acs[..., :, None] - acs[..., None, :]).float()
+    if torch.is_grad_enabled():
+        weights = torch.exp(seg.masked_fill(future, float("-inf"))).view(Bsz, Nc, G, R, Q, Q) * scores[:, :, :, None]
+    else:  # the same in place: these [B, Nc, H, Q, Q] temporaries are most of what small models spend here
+        weights = seg.masked_fill_(future, float("-inf")).exp_().view(Bsz, Nc, G, R, Q, Q).mul_(scores[:, :, :, None])
     uh = u.view(Bsz, Nc, Q, G, R, P).permute(0, 1, 3, 4, 2, 5)  # [B, Nc, G, R, Q, P]
     y = weights @ uh  # [B, Nc, G, R, Q, P]
     return y.permute(0, 1, 4, 2, 3, 5).reshape(Bsz, Nc, Q, H, P)
