@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from statelab.errors import ConfigError
+from statelab.eval.metrics import masked_accuracy
 from statelab.layers.protocol import Segments
 from statelab.models.birdie_models import BirdieLM
 from statelab.objectives.base import (
@@ -574,9 +575,8 @@ def _accuracy(model: BirdieLM, items: list[tuple[Example, np.ndarray]], seq_len:
     batch, _ = pack_rows(((ex, i) for i, (ex, _) in enumerate(items)), seq_len)
     logits, _ = model(batch.tokens, segments=Segments(batch.seq_start, batch.is_prefix))
     lab = batch.labels != IGNORE
-    correct = (logits.argmax(-1) == batch.labels)[lab].numpy()
-    mask = np.concatenate([m for _, m in items])
-    return float(correct[mask].mean())
+    mask = np.concatenate([m for _, m in items])  # the items' target positions, in packing order
+    return masked_accuracy([logits.argmax(-1)[lab].numpy()], [batch.labels[lab].numpy()], [mask])
 
 
 def _objective_items(config: ObjectiveConfig, text: np.ndarray, n: int, seed: int, seq_len: int):
@@ -684,13 +684,15 @@ def generated_accuracy(model: BirdieLM, items: list[tuple[Example, np.ndarray]],
     by_len: dict[int, list[tuple[Example, np.ndarray]]] = defaultdict(list)
     for ex, mask in items:  # equal prompt lengths decode as one batch
         by_len[ex.input.shape[0]].append((ex, mask))
-    hits = []
+    predicted, targets, masks = [], [], []
     for group in by_len.values():
         prompt = torch.from_numpy(np.stack([np.concatenate([ex.input, [VOCAB.begin]]) for ex, _ in group]))
         gen = model.generate(prompt, max(ex.target.shape[0] for ex, _ in group)).tokens.numpy()
         for (ex, mask), g in zip(group, gen, strict=True):
-            hits.append((g[: ex.target.shape[0]] == ex.target)[mask])
-    return float(np.concatenate(hits).mean())
+            predicted.append(g)
+            targets.append(ex.target)
+            masks.append(mask)
+    return masked_accuracy(predicted, targets, masks)
 
 
 def metric_names(cfg: BirdieExperimentConfig) -> list[str]:

@@ -47,6 +47,7 @@ from statelab.eval.gd_reference import (
     prefix_loss,
     zero_predictor_loss,
 )
+from statelab.eval.metrics import cosine, row_cosine
 from statelab.layers.attention import CausalSelfAttention
 from statelab.layers.gd_ssm import GDSSM, GDSSMConfig, make_windows
 from statelab.layers.linear_attention import LinearSelfAttention
@@ -532,17 +533,6 @@ def train_run(
 # ---- metrics -------------------------------------------------------------------------------------------------
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
-
-
-def _row_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean cosine over the last axis (rows of Jacobians or prediction vectors)."""
-    a, b = a.double(), b.double()
-    return float(((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-30)).mean())
-
-
 def _query_jacobian(spec: RunSpec, model: nn.Module, batch: RegressionBatch, e: int) -> torch.Tensor:
     """``∂ŷ/∂x_q`` per task: ``[B, E, d]`` by one backward pass per output (tasks are independent)."""
     tokens = interleave(batch).clone().requires_grad_(True)
@@ -601,14 +591,14 @@ def _gdssm_metrics(
     eta1, eta_k = optima[1][0], optima[k][0]
     gd1 = gd_predict(test.context_x, test.context_y, test.query_x, eta1, 1)
     gdk = gd_predict(test.context_x, test.context_y, test.query_x, eta_k, k)
-    out["pred_cos_gd1"] = _cosine(pred, gd1)
-    out["pred_cos_gdk"] = _cosine(pred, gdk)
+    out["pred_cos_gd1"] = cosine(pred, gd1)
+    out["pred_cos_gdk"] = cosine(pred, gdk)
     out["pred_diff_gd1"] = float((pred.double() - gd1).norm(dim=-1).mean())
     jac = _query_jacobian(spec, model, test, e)
     w1 = gd_weights(test.context_x, test.context_y, eta1, 1)
     wk = gd_weights(test.context_x, test.context_y, eta_k, k)
-    out["sens_cos_gd1"] = _row_cosine(jac, w1)
-    out["sens_cos_gdk"] = _row_cosine(jac, wk)
+    out["sens_cos_gd1"] = row_cosine(jac, w1)
+    out["sens_cos_gdk"] = row_cosine(jac, wk)
     out["model_diff_gd1"] = float((jac.double() - w1).flatten(1).norm(dim=-1).mean())
     # loss at every in-context position i = 1..N (window i predicts y_{i+1})
     targets = torch.cat([test.y[:, 1:-1], test.query_y[:, None]], dim=1)
@@ -623,7 +613,7 @@ def _gdssm_metrics(
         out["canonical"] = {
             "eta_eff": float(-diag.mean() * n),
             "C_offdiag_ratio": float(off.norm() / diag.norm()),
-            "C_cos_minus_identity": _cosine(c_eff, -torch.eye(task.d)),
+            "C_cos_minus_identity": cosine(c_eff, -torch.eye(task.d)),
             "w_q_max_other": float(wq_off.abs().max()),
             "D_max_other": float(canon["D"][:2].abs().max()),
             "decay_min": float(canon["decay"].min()),
@@ -645,7 +635,7 @@ def _baseline_metrics(
     with torch.no_grad():
         pred = query_prediction(run.spec, run.model, model_inputs(run.spec, test), config.task.e)
     gd1 = gd_predict(test.context_x, test.context_y, test.query_x, optima[1][0], 1)
-    return {"loss": float(half_mse(pred, test.query_y)), "pred_cos_gd1": _cosine(pred, gd1)}
+    return {"loss": float(half_mse(pred, test.query_y)), "pred_cos_gd1": cosine(pred, gd1)}
 
 
 # ---- the launcher --------------------------------------------------------------------------------------------
