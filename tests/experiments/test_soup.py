@@ -92,7 +92,10 @@ def test_soup_cli_runs_on_a_hf_checkpoint(hf_dir, tmp_path):
     recorded = store.retrieval(res["fingerprint"])
     assert list(recorded.layers) == choice["layers"] and recorded.feature == choice["feature"]
     assert "(chosen)" in report and "| validation |" in report
-    assert res["threads"]["how"] == "measured" and res["threads"]["threads"] >= 1
+    assert res["threads"]["threads"] >= 1 and res["threads"]["how"] in (
+        "measured",
+        "no idle core to add (statelab.threads.available_cores)",
+    )
     assert "retrieval top-1" in result.output
 
 
@@ -257,6 +260,26 @@ def test_line_progress_prints_when_piped(capsys, monkeypatch):
         "skill library: 2/3, 12 s (0.2/s)",
         "skill library: 3/3 in 13.0 s (0.2/s)",
     ]
+
+
+def test_thread_choice_for_a_run(tiny_runner, monkeypatch):
+    import dataclasses
+
+    from statelab.experiments.soup import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        cfg = tiny_runner.cfg
+        assert cfg.threads == 0
+        monkeypatch.setenv("STATELAB_THREADS", "1")
+        assert set_threads(cfg, tiny_runner.model) == {"threads": 1, "seconds": {}, "how": "STATELAB_THREADS"}
+        monkeypatch.delenv("STATELAB_THREADS")
+        assert set_threads(dataclasses.replace(cfg, threads=1), tiny_runner.model)["how"] == "config"
+        got = set_threads(cfg, tiny_runner.model)
+        assert got["how"] in ("measured", "no idle core to add (statelab.threads.available_cores)")
+        assert torch.get_num_threads() == got["threads"]
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_pick_threads_measures_and_sets(tiny_runner):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -56,6 +57,7 @@ __all__ = [
     "TaskData",
     "SoupRunner",
     "pick_threads",
+    "set_threads",
     "LineProgress",
     "run_soup",
     "ICL_METHODS",
@@ -749,16 +751,16 @@ class LineProgress:
 def pick_threads(model: Any, candidates: Sequence[int] | None = None, tokens: int = 512) -> dict[str, Any]:
     """Measure torch thread counts on ``model`` and set the fastest; returns ``{"threads", "seconds": {n: s}}``.
 
-    Each candidate (default: 1 and every core the process may use, when that is more) encodes the same
+    Each candidate (default: 1 and :func:`statelab.threads.available_cores`, the cores of the process's
+    affinity mask less the machine's load, when that is more) encodes the same
     ``[8, tokens / 8]`` batch of random tokens after a warm-up, twice unless its first time is already 1.5x the
     best so far; its best time counts. On a machine whose cores are busy, extra threads wait on each other and
     small models run slower with them, so this measures rather than assumes (about a second for the embedded
     model).
     """
-    import os
+    from statelab.threads import available_cores
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cands = sorted(set(candidates or [1, cores]))
+    cands = sorted(set(candidates or [1, available_cores()]))
     if len(cands) == 1:
         torch.set_num_threads(cands[0])
         return {"threads": cands[0], "seconds": {}}
@@ -785,6 +787,26 @@ def pick_threads(model: Any, candidates: Sequence[int] | None = None, tokens: in
     threads = min(seconds, key=lambda n: seconds[n])
     torch.set_num_threads(threads)
     return {"threads": threads, "seconds": {str(n): s for n, s in seconds.items()}}
+
+
+def set_threads(cfg: SoupConfig, model: Any) -> dict[str, Any]:
+    """Set torch's thread count for a run: ``cfg.threads``; when that is 0, ``STATELAB_THREADS`` if set, else for
+    a model on the CPU the faster of 1 thread and the idle cores (:func:`pick_threads`; 1 without measuring when
+    no core is idle). Returns ``{"threads", "seconds": {n: s}, "how"}``."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+        return {"threads": cfg.threads, "seconds": {}, "how": "config"}
+    if os.environ.get("STATELAB_THREADS", "").strip():
+        from statelab.threads import apply_thread_rule
+
+        return {"threads": apply_thread_rule(model, 0), "seconds": {}, "how": "STATELAB_THREADS"}
+    if model.device.type == "cpu":
+        from statelab.threads import available_cores
+
+        cores = available_cores()  # read before any heavy work, so the load it sees is other processes'
+        how = "measured" if cores > 1 else "no idle core to add (statelab.threads.available_cores)"
+        return {**pick_threads(model, [1, cores]), "how": how}
+    return {"threads": torch.get_num_threads(), "seconds": {}, "how": "default (model not on the CPU)"}
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
@@ -1037,8 +1059,9 @@ def targets(res: SoupResults, cfg: SoupConfig) -> list[str]:
 def run_soup(cfg: SoupConfig, model: Any = None, tokenizer: Any = None) -> tuple[SoupResults, Path]:
     """Load the model (unless given), run every study, write the report; returns results and the report path.
 
-    Torch's thread count is ``cfg.threads``, or measured (:func:`pick_threads`) when it is 0 and the model is on
-    the CPU; the caller's count is restored on return.
+    Torch's thread count is ``cfg.threads``; when that is 0: ``STATELAB_THREADS`` if set, else for a model on
+    the CPU the faster of 1 thread and the idle cores (:func:`pick_threads`; 1 without measuring when no core is
+    idle). The caller's count is restored on return.
     """
     before = torch.get_num_threads()
     try:
@@ -1048,13 +1071,7 @@ def run_soup(cfg: SoupConfig, model: Any = None, tokenizer: Any = None) -> tuple
             use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
             model = load_model(cfg.model).to("cuda" if use_cuda else "cpu")
         model.eval()
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-            threads = {"threads": cfg.threads, "seconds": {}, "how": "config"}
-        elif model.device.type == "cpu":
-            threads = {**pick_threads(model), "how": "measured"}
-        else:
-            threads = {"threads": before, "seconds": {}, "how": "default (model not on the CPU)"}
+        threads = set_threads(cfg, model)
         if cfg.progress:
             times = ", ".join(f"{n}: {s * 1000:.0f} ms" for n, s in threads["seconds"].items())
             print(f"torch threads: {threads['threads']} ({threads['how']}{'; ' + times if times else ''})", flush=True)
