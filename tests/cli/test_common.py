@@ -112,3 +112,33 @@ def test_help_and_store_list_start_without_torch(tmp_path):
     assert got == {"code": 0, "heavy": []}
     got = _imports_of(["store", "list", "-s", str(tmp_path / "skills")], tmp_path)  # the table: rich, no torch
     assert got == {"code": 0, "heavy": ["rich.console"]}
+
+
+def _commands(cmd, path=()):
+    """``(path, click command)`` for every leaf command under ``cmd``."""
+    subs = getattr(cmd, "commands", None)
+    if not subs:
+        yield path, cmd
+        return
+    for name, sub in subs.items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_one_name_for_the_progress_flag_and_for_the_config_file():
+    from statelab.cli import app
+
+    root = typer.main.get_command(app)
+    progress, config = [], []
+    for path, cmd in _commands(root):
+        for p in cmd.params:
+            names = [*p.opts, *p.secondary_opts]
+            assert not {"--quiet", "-q", "--progress"} & set(names), (path, names)
+            if p.name == "no_progress":
+                progress.append(path)
+                assert names == ["--no-progress"], (path, names)
+            if p.name == "config":
+                config.append(path)
+                assert "--config" in names and p.param_type_name == "option", (path, names)
+    runs = {("soup", "run"), ("gdssm", "run"), ("birdie", "run"), ("train", "run")}
+    assert runs | {("store", "ingest"), ("eval",)} <= set(progress)
+    assert runs | {("train", "config")} <= set(config)
