@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint embedded clean
+.PHONY: test demo bench bench-llamacpp lint embedded clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,7 @@ embedded: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_models.py
+	$(BIN)/python benchmarks/bench_threads.py
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_gdssm.py
 	$(BIN)/python benchmarks/bench_birdie.py
@@ -31,6 +32,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_serve.py
 	$(BIN)/python benchmarks/bench_eval.py
 	$(BIN)/python benchmarks/bench_cli.py
+
+# optional, not in CI: builds llama-cpp-python from its sdist on first use (minutes), then statelab vs llama.cpp
+bench-llamacpp: $(STAMP)
+	$(BIN)/python benchmarks/bench_llamacpp.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
