@@ -20,7 +20,7 @@ PACKAGE = SRC / "statelab"
 
 #: rank of each top-level area of statelab (a subpackage or a module): an area may import areas of its rank or below
 RANKS: dict[str, int] = {
-    # standard library and statelab's own exceptions only: anyone may import these
+    # foundations that import no other statelab area (statelab.errors at most): anyone may import these
     "errors": 0,
     "glossary": 0,
     "config": 0,
