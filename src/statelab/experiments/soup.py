@@ -543,17 +543,23 @@ class SoupRunner:
                 mixed.append(mix([q, soup], method="mean", weights=[cfg.query_weight, 1.0 - cfg.query_weight]))
                 composed.append(mix([skill, q], method="adecay", A=self.A))
             # ordered: the query prompt read from the retrieved state (exact, unlike a mix of separate states)
-            after_skill = self.encode_from(skills, texts[: len(groups)])
-            after_soup = self.encode_from(soups, texts[: len(groups)])
+            after = self.encode_from(skills + soups, texts[: len(groups)] * 2)
+            after_skill, after_soup = after[: len(groups)], after[len(groups) :]
             starts = dict(zip(per_prompt, (queries, skills, mixed, after_skill, after_soup, composed), strict=True))
-            # one teacher-forced pass per condition over the items of all prompts, each item from its prompt's state
-            in_order = [it for group in groups for it in group]
-            for m, sts in starts.items():
-                batch = State.cat([st.expand(len(group)) for st, group in zip(sts, groups, strict=True)])
-                acc[m] = self.exact_match(batch, in_order)
-            acc["32-shot prompt"] = self.exact_match(long_prompt, items)
-            acc["mean of one-shot states"] = self.exact_match(mix(ones, method="mean"), items)
-            acc["norm-matched mean"] = self.exact_match(mix(ones, method="norm_matched"), items)
+            # one teacher-forced pass over every condition's items, each item from its own start state
+            conditions = [(m, list(zip(sts, groups, strict=True))) for m, sts in starts.items()]
+            conditions += [
+                ("32-shot prompt", [(long_prompt, items)]),
+                ("mean of one-shot states", [(mix(ones, method="mean"), items)]),
+                ("norm-matched mean", [(mix(ones, method="norm_matched"), items)]),
+            ]
+            rows = [st.expand(len(its)) for _, pairs in conditions for st, its in pairs]
+            hits = self.exact_match(State.cat(rows), [it for _, pairs in conditions for _, its in pairs for it in its])
+            start = 0
+            for m, pairs in conditions:
+                n = sum(len(its) for _, its in pairs)
+                acc[m] = hits[start : start + n]
+                start += n
             self.results.icl[task.name] = {m: float(np.mean(v)) for m, v in acc.items()}
             progress.advance(bar)
         self.results.icl_mean = {
