@@ -54,6 +54,9 @@ def _forward(
     q_max = min(Q, T)
     a_buf = uT.new_empty(q_max, Bsz, D, N)
     s_buf = uT.new_empty(q_max, Bsz, D, N)
+    # one view per row of the buffers, made once: indexing s[t] per token made a view each time, which for small
+    # models cost as much as the update itself
+    a_rows, s_rows = a_buf.unbind(0), s_buf.unbind(0)
     du = dT * uT
     want = sorted(set(positions))
     states: dict[int, torch.Tensor] = {0: h0.clone()} if 0 in want else {}
@@ -70,8 +73,7 @@ def _forward(
         torch.mul(du[c0:c1, :, :, None], BT[c0:c1, :, None, :], out=s)
         prev = h
         for t in range(q):
-            s[t].addcmul_(prev, a[t])
-            prev = s[t]
+            prev = s_rows[t].addcmul_(prev, a_rows[t])
         y[c0:c1] = torch.einsum("qbdn,qbn->qbd", s, CT[c0:c1])
         for p in want:
             if c0 < p <= c1:
@@ -151,18 +153,19 @@ class _ChunkScan(torch.autograd.Function):
             h0 = bounds[ci]
             a = torch.exp(dT[c0:c1, :, :, None] * A)  # [q, B, D, N]
             s = du[c0:c1, :, :, None] * BT[c0:c1, :, None, :]
+            a_rows, s_rows = a.unbind(0), s.unbind(0)  # views made once per chunk, not per token
             prev = h0
             for t in range(q):
-                s[t].addcmul_(prev, a[t])
-                prev = s[t]
+                prev = s_rows[t].addcmul_(prev, a_rows[t])
             # G_t = dL/dh_t = C_t ⊗ dy_t + (direct gradient of a returned state) + a_{t+1} G_{t+1}
             G = dy[c0:c1, :, :, None] * CT[c0:c1, :, None, :]
             for p, g in extra.items():
                 if c0 < p <= c1:
                     G[p - c0 - 1] += g
             G[q - 1] += carry
+            G_rows = G.unbind(0)
             for t in range(q - 2, -1, -1):
-                G[t].addcmul_(a[t + 1], G[t + 1])
+                G_rows[t].addcmul_(a_rows[t + 1], G_rows[t + 1])
             carry = a[0] * G[0]
             d_C[c0:c1] = torch.einsum("qbdn,qbd->qbn", s, dy[c0:c1])
             hprev = torch.cat([h0[None], s[:-1]], dim=0)
