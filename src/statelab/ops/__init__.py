@@ -5,7 +5,9 @@ Every scan lives here, one module or package per op:
 * :mod:`statelab.ops.selective_scan` (Mamba-1), :mod:`statelab.ops.ssd` (Mamba-2),
 * :mod:`statelab.ops.diag_scan` (time-invariant diagonal recurrences: S5, GD-SSM),
 * :mod:`statelab.ops.linear_scan` (gated linear recurrences with per-token decays: gated SSM, Hawk's RG-LRU),
-* :mod:`statelab.ops.conv1d` (the causal depthwise convolution).
+* :mod:`statelab.ops.conv1d` (the causal depthwise convolution; not a recurrence: ``causal_conv1d`` returns
+  ``(y, final_window)`` and :func:`~statelab.ops.conv1d.conv_states_at` gives the windows at positions in the same
+  ``[B, P, ...]``, ``p in [0, T]`` convention as the scans below).
 
 **One convention for scans.** Each takes its inputs, ``initial_state=None`` (the state before token 0; ``None`` =
 zeros), ``output_final_state=False``, ``return_states_at=None`` and ``backend=...``, and returns a
