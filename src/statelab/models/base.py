@@ -1,6 +1,6 @@
 """What every statelab language model shares: the state contract, fingerprints, generation and scoring.
 
-A concrete model (Mamba-1, Mamba-2) implements three things:
+A concrete model (Mamba-1, Mamba-2, the Birdie stacks) implements three things:
 
 * ``_run(input_ids, state, positions, with_head, lengths) -> RunOutput``: one pass over ``input_ids [B, T]``
   starting from ``state`` (``None`` = zeros), returning logits (or ``None`` when ``with_head`` is false, which is
