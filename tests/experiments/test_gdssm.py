@@ -419,3 +419,36 @@ def test_one_no_decay_rule_for_gdssm(tmp_path, one_thread):
     got = [(sorted({leaf[id(p)] for p in g["params"]}), g["weight_decay"], g.get("lr_scale", 1.0)) for g in groups]
     assert got == [(["C", "w_q"], 0.05, 1.0), (["D"], 0.0, 1.0), (["lam", "log_step"], 0.0, 0.5)]
     assert tc.optim.lr * 0.5 == cfg.train.lr_recurrence and tc.optim.min_lr == tc.optim.lr
+
+
+def _ddp_run(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = _ddp_cfg()
+        train_run(RunSpec("gdssm", 0, depth=2), cfg, make_regression_batch(cfg.task, 1, 8), out_dir=out_dir)
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_cfg():
+    cfg = _tiny(steps=6, gdssm=GDSSMSection(depths=(2,), init_scale=0.1))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=8, eval_every=3))
+
+
+def test_ddp_two_processes_match_one_process(tmp_path, one_thread):
+    """Each of 2 processes takes half of every global batch of tasks; the trained model equals one process's."""
+    import safetensors.torch
+    import torch.multiprocessing as mp
+
+    cfg = _ddp_cfg()
+    spec = RunSpec("gdssm", 0, depth=2)
+    single = train_run(spec, cfg, make_regression_batch(cfg.task, 1, 8), out_dir=tmp_path / "one")
+    mp.spawn(_ddp_run, args=(2, str(tmp_path / "rdzv"), str(tmp_path / "two")), nprocs=2, join=True)
+    ddp = build_model(spec, cfg)
+    safetensors.torch.load_model(ddp, str(tmp_path / "two" / "final" / "model.safetensors"))
+    for (name, a), (_, b) in zip(single.model.state_dict().items(), ddp.state_dict().items(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"parameter {name}")
+    assert not torch.equal(single.model.layers[0].C, build_model(spec, cfg).layers[0].C)

@@ -364,10 +364,11 @@ def query_prediction(spec: RunSpec, model: nn.Module, inputs: torch.Tensor, e: i
     return last
 
 
-def train_config(spec: RunSpec, config: ExperimentConfig, out_dir: str | Path) -> TrainConfig:
+def train_config(spec: RunSpec, config: ExperimentConfig, out_dir: str | Path, world_size: int = 1) -> TrainConfig:
     """The :class:`~statelab.train.config.TrainConfig` of one run: a constant learning rate (``lr``, or
     ``baseline_lr`` for a baseline; GD-SSM's Λ and log Δ at ``lr_recurrence``), AdamW's default betas, no
-    clipping, one batch of ``batch_size`` tasks per step, a checkpoint every ``eval_every`` steps."""
+    clipping, one batch of ``batch_size`` tasks per step (split over ``world_size`` processes), a checkpoint every
+    ``eval_every`` steps."""
     tr = config.train
     lr = tr.lr if spec.kind == "gdssm" else tr.baseline_lr
     scale = {"lam": tr.lr_recurrence / tr.lr, "log_step": tr.lr_recurrence / tr.lr} if spec.kind == "gdssm" else {}
@@ -394,7 +395,7 @@ def train_config(spec: RunSpec, config: ExperimentConfig, out_dir: str | Path) -
             out_dir=str(out_dir),
             max_steps=tr.steps,
             global_batch_size=tr.batch_size,
-            micro_batch_size=tr.batch_size,
+            micro_batch_size=max(1, tr.batch_size // world_size),
             seed=spec.seed,
             checkpoint_every=tr.eval_every,
             keep_checkpoints=1,
@@ -517,8 +518,9 @@ def train_run(
     model = build_model(spec, config)
     validation = _Validation(spec, config, val, progress, task_id)
     validation.evaluate(0, model)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     result = train_loop(
-        train_config(spec, config, out_dir),
+        train_config(spec, config, out_dir, world),
         model=model,
         source=_TaskBatches(spec, config),
         loss=_QueryLoss(spec, config.task.e),
