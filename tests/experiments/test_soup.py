@@ -293,3 +293,24 @@ def test_pick_threads_measures_and_sets(tiny_runner):
         assert torch.get_num_threads() == got["threads"]
     finally:
         torch.set_num_threads(before)
+
+
+def test_missed_targets_say_what_was_measured_against_them():
+    from statelab.experiments.soup import ICL_METHODS, SoupResults, targets
+
+    cfg = load_soup_config(None, [])
+    icl = dict.fromkeys(ICL_METHODS, 0.5) | {"k-shot prompt": 0.52, "32-shot prompt": 0.56}
+    opts = [
+        {"layers": [1], "feature": "raw", "validation": 0.8, "test": {"2": 0.84}},
+        {"layers": [2], "feature": "unit", "validation": 0.7, "test": {"2": 0.88}},
+    ]
+    res = SoupResults("m", "f" * 64, ["a", "b"], [1], retrieval_options=opts, retrieval_by_k={"2": 0.84}, icl_mean=icl)
+    lines = targets(res, cfg)
+    assert (
+        lines[0].startswith("retrieval top-1 at k=2 >= 90%: 84.0% (not met); the best option") and "88.0%" in lines[0]
+    )
+    assert "(not met); the 32-shot prompt itself scores 56.0%, +4.0 points" in lines[1]
+    res.retrieval_by_k = {"2": 0.95}
+    res.icl_mean = icl | {"retrieved skill, then the query": 0.6}
+    lines = targets(res, cfg)
+    assert lines[0].endswith("(met)") and lines[1].endswith("(met)")

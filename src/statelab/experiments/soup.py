@@ -935,6 +935,7 @@ def write_report(runner: SoupRunner, res: SoupResults, run_dir: Path) -> Path:
         f"Model `{cfg.model}` (fingerprint `{res.fingerprint[:16]}`), {len(res.tasks)} tasks, seed {cfg.seed}. "
         f"Config: `config.json`; raw numbers: `results.json`. Times (s): "
         + ", ".join(f"{k} {v:.1f}" for k, v in res.seconds.items())
+        + (f"; torch threads: {res.threads['threads']} ({res.threads['how']})" if res.threads else "")
         + ".",
         "",
         "## Skill library",
@@ -1038,14 +1039,34 @@ def targets(res: SoupResults, cfg: SoupConfig) -> list[str]:
     out = []
     if "2" in res.retrieval_by_k:
         v = res.retrieval_by_k["2"]
-        out.append(f"retrieval top-1 at k=2 >= 90%: {_pct(v)}% ({'met' if v >= 0.9 else 'not met'})")
+        line = f"retrieval top-1 at k=2 >= 90%: {_pct(v)}% ({'met' if v >= 0.9 else 'not met'})"
+        if v < 0.9 and res.retrieval_options:
+            best = max(res.retrieval_options, key=lambda o: o["test"].get("2", 0.0))
+            line += (
+                f"; the best option on these test queries, which the choice may not look at, reaches "
+                f"{_pct(best['test']['2'])}% (layers {best['layers']}, {best['feature']}): a better choice of "
+                "layers cannot reach the target where that is below it; the model's states must separate the tasks"
+                if best["test"]["2"] < 0.9
+                else f"; the best option on the test queries reaches {_pct(best['test']['2'])}% (layers "
+                f"{best['layers']}, {best['feature']}), so validation inside the library did not find it"
+            )
+        out.append(line)
     if res.icl_mean:
         a, b = res.icl_mean["retrieved skill, then the query"], res.icl_mean["k-shot prompt"]
         ok = a >= b + 0.05
-        out.append(
+        line = (
             f"retrieved skill, then the query >= the {cfg.icl_shots}-shot prompt alone + 5 points: "
             f"{_pct(a)}% vs {_pct(b)}% ({'met' if ok else 'not met'})"
         )
+        if not ok:
+            many = res.icl_mean["32-shot prompt"]
+            line += (
+                f"; the {cfg.library_shots}-shot prompt itself scores {_pct(many)}%, "
+                f"{100 * (many - b):+.1f} points over the {cfg.icl_shots}-shot prompt: a retrieved "
+                f"{cfg.library_shots}-shot skill adds at most about that much while the model gains so little from "
+                "more demonstrations"
+            )
+        out.append(line)
         a, b = res.icl_mean["mean of one-shot states"], res.icl_mean["32-shot prompt"]
         ok = a >= b - 0.02
         out.append(
