@@ -441,11 +441,13 @@ _NOT_TRAINING = frozenset(
 )
 
 
-def train_config(arm: str, seed: int, cfg: BirdieExperimentConfig, out_dir: str | Path) -> TrainConfig:
+def train_config(
+    arm: str, seed: int, cfg: BirdieExperimentConfig, out_dir: str | Path, world_size: int = 1
+) -> TrainConfig:
     """The :class:`~statelab.train.config.TrainConfig` of one (arm, seed): the ``birdie`` model, AdamW
     (betas 0.9, 0.95; ``weight_decay`` under the loop's no-decay rule), warmup over ``warmup_frac`` of the
     estimated steps and cosine to ``lr / 10`` on the token clock, clipping at 1, until ``token_budget`` counted
-    tokens."""
+    tokens; the rows of a step are split over ``world_size`` processes."""
     est = _estimated_steps(cfg)
     study = {k: v for k, v in asdict(cfg).items() if k not in _NOT_TRAINING}
     return TrainConfig(
@@ -465,7 +467,7 @@ def train_config(arm: str, seed: int, cfg: BirdieExperimentConfig, out_dir: str 
             max_steps=est,
             max_tokens=cfg.token_budget,
             global_batch_size=cfg.batch_size,
-            micro_batch_size=cfg.batch_size,
+            micro_batch_size=max(1, cfg.batch_size // world_size),
             seed=seed,
             checkpoint_every=max(1, est // 10),
             keep_checkpoints=1,
@@ -506,7 +508,8 @@ def train_arm(
     if controlled:
         val = validation_batch(configs, val_text, cfg.seq_len, cfg.n_val_per_config, seed=10_000 + seed)
     schedule = set(_thin(eval_schedule(est_steps), cfg.n_evals))
-    tc = train_config(arm, seed, cfg, "")
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    tc = train_config(arm, seed, cfg, "", world)
     tc = dataclasses.replace(tc, run=dataclasses.replace(tc.run, out_dir=str(_arm_dir(run_dir, arm, seed, tc))))
     hook = _Controlled(policy, sampler, val, schedule, report)
     result = train_loop(
@@ -626,10 +629,11 @@ class _FinetuneRows:
 
 
 def finetune_config(
-    model: BirdieLM, cfg: BirdieExperimentConfig, seed: int, task: str, out_dir: str | Path
+    model: BirdieLM, cfg: BirdieExperimentConfig, seed: int, task: str, out_dir: str | Path, world_size: int = 1
 ) -> TrainConfig:
     """The fine-tune of every arm: AdamW at a constant ``finetune_lr`` without weight decay (default betas),
-    clipping at 1, ``finetune_steps`` steps of ``finetune_batch`` examples."""
+    clipping at 1, ``finetune_steps`` steps of ``finetune_batch`` examples (split over ``world_size``
+    processes)."""
     return TrainConfig(
         model=ModelSection(arch="birdie", config=asdict(model.config)),
         data=DataSection(source=f"finetune:{task}", seq_len=cfg.seq_len, seed=seed, options={"task": task}),
@@ -646,7 +650,7 @@ def finetune_config(
             out_dir=str(out_dir),
             max_steps=cfg.finetune_steps,
             global_batch_size=cfg.finetune_batch,
-            micro_batch_size=cfg.finetune_batch,
+            micro_batch_size=max(1, cfg.finetune_batch // world_size),
             seed=seed,
             checkpoint_every=0,
             keep_checkpoints=1,
@@ -669,7 +673,8 @@ def _finetune(
     if out_dir is None:
         with tempfile.TemporaryDirectory(prefix="birdie-finetune-") as tmp:
             return _finetune(model, cfg, seed, task, Path(tmp))
-    tc = finetune_config(model, cfg, seed, task, out_dir)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    tc = finetune_config(model, cfg, seed, task, out_dir, world)
     return train_loop(tc, model=m, source=_FinetuneRows(cfg, seed, task), loss=TargetLoss()).model
 
 
@@ -755,7 +760,8 @@ def run_one(
     """Train and evaluate one (arm, seed); returns its JSON-ready record (``metrics`` included)."""
     train_text, val_text = _split_corpus()
     model, rec = train_arm(arm, seed, cfg, train_text, val_text, run_dir, report)
-    tc = train_config(arm, seed, cfg, "")
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    tc = train_config(arm, seed, cfg, "", world)
     rec["metrics"] = evaluate(model, cfg, val_text, seed, _arm_dir(run_dir, arm, seed, tc))
     return rec
 
