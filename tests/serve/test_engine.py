@@ -8,6 +8,7 @@ import torch
 
 import statelab
 from statelab.errors import StateMismatchError
+from statelab.models.mamba1 import Mamba1Config, Mamba1LM
 from statelab.models.mamba2 import Mamba2Config, Mamba2LM
 from statelab.models.tokenizer import ByteTokenizer
 from statelab.serve.cache import PrefixCache
@@ -30,7 +31,17 @@ def _mamba2() -> Mamba2LM:
     return m.eval()
 
 
-MODELS = {"mamba1-embedded": lambda: statelab.load_model("embedded"), "mamba2-tiny": _mamba2}
+def _mamba1() -> Mamba1LM:
+    torch.manual_seed(4)
+    return Mamba1LM(Mamba1Config(vocab_size=TOK.vocab_size, d_model=32, n_layer=2, d_state=8)).eval()
+
+
+# the embedded model (whatever its architecture) and a tiny random model of each architecture
+MODELS = {
+    "embedded": lambda: statelab.load_model("embedded"),
+    "mamba1-tiny": _mamba1,
+    "mamba2-tiny": _mamba2,
+}
 
 
 @pytest.fixture(scope="module", params=list(MODELS), ids=list(MODELS))
