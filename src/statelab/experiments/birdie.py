@@ -88,7 +88,7 @@ from statelab.objectives.grid import birdie_grid, class_uniform_probs, ul2_confi
 from statelab.objectives.packing import IGNORE, PackedBatch, pack_rows
 from statelab.objectives.sampler import ObjectiveSampler, per_config_loss, validation_batch
 from statelab.tasks.synthetic import MQARConfig, PhonebookConfig, TextItem, mqar_text, phonebook_text
-from statelab.train.config import DataSection, ModelSection, OptimSection, RunSection, TrainConfig
+from statelab.train.config import DataSection, ModelSection, OptimSection, RunSection, TrainConfig, config_digest
 from statelab.train.loop import Callback, StepInfo, build_model
 from statelab.train.loop import train as train_loop
 
@@ -478,10 +478,6 @@ def train_config(
     )
 
 
-def _config_hash(cfg: TrainConfig) -> str:
-    return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
 def train_arm(
     arm: str,
     seed: int,
@@ -547,7 +543,7 @@ def train_arm(
 
 
 def _arm_dir(run_dir: Path, arm: str, seed: int, tc: TrainConfig) -> Path:
-    return run_dir / "train" / f"{arm}_s{seed}_{_config_hash(tc)}"
+    return run_dir / "train" / f"{arm}_s{seed}_{config_digest(tc)}"
 
 
 def _class_share(configs: list[ObjectiveConfig], p: np.ndarray) -> dict[str, float]:

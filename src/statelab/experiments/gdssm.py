@@ -19,7 +19,6 @@ way resumes each run bit for bit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import platform
@@ -61,7 +60,7 @@ from statelab.tasks.regression import (
     interleave,
     make_regression_batch,
 )
-from statelab.train.config import DataSection, ModelSection, OptimSection, RunSection, TrainConfig
+from statelab.train.config import DataSection, ModelSection, OptimSection, RunSection, TrainConfig, config_digest
 from statelab.train.loop import Callback, StepInfo
 from statelab.train.loop import train as train_loop
 
@@ -492,9 +491,7 @@ class TrainedRun:
 
 def run_dir_name(spec: RunSpec, config: ExperimentConfig) -> str:
     """``<label>_s<seed>_<hash>``: the hash of the run's training config, so a changed config trains afresh."""
-    cfg = train_config(spec, config, "")
-    digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"{spec.label}_s{spec.seed}_{digest}"
+    return f"{spec.label}_s{spec.seed}_{config_digest(train_config(spec, config, ''))}"
 
 
 def train_run(

@@ -28,6 +28,8 @@ frozen dataclasses, so experiments reuse them for their own configs.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ __all__ = [
     "RunSection",
     "TrainConfig",
     "load_train_config",
+    "config_digest",
     "from_dict",
     "to_dict",
     "apply_overrides",
@@ -204,6 +207,12 @@ class TrainConfig:
 
 
 # ---- generic typed parsing -------------------------------------------------------------------------------------
+
+
+def config_digest(cfg: TrainConfig, length: int = 10) -> str:
+    """The first ``length`` hex digits of the SHA-256 of ``cfg`` as JSON with sorted keys: studies name a run's
+    directory with it, so that a run with another config starts afresh instead of refusing to resume."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:length]
 
 
 def load_train_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
