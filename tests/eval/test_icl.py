@@ -53,3 +53,12 @@ def test_prompter_splits_the_template():
     assert bytes(q + a) == b"Q: dog\nA: DOG\n"
     with pytest.raises(ConfigError):
         Prompter("{y} then {x}", ByteTokenizer())
+
+
+def test_demo_ids_mark_the_answers():
+    from statelab.models.tokenizer import ByteTokenizer
+
+    p = Prompter("Q: {x}\nA: {y}\n\n", ByteTokenizer())
+    ids, mask = p.demo_ids([("cat", "CAT"), ("a", "B")])
+    assert bytes(ids) == b"Q: cat\nA: CAT\n\nQ: a\nA: B\n\n"
+    assert bytes(i for i, m in zip(ids, mask, strict=True) if m) == b"CAT\nB\n"

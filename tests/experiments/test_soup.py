@@ -311,6 +311,32 @@ def test_missed_targets_say_what_was_measured_against_them():
     )
     assert "(not met); the 32-shot prompt itself scores 56.0%, +4.0 points" in lines[1]
     res.retrieval_by_k = {"2": 0.95}
-    res.icl_mean = icl | {"retrieved skill, then the query": 0.6}
+    res.icl_mean = icl | {"likeliest skill, then the query": 0.6}
     lines = targets(res, cfg)
     assert lines[0].endswith("(met)") and lines[1].endswith("(met)")
+
+
+def test_likeliest_skill_is_the_start_that_best_explains_the_prompt(tiny_runner):
+    """ "likeliest skill, then the query": among the top tasks' best entries and no skill, the start under which
+    the prompt's own answers are likeliest (each scored alone here), and the prompt read from it."""
+    r = tiny_runner
+    demos = list(r.tasks[1].train[:2])
+    text = r.prompter.demos(demos)
+    q = r.encode_many([text])[0]
+    got = r.likeliest_then(q, demos)
+    firsts: dict[str, str] = {}
+    for h in r.store.search(q, k=len(r.store)):
+        firsts.setdefault(h.task, h.name)
+    starts = [r.store.get(name) for name in list(firsts.values())[: r.cfg.skill_candidates]]
+    starts.append(r.model.zero_state(1))
+    assert len(starts) == 4  # 3 tasks in the tiny config, all candidates, and no skill
+    ids = torch.tensor([r.prompter.ids(text)])
+    answers = torch.zeros(ids.shape[1] - 1, dtype=torch.float64)  # positions of the answers and their newline
+    for x, y in demos:
+        start = text.index(f"A: {y}\n", text.index(f"Q: {x}\n")) + 3
+        answers[start - 1 : start - 1 + len(y) + 1] = 1
+    scores = [float((r.model.score(ids, st).logprobs[0].double() * answers).sum()) for st in starts]
+    best = starts[max(range(len(starts)), key=lambda i: scores[i])]
+    want = r.model.encode(ids, state=best)
+    assert got.tokens == want.tokens
+    torch.testing.assert_close(got.ssm, want.ssm, atol=1e-5, rtol=1e-5)

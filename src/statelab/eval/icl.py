@@ -74,6 +74,19 @@ class Prompter:
     def ids(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
 
+    def demo_ids(self, examples: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        """``(tokens, mask)`` of the demonstrations, one example after another; ``mask`` is 1 on each answer and
+        its terminator (what :meth:`item` calls the answer), 0 elsewhere. The tokens are the concatenation of each
+        example's own tokens (equal to ``ids(demos(examples))`` for a byte tokenizer)."""
+        ids: list[int] = []
+        mask: list[int] = []
+        for x, y in examples:
+            q, a = self.item(x, y)
+            rest = self.ids(self.demos([(x, y)]))[len(q) + len(a) :]
+            ids += q + a + rest
+            mask += [0] * len(q) + [1] * len(a) + [0] * len(rest)
+        return ids, mask
+
     def item(self, x: str, y: str) -> tuple[list[int], list[int]]:
         """``(query tokens, answer tokens)``; the answer split off the jointly tokenized text when possible."""
         q = self.ids(self.query(x))
