@@ -61,7 +61,7 @@ from statelab.tasks.regression import (
     make_regression_batch,
 )
 from statelab.train.config import DataSection, ModelSection, OptimSection, RunSection, TrainConfig, config_digest
-from statelab.train.loop import Callback, StepInfo
+from statelab.train.loop import Callback, StepInfo, seeded_init
 from statelab.train.loop import train as train_loop
 
 __all__ = [
@@ -342,8 +342,7 @@ def build_model(spec: RunSpec, config: ExperimentConfig) -> nn.Module:
     """A freshly initialised model for ``spec`` (initialised from ``spec.seed``, global RNG left untouched)."""
     d, e = config.task.d, config.task.e
     b = config.baselines
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
+    with seeded_init(spec.seed):
         if spec.kind == "gdssm":
             scale = config.gdssm.init_scale if spec.init_scale is None else spec.init_scale
             gd = GDSSMConfig(d=d, num_layers=spec.depth, decay=config.gdssm.decay, init_scale=scale)

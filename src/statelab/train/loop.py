@@ -33,7 +33,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -57,6 +57,7 @@ __all__ = [
     "make_optimizer",
     "RowDecayAdamW",
     "build_model",
+    "seeded_init",
     "register_model",
     "MODEL_FACTORIES",
     "NO_DECAY_NAMES",
@@ -257,6 +258,16 @@ def register_model(name: str) -> Callable:
     return deco
 
 
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Initialise modules from ``seed`` inside the block: torch's initialisers draw from the global RNG, so it is
+    forked, seeded for the block and given back to the caller unchanged afterwards (CPU; the models are built on
+    the CPU and moved afterwards)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def build_model(section: ModelSection, seed: int) -> nn.Module:
     """A fresh model of ``section.arch`` with ``section.config``, initialised from ``seed``; or the checkpoint
     ``section.init_from``. The global torch RNG of the caller is left untouched.
@@ -283,8 +294,7 @@ def build_model(section: ModelSection, seed: int) -> nn.Module:
     else:
         known = ", ".join(sorted(ARCHITECTURES.keys() | MODEL_FACTORIES.keys()))
         raise ConfigError(f"model.arch={section.arch!r} is unknown; known: {known}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_init(seed):
         return factory(dict(section.config))
 
 
