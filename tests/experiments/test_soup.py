@@ -340,23 +340,3 @@ def test_likeliest_skill_is_the_start_that_best_explains_the_prompt(tiny_runner)
     want = r.model.encode(ids, state=best)
     assert got.tokens == want.tokens
     torch.testing.assert_close(got.ssm, want.ssm, atol=1e-5, rtol=1e-5)
-
-
-def test_rerank_picks_the_candidate_that_best_explains_each_query(tiny_runner):
-    """Batched reranking (ragged rows, several queries) == each query's candidates scored one at a time."""
-    r = tiny_runner
-    lib, tasks, _ = r._lib_rows()
-    demos = [list(r.tasks[i % 3].test[i : i + 1 + i % 2]) for i in range(5)]
-    qs = r.encode_many([r.prompter.demos(d) for d in demos])
-    from statelab.state.retrieval import Kernels, per_layer
-
-    scores = Kernels(per_layer(lib), per_layer(qs)).scores((0, 1), "unit", range(5), range(len(lib)))
-    got = r.rerank(scores, tasks, lib, demos)
-    for i, d in enumerate(demos):
-        firsts: dict[str, int] = {}
-        for j in scores[i].argsort(descending=True).tolist():
-            firsts.setdefault(tasks[j], j)
-        ids, mask = r.prompter.demo_ids(d)
-        x, m = torch.tensor([ids]), torch.tensor(mask[1:], dtype=torch.float64)
-        best = max(firsts.items(), key=lambda tj: float((r.model.score(x, lib[tj[1]]).logprobs[0].double() * m).sum()))
-        assert got[i] == best[0]

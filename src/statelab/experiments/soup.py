@@ -300,7 +300,6 @@ class SoupResults:
     retrieval_options: list[dict[str, Any]] = field(default_factory=list)
     retrieval_by_k: dict[str, float] = field(default_factory=dict)
     retrieval_by_layer: dict[str, dict[str, float]] = field(default_factory=dict)
-    retrieval_reranked: dict[str, float] = field(default_factory=dict)
     icl: dict[str, dict[str, float]] = field(default_factory=dict)
     icl_mean: dict[str, float] = field(default_factory=dict)
     composition: dict[str, float] = field(default_factory=dict)
@@ -511,8 +510,8 @@ class SoupRunner:
                 rng = _rng(cfg.seed, 2, ti, k)
                 for _ in range(cfg.retrieval_queries):
                     demos = _pick(rng, task.test, k, f"query of task {task.name}")
-                    queries.append((task, k, demos))
-        states = self.encode_many([self.prompter.demos(d) for _, _, d in queries], progress, bar)
+                    queries.append((task, k, self.prompter.demos(demos)))
+        states = self.encode_many([text for _, _, text in queries], progress, bar)
         for (task, k, _), q in zip(queries, states, strict=True):
             self.query_states.setdefault((task.name, k), []).append(q)
         # every option tried, with statistics fitted on the whole library: for the chosen one exactly what
@@ -538,47 +537,6 @@ class SoupRunner:
             for o in self.results.retrieval_options
             if o["feature"] == "raw" and len(o["layers"]) == 1
         }
-        # reranked: of the top tasks by the chosen scores, the one whose best entry makes the query's own answers
-        # likeliest (what "likeliest skill, then the query" uses, without its no-skill option)
-        scores = kernels.scores(self.choice.layers, self.choice.feature, range(len(queries)), range(len(lib)))
-        got = self.rerank(scores, tasks, lib, [d for _, _, d in queries])
-        self.results.retrieval_reranked = {
-            str(k): float(np.mean([g == t for g, t, kk in zip(got, truth, ks, strict=True) if kk == k]))
-            for k in cfg.retrieval_shots
-        }
-
-    @torch.no_grad()
-    def rerank(
-        self, scores: torch.Tensor, tasks: Sequence[str], lib: Sequence[State], demos: Sequence[Sequence[Any]]
-    ) -> list[str]:
-        """For each query (a row of ``scores [Q, M]`` against the library rows ``lib`` of ``tasks``), the task among
-        its top ``skill_candidates`` whose best entry makes the query's own answers (``demos``) likeliest."""
-        C = self.cfg.skill_candidates
-        cands: list[list[int]] = []
-        for row in scores.argsort(dim=1, descending=True).tolist():
-            seen: dict[str, int] = {}
-            for j in row:
-                seen.setdefault(tasks[j], j)
-                if len(seen) == C:
-                    break
-            cands.append(list(seen.values()))
-        out: list[str] = []
-        for start in range(0, len(demos), 32):  # 32 queries (x C candidates) per ragged batch
-            block = range(start, min(start + 32, len(demos)))
-            pieces = [self.prompter.demo_ids(demos[i]) for i in block]
-            rows = [(i, j, ids, mask) for i, (ids, mask) in zip(block, pieces, strict=True) for j in cands[i]]
-            lengths = torch.tensor([len(r[2]) for r in rows])
-            x = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
-            m = torch.zeros(len(rows), int(lengths.max()) - 1, dtype=torch.float64)
-            for b, (_, _, ids, mask) in enumerate(rows):
-                x[b, : len(ids)] = torch.tensor(ids)
-                m[b, : len(ids) - 1] = torch.tensor(mask[1:], dtype=torch.float64)
-            lp = self.model.score(x.to(self.device), State.cat([lib[r[1]] for r in rows]), lengths=lengths).logprobs
-            total = (lp.double().cpu() * m).sum(1).tolist()
-            for i in block:
-                mine = [(total[b], r[1]) for b, r in enumerate(rows) if r[0] == i]
-                out.append(tasks[max(mine)[1]])
-        return out
 
     # -- 3. few-shot accuracy ------------------------------------------------------------------------------------
     def icl(self, progress: Any) -> None:
@@ -1022,9 +980,7 @@ def write_report(runner: SoupRunner, res: SoupResults, run_dir: Path) -> Path:
         f"Layers and feature are chosen by validation inside the library, never on these queries "
         f"({res.retrieval_choice.get('method', '')}); the choice, **layers {res.layers_default}, "
         f"{res.retrieval_choice.get('feature', 'raw')}**, is recorded in the store for this model, so "
-        '`store.search` uses it (the few-shot study retrieves through it). "Reranked": of the top tasks by the '
-        "chosen scores, the one whose best library entry makes the query's own answers likeliest. Features: raw "
-        "(the layers' SSM states "
+        "`store.search` uses it (the few-shot study retrieves through it). Features: raw (the layers' SSM states "
         "concatenated), unit (each layer scaled to unit norm), centred (unit, minus the library mean), whitened "
         "(centred, the library's principal directions shrunk; `statelab.state.retrieval`). Cosine in every case.",
         "",
@@ -1034,13 +990,6 @@ def write_report(runner: SoupRunner, res: SoupResults, run_dir: Path) -> Path:
         + " | ".join(f"**{_pct(v)}**" for v in res.retrieval_by_k.values())
         + " |",
     ]
-    if res.retrieval_reranked:
-        lines.append(
-            f"| {res.layers_default}, reranked | {res.retrieval_choice.get('feature', 'raw')}, then the likeliest "
-            f"of the top {cfg.skill_candidates} tasks | - | "
-            + " | ".join(_pct(v) for v in res.retrieval_reranked.values())
-            + " |"
-        )
     chosen = (res.layers_default, res.retrieval_choice.get("feature"))
     for o in res.retrieval_options:
         mark = " (chosen)" if (o["layers"], o["feature"]) == chosen else ""
@@ -1214,8 +1163,6 @@ def print_summary(res: SoupResults, cfg: SoupConfig, report: Path) -> None:
     t.add_row("retrieval choice (validated in the library)", f"layers {c.get('layers')}, {c.get('feature')}")
     for k, v in res.retrieval_by_k.items():
         t.add_row(f"retrieval top-1, k={k}", f"{_pct(v)}%")
-    for k, v in res.retrieval_reranked.items():
-        t.add_row(f"retrieval top-1 reranked, k={k}", f"{_pct(v)}%")
     for m in ICL_METHODS:
         t.add_row(f"accuracy: {m}", f"{_pct(res.icl_mean[m])}%")
     for m, v in res.composition.items():
