@@ -141,7 +141,6 @@ class StatelabLM(LM):
         self.start = state
         self.skill, self.soup, self.mix, self.dtype = skill_name, soup_names, mix, dtype
 
-    # ---- lm-eval's interface -------------------------------------------------------------------------------
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """``(Σ log p(continuation | context), is_greedy)`` per request (``req.args = (context, continuation)``)."""
         args = [tuple(r.args) for r in requests]

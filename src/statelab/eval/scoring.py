@@ -70,7 +70,6 @@ DEFAULT_MAX_GEN_TOKS = 256
 DEFAULT_STATE_MEMORY_MB = 256
 
 
-# ---- tokenisation --------------------------------------------------------------------------------------------
 def prefix_token_id(tokenizer: Any) -> int:
     """The token put before an empty context or a rolling text: BOS, else EOS (lm-eval's ``prefix_token_id``)."""
     for name in ("bos_token_id", "eos_token_id"):
@@ -107,7 +106,6 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     return ctx, whole[len(ctx) :]
 
 
-# ---- shared machinery ----------------------------------------------------------------------------------------
 def _check_start(model: Any, state: State | None) -> State | None:
     if state is None:
         return None
@@ -263,7 +261,6 @@ class _Bar:
             self.bar.update(self.task, completed=self.done, rate=rate)
 
 
-# ---- log-likelihood ------------------------------------------------------------------------------------------
 @torch.no_grad()
 def loglikelihood_tokens(
     model: Any,
@@ -389,7 +386,6 @@ def loglikelihood_rolling(
     return out
 
 
-# ---- generation ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GenRequest:
     """One greedy generation: stop strings (``until``) and a limit of new tokens (``max_gen_toks``)."""

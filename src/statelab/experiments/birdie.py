@@ -7,7 +7,7 @@ counted tokens (context plus target, paper A.11) on Tiny Shakespeare (bytes), th
 * copying, selective copying and span infilling: teacher-forced token accuracy on held-out objective samples;
 * phonebook lookup (at each number of queried names) and multi-query associative recall (MQAR), drawn from
   :mod:`statelab.tasks` (the text forms of its phonebook and MQAR generators; fine-tunes read the ``train`` split,
-  evaluation the ``test`` split): after the same short fine-tune for every arm (spec §9 protocol), the answer is
+  evaluation the ``test`` split): after the same short fine-tune for every arm, the answer is
   generated greedily from the prompt (the prompt is the prefix, generation continues from the state after
   ``[BEGIN]``) and scored position by position on its digits (the paper's digit accuracy; chance is about 10%).
 
@@ -24,7 +24,7 @@ Arms (all on the same architecture and optimiser; only the mixture and the bidir
 | ``exp_weights`` | ablation: exponential weights on per-config reward | causal                      |
 
 The two ablations see the same per-config validation losses as the controller but have no reward model, so
-against ``birdie_causal`` they isolate what the reward model adds (spec §9).
+against ``birdie_causal`` they isolate what the reward model adds.
 
 Pretraining and the fine-tunes run through the loop of :mod:`statelab.train`: the registered ``birdie`` model, the
 objective sampler as a stateful batch source, the target-token cross-entropy of packed rows as the loss hook, the
@@ -201,9 +201,6 @@ class BirdieExperimentConfig:
             raise ConfigError(f"workers and threads must be >= 1, got {self.workers}, {self.threads}")
 
 
-# ---- evaluation tasks: statelab.tasks' phonebook and MQAR, as text ----------------------------------------
-
-
 def _ids(text: str) -> np.ndarray:
     return np.frombuffer(text.encode(), dtype=np.uint8).astype(np.int64)
 
@@ -257,9 +254,6 @@ def _task_examples(
     if task == "phonebook":
         return phonebook_examples(cfg.phonebook_entries, queries, seed, n, "test")
     return mqar_examples(cfg.mqar_pairs, queries, seed, n, "test")
-
-
-# ---- training -----------------------------------------------------------------------------------------------
 
 
 def _token_losses(model: BirdieLM, batch: PackedBatch) -> torch.Tensor:
@@ -560,9 +554,6 @@ def _class_tokens(configs: list[ObjectiveConfig], sampler: ObjectiveSampler) -> 
     return out
 
 
-# ---- evaluation ---------------------------------------------------------------------------------------------
-
-
 @torch.no_grad()
 def _accuracy(model: BirdieLM, items: list[tuple[Example, np.ndarray]], seq_len: int) -> float:
     """Teacher-forced accuracy of argmax predictions on the masked target positions (examples longer than a row
@@ -660,7 +651,7 @@ def finetune_config(
 def _finetune(
     model: BirdieLM, cfg: BirdieExperimentConfig, seed: int, task: str, out_dir: Path | None = None
 ) -> BirdieLM:
-    """The same short fine-tune for every arm, one per task (spec §9), through :func:`statelab.train.train`:
+    """The same short fine-tune for every arm, one per task, through :func:`statelab.train.train`:
     ``finetune_batch`` phonebook prompts (cycling through the query counts) or MQAR prompts (prefix) -> answers
     (suffix) per step. Returns a fine-tuned copy; ``out_dir`` keeps its checkpoint (``None``: a temporary one)."""
     m = copy.deepcopy(model)
@@ -735,9 +726,6 @@ def evaluate(
     ft = _finetune(model, cfg, seed, "mqar", None if out_dir is None else out_dir / "finetune_mqar")
     out["mqar"] = generated_accuracy(ft, _task_examples("mqar", cfg, 91_000 + seed, n, cfg.mqar_queries), T)
     return out
-
-
-# ---- the whole study ----------------------------------------------------------------------------------------
 
 
 def _split_corpus() -> tuple[np.ndarray, np.ndarray]:
@@ -903,8 +891,8 @@ def _summary(
 def _comparison_lines(
     cfg: BirdieExperimentConfig, summ: dict[str, dict[str, tuple[float, float, int]]], metrics: list[str]
 ) -> list[str]:
-    """Each arm against next-token: the difference of means in units of the pooled std over seeds (spec §9's
-    acceptance: Birdie ahead of next-token by more than 2 pooled std at the most queries)."""
+    """Each arm against next-token: the difference of means in units of the pooled std over seeds (this
+    study's acceptance test: Birdie ahead of next-token by more than 2 pooled std at the most queries)."""
     if "ntp" not in summ or len(summ) < 2:
         return []
     keys = [f"phonebook_q{max(cfg.phonebook_queries)}", "mqar", "bits_per_byte"]

@@ -86,9 +86,6 @@ __all__ = [
 ]
 
 
-# ---- config --------------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class TrainSection:
     """Optimisation, shared by every model of a config (the same budget for all).
@@ -188,9 +185,6 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
     (``seeds=[0,1]``, ``train.steps=200``, ``gdssm.depths=[1]``). Unknown keys, wrong types and invalid values are
     :class:`ConfigError` naming the key."""
     return from_dict(ExperimentConfig, apply_overrides(read_config_file(path), overrides))
-
-
-# ---- models --------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -528,9 +522,6 @@ def train_run(
     return TrainedRun(spec, result.model, validation.curve, seconds, result.step / max(seconds, 1e-9))
 
 
-# ---- metrics -------------------------------------------------------------------------------------------------
-
-
 def _query_jacobian(spec: RunSpec, model: nn.Module, batch: RegressionBatch, e: int) -> torch.Tensor:
     """``∂ŷ/∂x_q`` per task: ``[B, E, d]`` by one backward pass per output (tasks are independent)."""
     tokens = interleave(batch).clone().requires_grad_(True)
@@ -634,9 +625,6 @@ def _baseline_metrics(
         pred = query_prediction(run.spec, run.model, model_inputs(run.spec, test), config.task.e)
     gd1 = gd_predict(test.context_x, test.context_y, test.query_x, optima[1][0], 1)
     return {"loss": float(half_mse(pred, test.query_y)), "pred_cos_gd1": cosine(pred, gd1)}
-
-
-# ---- the launcher --------------------------------------------------------------------------------------------
 
 
 def _git_commit() -> str:

@@ -208,9 +208,6 @@ def load_soup_config(path: str | Path | None = None, overrides: Sequence[str] = 
     return from_dict(SoupConfig, apply_overrides(data, overrides))
 
 
-# ---- tasks and prompts -----------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class TaskData:
     """One word-function task: its ``(input, answer)`` pairs in seeded order, train and test disjoint."""
@@ -266,9 +263,6 @@ def load_task_data(cfg: SoupConfig) -> list[TaskData]:
     if len(out) < 2:
         raise ConfigError(f"soup config: retrieval needs at least 2 tasks, got {[t.name for t in out]}")
     return out
-
-
-# ---- the runner ------------------------------------------------------------------------------------------------
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
@@ -844,9 +838,6 @@ def set_threads(cfg: SoupConfig, model: Any) -> dict[str, Any]:
         how = "measured" if cores > 1 else "no idle core to add (statelab.threads.available_cores)"
         return {**pick_threads(model, [1, cores]), "how": how}
     return {"threads": torch.get_num_threads(), "seconds": {}, "how": "default (model not on the CPU)"}
-
-
-# ---- report ----------------------------------------------------------------------------------------------------
 
 
 def _pct(x: float) -> str:

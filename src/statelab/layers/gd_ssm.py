@@ -64,9 +64,6 @@ Backend = Literal["chunk", "naive"]
 BACKENDS: tuple[str, ...] = ("chunk", "naive")  # the first is the default
 
 
-# ---- windows and state ---------------------------------------------------------------------------------------
-
-
 def make_windows(seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a token run that starts at a window boundary into complete windows and the pending tail.
 
@@ -119,9 +116,6 @@ class GDSSMState:
 
     def clone(self) -> GDSSMState:
         return GDSSMState(ssm=self.ssm.clone(), tail=self.tail.clone(), n_tokens=self.n_tokens)
-
-
-# ---- the layer and the stack ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -322,9 +316,6 @@ class GDSSM(Mixer):
         return model
 
 
-# ---- constructed-token variant -------------------------------------------------------------------------------
-
-
 class ProductTokenSSM(Mixer):
     """Diagonal SSM on constructed tokens ``u_i = [x_i y_i; x_{i+1}]`` (scalar y) with a gated readout.
 
@@ -377,9 +368,6 @@ class ProductTokenSSM(Mixer):
             model.B.copy_(torch.cat([-(eta / n_examples) * eye, torch.zeros(d, d, dtype=torch.float64)], dim=1))
             model.D.copy_(torch.cat([torch.zeros(d, d), torch.eye(d)], dim=1))
         return model
-
-
-# ---- non-linear extension ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -177,7 +177,6 @@ class StatefulLM(nn.Module):
         super().__init__()
         self._fp_cache: tuple[tuple, str] | None = None
 
-    # ---- to implement --------------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
         """The model config as a JSON-able dict (part of the fingerprint)."""
         raise NotImplementedError
@@ -216,7 +215,6 @@ class StatefulLM(nn.Module):
     def decay_A(self) -> torch.Tensor:
         raise NotImplementedError
 
-    # ---- identity ------------------------------------------------------------------------------------------
     @property
     def fingerprint(self) -> str:
         """Hash of config and weights. Recomputed only when a parameter was modified (tracked by version)."""
@@ -460,7 +458,6 @@ class StatefulLM(nn.Module):
                     f"to {hi}; were they made by another tokenizer?"
                 )
 
-    # ---- the state API -------------------------------------------------------------------------------------
     def forward(
         self,
         input_ids: torch.Tensor,

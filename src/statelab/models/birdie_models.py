@@ -213,7 +213,6 @@ class BirdieLM(StatefulLM):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    # ---- StatefulLM contract -------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
 

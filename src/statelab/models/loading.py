@@ -114,7 +114,6 @@ def embedded_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "embedded"
 
 
-# ---- reading ------------------------------------------------------------------------------------------------
 def _resolve(path_or_id: str | os.PathLike) -> Path:
     """A local directory for ``path_or_id``: itself, the embedded model, or a hub snapshot."""
     if str(path_or_id) == "embedded":
@@ -273,7 +272,6 @@ def load_model(
     return model.eval()
 
 
-# ---- writing ------------------------------------------------------------------------------------------------
 def write_hf_checkpoint(directory: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (contiguous, unshared copies) into ``directory``."""
     from safetensors.torch import save_file

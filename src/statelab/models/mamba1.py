@@ -156,7 +156,6 @@ class Mamba1LM(StatefulLM):
         if self.embedding.weight.device.type != "meta":
             nn.init.normal_(self.embedding.weight, std=0.02)
 
-    # ---- StatefulLM contract -------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
         return self.config.to_dict()
 
@@ -267,7 +266,6 @@ class Mamba1LM(StatefulLM):
         logits = plan.head(self.norm_f(h))
         return logits, advanced_state(state, out, active)
 
-    # ---- checkpoints ---------------------------------------------------------------------------------------
     @classmethod
     def config_from_hf(cls, cfg: dict[str, Any]) -> Mamba1Config:
         """``Mamba1Config`` from a transformers ``MambaConfig`` dict (``config.json``)."""

@@ -205,7 +205,6 @@ class Mamba2LM(StatefulLM):
                     nn.init.zeros_(lin.bias)
             mixer.out_proj.weight.div_(math.sqrt(self.config.n_layer))
 
-    # ---- backend -----------------------------------------------------------------------------------------
     @property
     def backend(self) -> str:
         return self._backend
@@ -222,7 +221,6 @@ class Mamba2LM(StatefulLM):
         """SSD backend of every layer: ``"chunk"`` (default), ``"naive"`` or ``"cuda"`` (as ``model.backend = b``)."""
         self.backend = backend
 
-    # ---- StatefulLM contract -----------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
         return {"arch": self.arch, **self.config.to_dict()}
 
@@ -325,7 +323,6 @@ class Mamba2LM(StatefulLM):
         logits = plan.head(self.norm_f(h)).float()
         return logits, advanced_state(state, out, active)
 
-    # ---- Hugging Face -------------------------------------------------------------------------------------
     @classmethod
     def config_from_hf(cls, cfg: dict[str, Any]) -> Mamba2Config:
         """``Mamba2Config`` from a Hugging Face ``config.json`` dict (keys that do not change the math ignored)."""
@@ -472,7 +469,6 @@ class Mamba2LM(StatefulLM):
 
         return write_hf_checkpoint(directory, self.hf_config(), self.hf_state_dict())
 
-    # ---- mamba_ssm ----------------------------------------------------------------------------------------
     @classmethod
     def config_from_mamba_ssm(cls, cfg: dict[str, Any]) -> Mamba2Config:
         """``Mamba2Config`` from a mamba_ssm ``config.json`` (``MambaConfig`` with ``ssm_cfg.layer = "Mamba2"``)."""

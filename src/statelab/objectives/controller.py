@@ -20,7 +20,7 @@ loss and the spread of candidate scores) so the run can be audited and plotted (
 
 All alternatives share the :class:`MixturePolicy` interface: :class:`FixedPolicy` (UL2-style ratios, uniform over
 classes or over configs, next-token only), :class:`BirdieController`, and two ablations that use the same
-validation losses without a reward model (spec §9): :class:`LossProportionalPolicy` and
+validation losses without a reward model: :class:`LossProportionalPolicy` and
 :class:`ExpWeightsPolicy`.
 """
 
@@ -89,9 +89,6 @@ def eval_schedule(total_steps: int) -> list[int]:
     return sorted({max(1, round(p * s)) for p in paper if round(p * s) <= total_steps})
 
 
-# ---- reward model -------------------------------------------------------------------------------------------
-
-
 class _GatedBlock(nn.Module):
     """``K = σ(W_K x)``, ``u = W_u x ⊙ σ(W_g x) ⊙ (1 - K)``, ``h_t = K_t ⊙ h_{t-1} + u_t``, gated output, residual."""
 
@@ -142,9 +139,6 @@ class RewardModel(nn.Module):
             x, h = blk(x, state[i])
             new.append(h)
         return self.head(x), torch.stack(new)
-
-
-# ---- policies -------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -279,7 +273,7 @@ class LossProportionalPolicy(MixturePolicy):
 
 
 class ExpWeightsPolicy(MixturePolicy):
-    """Ablation: exponential weights on the per-config reward (spec §5's formula), the full-information form of
+    """Ablation: exponential weights on the per-config reward, the full-information form of
     EXP3 (every config's validation loss is observed at each evaluation, so no importance weighting is needed).
 
     ``log w_i += eta · r_i`` at each evaluation, starting from the class-uniform mixture; the action is
@@ -326,8 +320,8 @@ class ExpWeightsPolicy(MixturePolicy):
 
 
 class BirdieController(MixturePolicy):
-    """The reward-driven controller. ``update(step, losses)`` runs the pseudocode of spec §5 and returns the
-    action to sample with until the next evaluation."""
+    """The reward-driven controller. ``update(step, losses)`` returns the action to sample with until the next
+    evaluation."""
 
     def __init__(
         self,

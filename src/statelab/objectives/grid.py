@@ -1,7 +1,7 @@
 """The paper's control grids (Birdie A.2, 96 configurations) and the fixed mixtures (UL2, decoder-only UL2).
 
 Length ranges are the paper's values for a 2,048-token context, multiplied by ``seq_len / 2048`` (rates, mean
-spans and the number of configurations are kept, spec §9). A range whose packed example could not fit one row
+spans and the number of configurations are kept). A range whose packed example could not fit one row
 (copying and deshuffling pack to about twice their length) is capped to fit, and selective copying's span and
 delimiter lengths scale with a floor so that four spans still fit its context.
 

@@ -140,7 +140,6 @@ def create_app(model: Any, tokenizer: Any, config: ServeConfig, store: Any = Non
     app.state.store = store
     app.add_middleware(_CountResponses, counts=counts)
 
-    # ---- errors ------------------------------------------------------------------------------------------
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> Any:
         return JSONResponse(e.body(), status_code=e.status)
@@ -163,7 +162,6 @@ def create_app(model: Any, tokenizer: Any, config: ServeConfig, store: Any = Non
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse(error_body(f"internal error: {e}", "server_error", "internal_error"), status_code=500)
 
-    # ---- helpers -----------------------------------------------------------------------------------------
     async def read_json(request: Request) -> Any:
         raw = await request.body()
         try:
@@ -215,7 +213,6 @@ def create_app(model: Any, tokenizer: Any, config: ServeConfig, store: Any = Non
             raise ApiError(str(e), status=404, code="skill_not_found", param=param) from None
         return state, state_digest(state)
 
-    # ---- completions -------------------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         req = parse_completion(await read_json(request), limits)
@@ -307,7 +304,6 @@ def create_app(model: Any, tokenizer: Any, config: ServeConfig, store: Any = Non
             return JSONResponse(error_body(failure.message, "server_error", "engine_error"), status_code=500)
         return completion_body(rid, config.model_id, list(choices.values()), req.n, req.return_token_ids, now)
 
-    # ---- models and metrics ------------------------------------------------------------------------------
     @app.get("/v1/models")
     async def models() -> Any:
         info = {
@@ -336,7 +332,6 @@ def create_app(model: Any, tokenizer: Any, config: ServeConfig, store: Any = Non
             raise ApiError(f"format must be 'prometheus' or 'json', got {format!r}", param="format")
         return PlainTextResponse(render_prometheus(data), media_type="text/plain; version=0.0.4")
 
-    # ---- skills ------------------------------------------------------------------------------------------
     def entry_body(e: Any) -> dict[str, Any]:
         return {
             "id": e.name,

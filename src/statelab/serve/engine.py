@@ -351,7 +351,6 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
 
-    # ---- life cycle --------------------------------------------------------------------------------------
     def start(self) -> Engine:
         if self._thread is not None:
             raise RuntimeError("the engine is already running")
@@ -379,7 +378,6 @@ class Engine:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    # ---- requests ----------------------------------------------------------------------------------------
     def submit(self, req: GenerationRequest) -> None:
         """Queue every choice of ``req``; deltas start arriving at its sink once rows are admitted.
 
@@ -421,7 +419,6 @@ class Engine:
     def waiting_rows(self) -> int:
         return len(self._waiting)
 
-    # ---- the loop ----------------------------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)  # per thread: nothing the engine runs needs autograd
         while True:
@@ -485,7 +482,6 @@ class Engine:
             self._rows = [self._rows[i] for i in keep]
             self._state = self._state.select(keep) if keep and self._state is not None else None
 
-    # ---- admission and prefill ---------------------------------------------------------------------------
     def _take_waiting(self) -> list[_Row]:
         out: list[_Row] = []
         with self._cond:
@@ -631,7 +627,6 @@ class Engine:
     def _lengths(lens: list[int], dev: torch.device) -> torch.Tensor | None:
         return None if all(n == max(lens) for n in lens) else torch.tensor(lens, dtype=torch.long, device=dev)
 
-    # ---- decoding ----------------------------------------------------------------------------------------
     def _step(self) -> None:
         rows = self._rows
         assert self._state is not None and self._state.batch_size == len(rows)
@@ -712,7 +707,6 @@ class Engine:
             Delta(row.index, "", (), () if row.params.logprobs is not None else None, "length", len(row.prompt), 0, 0)
         )
 
-    # ---- text --------------------------------------------------------------------------------------------
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; ids beyond the tokenizer's vocabulary (padding rows of the embedding) are dropped."""
         v = self._vocab

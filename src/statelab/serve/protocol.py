@@ -141,7 +141,6 @@ class CompletionRequest:
     return_token_ids: bool
 
 
-# ---- small typed readers -----------------------------------------------------------------------------------------
 def _type_error(name: str, want: str, got: Any) -> ApiError:
     return ApiError(f"'{name}' must be {want}, got {_show(got)}", code="invalid_type", param=name)
 
@@ -220,7 +219,6 @@ def _object(raw: Any) -> dict:
     return raw
 
 
-# ---- /v1/completions ---------------------------------------------------------------------------------------------
 def _prompts(v: Any, vocab_size: int | None) -> tuple[str | tuple[int, ...], ...]:
     want = "a string, a list of strings, a list of token ids or a list of token-id lists"
     if v is None:
@@ -394,7 +392,6 @@ def check_prompt_lengths(token_prompts: Sequence[Sequence[int]], limits: Limits)
             raise ApiError(f"prompt {i} tokenizes to no tokens; give at least one", param="prompt")
 
 
-# ---- /v1/skills --------------------------------------------------------------------------------------------------
 def parse_skill_add(raw: Any) -> dict[str, Any]:
     """``POST /v1/skills`` body: ``name`` and ``prompt`` (required), ``task``, ``tags``, ``description``,
     ``shots``; returns them as keyword arguments for ``StateStore.add`` plus ``prompt``."""
@@ -433,7 +430,6 @@ def parse_skill_search(raw: Any) -> dict[str, Any]:
     }
 
 
-# ---- responses ---------------------------------------------------------------------------------------------------
 def new_id() -> str:
     return "cmpl-" + uuid.uuid4().hex[:24]
 

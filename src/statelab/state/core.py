@@ -165,7 +165,6 @@ class State:
         """True when rows consumed different numbers of tokens."""
         return isinstance(self.n_tokens, tuple)
 
-    # ---- shape facts -------------------------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
         return self.ssm.shape[0]
@@ -206,7 +205,6 @@ class State:
             out["ssm"][axis] = out["conv"][axis] = -1
         return out
 
-    # ---- value operations --------------------------------------------------------------------------------
     def replace(self, **changes) -> State:
         """A new state with some fields replaced (validated like any new state)."""
         return dataclasses.replace(self, **changes)

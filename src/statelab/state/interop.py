@@ -22,7 +22,7 @@ transformers 5.23, CPU reference kernels):
 * ``generate(last_token, cache_params=cache)``: exact; its first step is a one-token call.
 * **several tokens per call**: Mamba-2 exact (the chunked scan takes ``initial_states`` and the cached conv
   window). Mamba-1 **wrong**: the conv window is used but the selective scan restarts from a zero SSM state
-  (State Soup spec §3.2; mamba_ssm PRs #806/#830 for the kernel). ``generate(prompt, cache_params=cache)`` with
+  (mamba_ssm PRs #806/#830 for the kernel). ``generate(prompt, cache_params=cache)`` with
   a prompt of several tokens takes this route on its first step, so it is wrong for Mamba-1 too.
 
 Example::

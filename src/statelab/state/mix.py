@@ -74,7 +74,6 @@ def method_help(name: str) -> str:
     return doc.split("\n\n")[0].replace("\n", " ")
 
 
-# ---- entry point ----------------------------------------------------------------------------------------------
 def mix(
     states: Sequence[State],
     method: str = "mean",
@@ -131,7 +130,6 @@ def mix(
     return out
 
 
-# ---- validation -----------------------------------------------------------------------------------------------
 def _check_states(states: Sequence[State]) -> list[State]:
     if isinstance(states, State):
         raise StateMismatchError("mix takes a sequence of states, got a single State")
@@ -256,7 +254,6 @@ def _check_base(states: Sequence[State], base: State) -> None:
         raise StateMismatchError("base state has NaN/inf")
 
 
-# ---- order-free soups -----------------------------------------------------------------------------------------
 @register("mean")
 def mean(states: Sequence[State], weights: torch.Tensor | None, *, conv: str = "mean") -> State:
     """Average of the states: ``s = Σ_i w_i s_i / Σ_i w_i``, uniform ``w_i = 1/n`` without weights.
@@ -324,7 +321,6 @@ def norm_matched(
     return _averaged(states, p, ssm, conv)
 
 
-# ---- ordered composition --------------------------------------------------------------------------------------
 def decay_log(state: State, A: torch.Tensor) -> torch.Tensor:
     """``log Λ = A ⊙ ΣΔ`` of a state (fp32, ≤ 0), shaped to broadcast against its SSM state.
 
@@ -425,8 +421,8 @@ def hybrid(
     ``r = (1/n) Σ_k |A ⊙ ΣΔ_k|`` is the mean log-decay per chunk of each (layer, channel, state index) entry
     (per head for Mamba-2): a slow entry (``r`` small) still remembers earlier chunks, which only the ordered
     composition accounts for; a fast one forgets within a chunk, where A-decay keeps the last chunk alone and
-    the mean pools all chunks instead. ``cutoff = inf`` gives ``adecay``, ``cutoff = 0`` the mean. State Soup
-    spec §5.4.3 (a statelab experiment, not from a paper). Conv from the last chunk; ΣΔ and tokens add up.
+    the mean pools all chunks instead. ``cutoff = inf`` gives ``adecay``, ``cutoff = 0`` the mean. A statelab
+    experiment, not from a paper. Conv from the last chunk; ΣΔ and tokens add up.
     """
     if weights is not None:
         raise ConfigError("hybrid takes no weights")
@@ -483,7 +479,6 @@ def picaso_s(states: Sequence[State], weights: torch.Tensor | None, *, A: torch.
     return _ordered(states, acc, conv)
 
 
-# ---- arithmetic against a base --------------------------------------------------------------------------------
 @register("task_arithmetic")
 def task_arithmetic(states: Sequence[State], weights: torch.Tensor | None, *, base: State, conv: str = "base") -> State:
     """Task vectors on states: ``s = base + Σ_i λ_i (s_i − base)``, ``λ_i = weights`` (default 1).
@@ -550,7 +545,6 @@ def layers(
     )
 
 
-# ---- retrieval-weighted ---------------------------------------------------------------------------------------
 @register("softmax_topk")
 def softmax_topk(
     states: Sequence[State],

@@ -397,8 +397,6 @@ def choose_for_store(store: Any, fingerprint: str, *, options=None, features=FEA
     return choice
 
 
-# ---- persistence (a table in the store's database) -------------------------------------------------------------
-
 _TABLE = """CREATE TABLE IF NOT EXISTS retrieval (
     fingerprint TEXT PRIMARY KEY, spec TEXT NOT NULL, stats BLOB NOT NULL, sha256 TEXT NOT NULL
 )"""

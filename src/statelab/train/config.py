@@ -206,9 +206,6 @@ class TrainConfig:
         return self.run.global_batch_size // per_step
 
 
-# ---- generic typed parsing -------------------------------------------------------------------------------------
-
-
 def config_digest(cfg: TrainConfig, length: int = 10) -> str:
     """The first ``length`` hex digits of the SHA-256 of ``cfg`` as JSON with sorted keys: studies name a run's
     directory with it, so that a run with another config starts afresh instead of refusing to resume."""

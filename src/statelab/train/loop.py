@@ -370,9 +370,6 @@ class Callback:
         return None
 
 
-# ---- distributed helpers -------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class _Dist:
     rank: int
@@ -414,9 +411,6 @@ def _setup_dist(device_pref: str) -> _Dist:
     else:
         device = torch.device("cpu")
     return _Dist(rank, world, device, owns)
-
-
-# ---- metrics ---------------------------------------------------------------------------------------------------
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -472,9 +466,6 @@ def plot_metrics(records: list[dict[str, Any]], path: str | Path, title: str = "
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-# ---- the loop --------------------------------------------------------------------------------------------------
 
 
 def _config_diff(a: dict[str, Any], b: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> list[str]:
