@@ -15,9 +15,9 @@ import torch
 from typer.testing import CliRunner
 
 from statelab.cli import app
+from statelab.cli.serve import parse_bytes
 from statelab.models.mamba1 import Mamba1Config, Mamba1LM
 from statelab.models.tokenizer import ByteTokenizer
-from statelab.cli.serve import parse_bytes
 from tests.serve._serving import reference
 
 runner = CliRunner()
