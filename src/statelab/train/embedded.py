@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import shutil
 import sys
@@ -131,6 +132,20 @@ def _plot_shots(acc: dict[str, dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def _machine() -> str:
+    """CPU model, core count and torch version of this machine, for the model card."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+
+
 def write_model_card(
     dest: Path,
     cfg: TrainConfig,
@@ -145,6 +160,8 @@ def write_model_card(
     card describes whichever model the recipe builds."""
     mc = cfg.model.config
     last = metrics[-1] if metrics else {}
+    tail = [m["loss"] for m in metrics[-20:] if "loss" in m]
+    tail_loss = float(np.mean(tail)) if tail else float("nan")
     n_params = None
     cfg_file = dest / "model.safetensors"
     if cfg_file.is_file():
@@ -205,8 +222,9 @@ def write_model_card(
         f"A_log, dt_bias, D, norms), gradient clip {cfg.optim.grad_clip:g}; {cfg.run.max_steps} steps of "
         f"{cfg.run.global_batch_size} sequences; model seed {cfg.run.seed}.",
         f"- Trained: {last.get('step', '?')} steps, {last.get('tokens', 0):,} tokens, "
-        f"{last.get('elapsed', 0) / 60:.1f} minutes of training on the build machine; final training loss "
-        f"{last.get('loss', float('nan')):.3f} nats per answer byte.",
+        f"{last.get('elapsed', 0) / 60:.1f} minutes of training; training loss {tail_loss:.3f} nats per scored "
+        f"byte (mean of the last {len(tail)} logged steps).",
+        f"- Card written {datetime.date.today().isoformat()} on {_machine()}.",
         *([f"- Note: {note}"] if note else []),
         "",
         "![training curve](training_curve.png)",
