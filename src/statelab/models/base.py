@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from statelab.errors import StateMismatchError
+from statelab.layers.decode import Matvec, cached_plan, matvec, transposed_layout
 from statelab.state.core import State
 from statelab.state.io import _all_finite
 
@@ -53,6 +54,8 @@ __all__ = [
     "fingerprint_module",
     "empty_like_state",
     "advanced_state",
+    "StepPlan",
+    "step_buffers",
 ]
 
 
@@ -701,6 +704,26 @@ def empty_like_state(state: State) -> State:
         conv=torch.empty_like(state.conv),
         sum_delta=torch.empty_like(state.sum_delta),
     )
+
+
+class StepPlan(NamedTuple):
+    """Decode weights of a layered model: one ``step_weights`` result per layer and the output head."""
+
+    layers: list[Any]
+    head: Matvec
+
+
+def step_buffers(model: nn.Module, state: State, out: State | None) -> tuple[StepPlan, State]:
+    """What a fused decode step of ``model`` needs: its :class:`StepPlan` (every ``model.layers[i].mixer``'s
+    ``step_weights`` and the head, tied to ``model.embedding`` when ``model.lm_head`` is None; cached until a
+    parameter changes) and the state to write into (``out``, or new memory shaped like ``state``)."""
+
+    def build() -> StepPlan:
+        t = transposed_layout(model.device)
+        w = model.embedding.weight if model.lm_head is None else model.lm_head.weight
+        return StepPlan([b.mixer.step_weights(t) for b in model.layers], matvec(w, None, t))
+
+    return cached_plan(model, build), empty_like_state(state) if out is None else out
 
 
 def advanced_state(state: State, out: State, active: torch.Tensor | None) -> State:

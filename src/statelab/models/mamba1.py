@@ -18,7 +18,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +26,10 @@ from torch import nn
 
 from statelab.config import from_dict
 from statelab.errors import CheckpointError, ConfigError
-from statelab.layers.decode import Matvec, cached_plan, matvec, transposed_layout
-from statelab.layers.mamba1 import Mamba1Mixer, MixerState, StepWeights
+from statelab.layers.mamba1 import Mamba1Mixer, MixerState
 from statelab.layers.norm import RMSNorm
 from statelab.layers.protocol import check_backend
-from statelab.models.base import RunOutput, StatefulLM, advanced_state, empty_like_state
+from statelab.models.base import RunOutput, StatefulLM, advanced_state, step_buffers
 from statelab.state.core import State
 
 __all__ = ["Mamba1Config", "Mamba1LM"]
@@ -100,13 +99,6 @@ class Mamba1Config:
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_size_multiple
         return self.vocab_size + (-self.vocab_size) % m
-
-
-class _StepPlan(NamedTuple):
-    """Decode weights: one :class:`StepWeights` per layer and the output head."""
-
-    layers: list[StepWeights]
-    head: Matvec
 
 
 class Mamba1Block(nn.Module):
@@ -234,16 +226,6 @@ class Mamba1LM(StatefulLM):
         logits = self.head(self.norm_f(h)) if with_head else None
         return RunOutput(logits=logits, state=new_state, states_at=states_at)
 
-    def _step_plan(self) -> _StepPlan:
-        """The decode weights of every layer and of the head, cached until a parameter changes."""
-
-        def build() -> _StepPlan:
-            t = transposed_layout(self.device)
-            w = self.embedding.weight if self.lm_head is None else self.lm_head.weight
-            return _StepPlan([b.mixer.step_weights(t) for b in self.layers], matvec(w, None, t))
-
-        return cached_plan(self, build)
-
     @torch.no_grad()
     def _step(
         self, tokens: torch.Tensor, state: State, active: torch.Tensor | None, out: State | None
@@ -252,9 +234,7 @@ class Mamba1LM(StatefulLM):
         state straight into ``out``'s slice for it (:meth:`Mamba1Mixer.step`)."""
         if any(b.mixer.backend == "naive" for b in self.layers):  # the reference backend stays the reference
             return super()._step(tokens, state, active, out)
-        plan = self._step_plan()
-        if out is None:
-            out = empty_like_state(state)
+        plan, out = step_buffers(self, state, out)
         h = self.embedding(tokens.long())
         if self.config.residual_in_fp32:
             h = h.float()

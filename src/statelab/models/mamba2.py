@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,9 @@ from torch import nn
 
 from statelab.config import from_dict
 from statelab.errors import CheckpointError, ConfigError
-from statelab.layers.decode import Matvec, cached_plan, matvec, transposed_layout
-from statelab.layers.mamba2 import Mamba2LayerState, Mamba2Mixer, StepWeights
+from statelab.layers.mamba2 import Mamba2LayerState, Mamba2Mixer
 from statelab.layers.norm import RMSNorm
-from statelab.models.base import RunOutput, StatefulLM, advanced_state, empty_like_state
+from statelab.models.base import RunOutput, StatefulLM, advanced_state, step_buffers
 from statelab.ops.ssd import BACKENDS
 from statelab.state.core import State
 
@@ -120,13 +119,6 @@ class Mamba2Config:
         d = dataclasses.asdict(self)
         d["time_step_limit"] = list(self.time_step_limit)
         return d
-
-
-class _StepPlan(NamedTuple):
-    """Decode weights: one :class:`StepWeights` per layer and the output head."""
-
-    layers: list[StepWeights]
-    head: Matvec
 
 
 class Mamba2Block(nn.Module):
@@ -291,16 +283,6 @@ class Mamba2LM(StatefulLM):
         new_state, states_at_out = self._assemble_states(final, at, pos, state.tokens, n_new, state.dtype, ssm_all)
         return RunOutput(logits=logits, state=new_state, states_at=states_at_out)
 
-    def _step_plan(self) -> _StepPlan:
-        """The decode weights of every layer and of the head, cached until a parameter changes."""
-
-        def build() -> _StepPlan:
-            t = transposed_layout(self.device)
-            w = self.embedding.weight if self.lm_head is None else self.lm_head.weight
-            return _StepPlan([b.mixer.step_weights(t) for b in self.layers], matvec(w, None, t))
-
-        return cached_plan(self, build)
-
     @torch.no_grad()
     def _step(
         self, tokens: torch.Tensor, state: State, active: torch.Tensor | None, out: State | None
@@ -309,9 +291,7 @@ class Mamba2LM(StatefulLM):
         state straight into ``out``'s slice for it (:meth:`Mamba2Mixer.step`)."""
         if self.backend == "naive":  # the reference backend stays the reference, one token included
             return super()._step(tokens, state, active, out)
-        plan = self._step_plan()
-        if out is None:
-            out = empty_like_state(state)
+        plan, out = step_buffers(self, state, out)
         c = self.config
         h = self.embedding(tokens)
         for i, block in enumerate(self.layers):
