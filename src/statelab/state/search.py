@@ -216,7 +216,22 @@ class VectorIndex(ABC):
         return _load_ids_and_vectors_index(cls, data, dim)
 
 
-class ExactIndex(VectorIndex):
+class _ArrayFileIndex(VectorIndex):
+    """An index whose file holds its ids and vectors (:func:`_save_ids_and_vectors`) and is rebuilt from them on
+    load. Subclasses keep ``_ids`` and ``_vecs`` current after ``_flush()``."""
+
+    def save(self, path) -> None:
+        self._flush()
+        _save_ids_and_vectors(path, self._ids, np.asarray(self._vecs))
+
+    @classmethod
+    def load(cls, path, dim):
+        index = cls(dim)
+        index.add(*_load_ids_and_vectors(path))
+        return index
+
+
+class ExactIndex(_ArrayFileIndex):
     """Brute force in torch: fp32 matmul over all vectors, then ``topk``. Exact; O(n · dim) per query."""
 
     kind = "exact"
@@ -257,16 +272,6 @@ class ExactIndex(VectorIndex):
                 top_i = torch.cat([best_i, top_i], 1).gather(1, sel)
             best_s, best_i = top_s, top_i
         return best_s.numpy(), self._ids[best_i.numpy()]
-
-    def save(self, path) -> None:
-        self._flush()
-        _save_ids_and_vectors(path, self._ids, self._vecs.numpy())
-
-    @classmethod
-    def load(cls, path, dim):
-        index = cls(dim)
-        index.add(*_load_ids_and_vectors(path))
-        return index
 
 
 class FaissIndex(VectorIndex):
@@ -333,7 +338,7 @@ class FaissIndex(VectorIndex):
         return index
 
 
-class FaissIVFIndex(VectorIndex):
+class FaissIVFIndex(_ArrayFileIndex):
     """FAISS ``IndexIVFFlat`` (inner product): k-means cells, a query scans the ``nprobe`` nearest cells.
 
     Builds much faster than HNSW (one k-means on a sample, then one assignment per vector), which is what makes
@@ -407,16 +412,6 @@ class FaissIVFIndex(VectorIndex):
         if nlist > 1:
             self._index.nprobe = min(nlist, self.nprobe or auto)
         return _faiss_search(self._index, q, k)
-
-    def save(self, path) -> None:
-        self._flush()
-        _save_ids_and_vectors(path, self._ids, self._vecs)
-
-    @classmethod
-    def load(cls, path, dim):
-        index = cls(dim)
-        index.add(*_load_ids_and_vectors(path))
-        return index
 
 
 class UsearchIndex(VectorIndex):
