@@ -66,6 +66,28 @@ def _readout(states: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
     return (states * g.view(*g.shape[:2], *([1] * (states.dim() - 3)), g.shape[-1])).sum(-1)
 
 
+def _result(
+    x: torch.Tensor,
+    g: torch.Tensor | None,
+    acc: torch.dtype,
+    ys: list[torch.Tensor],
+    final: torch.Tensor,
+    captured: dict[int, torch.Tensor],
+    pos: list[int] | None,
+    output_final_state: bool,
+) -> ScanOutput:
+    """The ScanOutput, in ``x``'s dtype, from the readouts ``ys`` (``[B, n, ...]`` pieces in time order), the state
+    after the last step ``final [B, *S]`` and the states ``captured[p] [B, *S]`` after the first ``p`` steps."""
+    Bsz, _, *S = x.shape
+    out_shape = S if g is None else S[:-1]
+    y = torch.cat(ys, dim=1) if ys else x.new_zeros(Bsz, 0, *out_shape, dtype=acc)
+    return ScanOutput(
+        y=y.to(x.dtype),
+        final_state=final.to(x.dtype) if output_final_state else None,
+        states_at=None if pos is None else stack_at([captured[p] for p in pos], final).to(x.dtype),
+    )
+
+
 def diag_scan_naive(
     x: torch.Tensor,
     log_decay: torch.Tensor,
@@ -98,16 +120,10 @@ def diag_scan_naive(
     ys = []
     for t in range(T):
         s = decay * s + x[:, t].to(acc)
-        ys.append(_readout(s[:, None], None if g is None else g[:, t : t + 1].to(acc))[:, 0])
+        ys.append(_readout(s[:, None], None if g is None else g[:, t : t + 1].to(acc)))
         if t + 1 in want:
             captured[t + 1] = s
-    out_shape = S if g is None else S[:-1]
-    y = torch.stack(ys, dim=1) if ys else x.new_zeros(Bsz, 0, *out_shape, dtype=acc)
-    return ScanOutput(
-        y=y.to(x.dtype),
-        final_state=s.to(x.dtype) if output_final_state else None,
-        states_at=None if pos is None else stack_at([captured[p] for p in pos], s).to(x.dtype),
-    )
+    return _result(x, g, acc, ys, s, captured, pos, output_final_state)
 
 
 def diag_scan_chunk(
@@ -137,7 +153,7 @@ def diag_scan_chunk(
     table = torch.where((diff >= 0)[..., None], (diff.clamp_min(0)[..., None] * ld).exp(), 0)
     carry = ((steps + 1).to(diff.dtype)[:, None] * ld).exp()  # Λ̄^{t+1}: [Q, F]
     want = sorted(set(pos or ()))
-    captured = {0: s.clone()} if 0 in want else {}
+    captured = {0: s.clone().view(Bsz, *S)} if 0 in want else {}
     ys = []
     for start in range(0, T, q):
         xc = x[:, start : start + q].to(acc).reshape(Bsz, -1, F)
@@ -150,14 +166,7 @@ def diag_scan_chunk(
             if start < p <= start + n:
                 captured[p] = full[:, p - start - 1]
         s = states[:, -1]
-    out_shape = S if g is None else S[:-1]
-    y = torch.cat(ys, dim=1) if ys else x.new_zeros(Bsz, 0, *out_shape, dtype=acc)
-    final = s.view(Bsz, *S)
-    return ScanOutput(
-        y=y.to(x.dtype),
-        final_state=final.to(x.dtype) if output_final_state else None,
-        states_at=None if pos is None else stack_at([captured[p].view(Bsz, *S) for p in pos], final).to(x.dtype),
-    )
+    return _result(x, g, acc, ys, s.view(Bsz, *S), captured, pos, output_final_state)
 
 
 def diag_scan(

@@ -31,9 +31,11 @@ __all__ = ["BACKENDS", "linear_scan", "linear_scan_naive", "linear_scan_parallel
 BACKENDS = ("naive", "parallel")
 
 
-def _check(
+def _prepare(
     log_a: torch.Tensor, u: torch.Tensor, initial_state: torch.Tensor | None, return_states_at: Sequence[int] | None
-) -> list[int] | None:
+) -> tuple[list[int] | None, torch.Tensor]:
+    """Validate shapes (``ValueError`` naming the expected one); return the positions as ints and the initial
+    state ``h0 [B, D]`` in fp32 (zeros for ``None``)."""
     if u.dim() != 3:
         raise ValueError(f"linear_scan: u must be [B, T, D], got {tuple(u.shape)}")
     if log_a.shape != u.shape:
@@ -41,7 +43,9 @@ def _check(
     B, T, D = u.shape
     if initial_state is not None and tuple(initial_state.shape) != (B, D):
         raise ValueError(f"linear_scan: initial_state must be [B, D] = {(B, D)}, got {tuple(initial_state.shape)}")
-    return check_positions("linear_scan", return_states_at, T)
+    pos = check_positions("linear_scan", return_states_at, T)
+    h0 = torch.zeros(B, D, dtype=torch.float32, device=u.device) if initial_state is None else initial_state.float()
+    return pos, h0
 
 
 def _result(h: torch.Tensor, h0: torch.Tensor, output_final_state: bool, pos: list[int] | None) -> ScanOutput:
@@ -72,9 +76,8 @@ def linear_scan_naive(
     Returns:
         :class:`~statelab.ops.ScanOutput` with ``y = h [B, T, D]`` (every state) fp32, ``final_state [B, D]`` fp32.
     """
-    pos = _check(log_a, u, initial_state, return_states_at)
+    pos, h0 = _prepare(log_a, u, initial_state, return_states_at)
     B, T, D = u.shape
-    h0 = torch.zeros(B, D, dtype=torch.float32, device=u.device) if initial_state is None else initial_state.float()
     h = h0
     out = []
     for t in range(T):
@@ -92,9 +95,8 @@ def linear_scan_parallel(
     return_states_at: Sequence[int] | None = None,
 ) -> ScanOutput:
     """Log-depth scan; same arguments and results as :func:`linear_scan_naive`."""
-    pos = _check(log_a, u, initial_state, return_states_at)
+    pos, h0 = _prepare(log_a, u, initial_state, return_states_at)
     B, T, D = u.shape
-    h0 = torch.zeros(B, D, dtype=torch.float32, device=u.device) if initial_state is None else initial_state.float()
     a = torch.exp(log_a.float())
     h = u.float()
     if initial_state is not None and T > 0:
