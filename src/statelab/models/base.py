@@ -32,8 +32,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
@@ -56,6 +58,7 @@ __all__ = [
     "advanced_state",
     "StepPlan",
     "step_buffers",
+    "HFExport",
 ]
 
 
@@ -704,6 +707,19 @@ def empty_like_state(state: State) -> State:
         conv=torch.empty_like(state.conv),
         sum_delta=torch.empty_like(state.sum_delta),
     )
+
+
+class HFExport:
+    """Mixin of models that write a Hugging Face checkpoint; the class defines ``hf_config()`` (the
+    ``config.json`` dict, naming the transformers class in ``"architectures"``) and ``hf_state_dict()`` (tensors
+    under the transformers names)."""
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` into ``directory``, loadable by the transformers class
+        named in ``hf_config()["architectures"]`` (``from_pretrained``); returns the directory."""
+        from statelab.models.loading import write_hf_checkpoint
+
+        return write_hf_checkpoint(directory, self.hf_config(), self.hf_state_dict())
 
 
 class StepPlan(NamedTuple):

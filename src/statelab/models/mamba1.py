@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -29,7 +27,7 @@ from statelab.errors import CheckpointError, ConfigError
 from statelab.layers.mamba1 import Mamba1Mixer, MixerState
 from statelab.layers.norm import RMSNorm
 from statelab.layers.protocol import check_backend
-from statelab.models.base import RunOutput, StatefulLM, advanced_state, step_buffers
+from statelab.models.base import HFExport, RunOutput, StatefulLM, advanced_state, step_buffers
 from statelab.state.core import State
 
 __all__ = ["Mamba1Config", "Mamba1LM"]
@@ -125,7 +123,7 @@ class Mamba1Block(nn.Module):
         )
 
 
-class Mamba1LM(StatefulLM):
+class Mamba1LM(HFExport, StatefulLM):
     """Mamba-1 language model: ``logits [B, T, V], state = model(input_ids [B, T], state=None)``.
 
     ``backend`` (``"chunk" | "naive"``, validated) selects the selective-scan implementation of every layer.
@@ -377,12 +375,6 @@ class Mamba1LM(StatefulLM):
                 name, t = _to_ref(k, v)
                 out["backbone." + name] = t
         return out
-
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` that ``MambaForCausalLM.from_pretrained`` loads."""
-        from statelab.models.loading import write_hf_checkpoint
-
-        return write_hf_checkpoint(directory, self.hf_config(), self.hf_state_dict())
 
 
 def _from_ref_name(name: str, v: torch.Tensor) -> str:

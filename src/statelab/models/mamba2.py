@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -30,7 +28,7 @@ from statelab.config import from_dict
 from statelab.errors import CheckpointError, ConfigError
 from statelab.layers.mamba2 import Mamba2LayerState, Mamba2Mixer
 from statelab.layers.norm import RMSNorm
-from statelab.models.base import RunOutput, StatefulLM, advanced_state, step_buffers
+from statelab.models.base import HFExport, RunOutput, StatefulLM, advanced_state, step_buffers
 from statelab.ops.ssd import BACKENDS
 from statelab.state.core import State
 
@@ -159,7 +157,7 @@ def _hf_limit(v: Any) -> tuple[float, float]:
     return (num(v[0]), num(v[1]))
 
 
-class Mamba2LM(StatefulLM):
+class Mamba2LM(HFExport, StatefulLM):
     """Mamba-2 language model. ``logits [B, T, V], state = model(input_ids [B, T], state=None)``.
 
     ``backend`` (``"naive" | "chunk" | "cuda"``) selects the SSD implementation of every layer; it never changes
@@ -442,12 +440,6 @@ class Mamba2LM(StatefulLM):
                 else:
                     out[f"backbone.layers.{i}.{rest}"] = t
         return out
-
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` in the Hugging Face ``Mamba2ForCausalLM`` format."""
-        from statelab.models.loading import write_hf_checkpoint
-
-        return write_hf_checkpoint(directory, self.hf_config(), self.hf_state_dict())
 
     @classmethod
     def config_from_mamba_ssm(cls, cfg: dict[str, Any]) -> Mamba2Config:
