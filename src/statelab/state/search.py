@@ -318,23 +318,22 @@ class FaissIndex(VectorIndex):
     @classmethod
     def load(cls, path, dim):
         faiss = _import("faiss", "faiss-cpu")
-        index = cls.__new__(cls)
-        VectorIndex.__init__(index, dim)
-        index._index = faiss.read_index(str(path))
-        index.ef_search = faiss.downcast_index(index._index.index).hnsw.efSearch
-        if index._index.d != dim:
-            raise StoreError(f"faiss index {path} has dimension {index._index.d}, expected {dim}")
-        return index
+        return cls._around(faiss, faiss.read_index(str(path)), dim, f"{path} ")
 
     @classmethod
     def from_bytes(cls, data, dim):
         faiss = _import("faiss", "faiss-cpu")
+        return cls._around(faiss, faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)), dim, "")
+
+    @classmethod
+    def _around(cls, faiss, native, dim: int, where: str) -> FaissIndex:
+        """The index around a faiss index just read (``where``: the file and a space, or ``""``, for the error)."""
         index = cls.__new__(cls)
         VectorIndex.__init__(index, dim)
-        index._index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        index.ef_search = faiss.downcast_index(index._index.index).hnsw.efSearch
-        if index._index.d != dim:
-            raise StoreError(f"faiss index has dimension {index._index.d}, expected {dim}")
+        index._index = native
+        index.ef_search = faiss.downcast_index(native.index).hnsw.efSearch
+        if native.d != dim:
+            raise StoreError(f"faiss index {where}has dimension {native.d}, expected {dim}")
         return index
 
 
@@ -462,22 +461,22 @@ class UsearchIndex(VectorIndex):
 
     @classmethod
     def load(cls, path, dim):
-        usearch_index = _import("usearch.index", "usearch")
-        index = cls.__new__(cls)
-        VectorIndex.__init__(index, dim)
-        index._index = usearch_index.Index.restore(str(path))
-        if index._index is None or index._index.ndim != dim:
-            raise StoreError(f"usearch index {path} is unreadable or not of dimension {dim}")
-        return index
+        return cls._restored(str(path), dim, f"{path} ")
 
     @classmethod
     def from_bytes(cls, data, dim):
+        return cls._restored(bytes(data), dim, "")
+
+    @classmethod
+    def _restored(cls, source: str | bytes, dim: int, where: str) -> UsearchIndex:
+        """The index restored from a file name or bytes (``where``: the file and a space, or ``""``, for the
+        error)."""
         usearch_index = _import("usearch.index", "usearch")
         index = cls.__new__(cls)
         VectorIndex.__init__(index, dim)
-        index._index = usearch_index.Index.restore(bytes(data))
+        index._index = usearch_index.Index.restore(source)
         if index._index is None or index._index.ndim != dim:
-            raise StoreError(f"usearch index is unreadable or not of dimension {dim}")
+            raise StoreError(f"usearch index {where}is unreadable or not of dimension {dim}")
         return index
 
 
