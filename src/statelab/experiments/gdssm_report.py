@@ -50,6 +50,12 @@ def _plots(config: Any, results: dict[str, Any], root: Path) -> list[str]:
     gd = {row["steps"]: row for row in refs["gd"]}
     made = []
 
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(root / name, dpi=120)
+        plt.close(fig)
+        made.append(name)
+
     # 1. validation curves of GD-SSM per depth, mean ± std over seeds
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     rows = [(f"gdssm-L{d}", d, f"GD-SSM, {d} layer{'s' if d > 1 else ''}") for d in config.gdssm.depths]
@@ -78,10 +84,7 @@ def _plots(config: Any, results: dict[str, Any], root: Path) -> list[str]:
     ax.set_title("GD-SSM from random init; dashed: k-step GD at its optimal η")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(root / "training_curves.png", dpi=120)
-    plt.close(fig)
-    made.append("training_curves.png")
+    save(fig, "training_curves.png")
 
     # 2. loss per in-context position
     n = config.task.n_examples
@@ -105,10 +108,7 @@ def _plots(config: Any, results: dict[str, Any], root: Path) -> list[str]:
     ax.set_xlabel("in-context examples i (window i predicts y_{i+1})")
     ax.set_ylabel("½·MSE")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(root / "positions.png", dpi=120)
-    plt.close(fig)
-    made.append("positions.png")
+    save(fig, "positions.png")
 
     # 3. depth vs GD steps
     loss = aggregate(runs, "loss")
@@ -129,10 +129,7 @@ def _plots(config: Any, results: dict[str, Any], root: Path) -> list[str]:
         ax.set_ylabel("test loss")
         ax.set_xticks(sorted(set(depths) | set(ks)))
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(root / "depth.png", dpi=120)
-        plt.close(fig)
-        made.append("depth.png")
+        save(fig, "depth.png")
 
     # 4. baselines
     labels = [lab for lab in loss if not lab.startswith("gdssm")]
@@ -151,10 +148,7 @@ def _plots(config: Any, results: dict[str, Any], root: Path) -> list[str]:
         ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel("test loss")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(root / "baselines.png", dpi=120)
-        plt.close(fig)
-        made.append("baselines.png")
+        save(fig, "baselines.png")
 
     # 5. canonical parameters of the first 1-layer run next to the construction
     first = next((r for r in runs if r["label"] == "gdssm-L1" and "canonical" in r), None)
@@ -181,10 +175,7 @@ def _plots(config: Any, results: dict[str, Any], root: Path) -> list[str]:
             ax.set_xticks([])
             ax.set_yticks([])
             fig.colorbar(im, ax=ax, fraction=0.046)
-        fig.tight_layout()
-        fig.savefig(root / "parameters.png", dpi=120)
-        plt.close(fig)
-        made.append("parameters.png")
+        save(fig, "parameters.png")
     return made
 
 
