@@ -154,7 +154,7 @@ def test_prefix_cache_on_equals_off(model, logit_floats):
 def test_prefix_cache_from_a_start_state(embedded):
     """Prompts read from a skill's state equal generate(state=skill), and never reuse prefixes read from the zero
     state (the start state is part of the key)."""
-    skill = embedded.encode(torch.tensor([_ids("Q: cat\nA: CAT\n\nQ: dog\nA: DOG\n\n")]))
+    skill = embedded.encode(torch.tensor([_ids("Q: cat\nA: tac\n\nQ: dog\nA: god\n\n")]))
     ids = _ids(TEXT[:40])
     params = SamplingParams(max_tokens=10, temperature=0)
     with Engine(embedded, TOK, cache=PrefixCache(16 << 20, 8)) as eng:
@@ -226,7 +226,7 @@ def test_max_tokens_zero_and_logprobs(embedded):
 def test_a_foreign_start_state_is_refused_at_submit(embedded):
     """A start state of another model is refused before it is queued; the engine keeps serving."""
     torch.manual_seed(0)
-    other = statelab.Mamba1LM(statelab.Mamba1Config(d_model=128, n_layer=4, vocab_size=264, d_state=16)).eval()
+    other = type(embedded)(embedded.config).eval()  # same architecture and shapes, other weights
     foreign = other.encode(torch.tensor([_ids("hello")]))
     with Engine(embedded, TOK) as eng:
         with pytest.raises(StateMismatchError, match="not by this model"):
