@@ -18,9 +18,12 @@ model sizes at 1 thread and at every core and prints where more threads start to
 (indicative: a 2-core AMD EPYC, AVX2, with a training job on one core and a 1-minute load average of 5-6): two
 threads were 7 to 100 times slower than one for every call tried (the embedded model and 256-wide 6-layer Mamba-1
 and Mamba-2, decode batches of 1 and 8, prefills of 64 and 256 tokens), which is why busy cores are subtracted.
-:data:`MIN_PARALLEL_WORK` is provisional until the script runs on an idle machine: it keeps the embedded model's
-calls (0.11M matrix parameters per layer) on one thread up to prefills of about 2,300 tokens, and lets a 130m-sized
-layer (3.7M) use every free core from about 70 tokens per call.
+On the idle machine (2026-12-02, ``benchmarks/RESULTS.md`` section Threads) two threads never lost by more than 1%
+and won wherever a call had work to split: decode steps of batch 1 gained 0-4% at every size (work 0.1M-3.7M),
+decode batches of 8 gained 9-17%, prefills of 64 tokens 3-51% and of 1,024 tokens 58-83%; the script suggested a
+threshold of about 1.2M. :data:`MIN_PARALLEL_WORK` is set a little above the batch-1 decode steps of a 130m-sized
+layer (3.7M), where a second thread buys at most 3% for a whole core: single-row decoding stays on one thread,
+prefills and batched decoding use the free cores.
 
 No op in statelab changes the thread count; :func:`apply_thread_rule` is called by the command line, the
 experiments and the server, once, after the model is loaded.
@@ -43,7 +46,7 @@ __all__ = [
 ]
 
 # matrix parameters per layer x tokens per call below which one thread is faster (benchmarks/bench_threads.py)
-MIN_PARALLEL_WORK = 256_000_000
+MIN_PARALLEL_WORK = 4_000_000
 # tokens per call assumed by commands that read prompts in batches without knowing their sizes in advance
 COMMAND_WORK_TOKENS = 1024
 
