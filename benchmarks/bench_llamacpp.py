@@ -179,6 +179,10 @@ def build(arch: str, layers: int, width: int):
     return Mamba2LM(Mamba2Config(vocab_size=VOCAB, d_model=width, n_layer=layers, d_state=128, head_dim=64)).eval()
 
 
+class NotLoaded(Exception):
+    """llama.cpp refused a GGUF file its own converter wrote."""
+
+
 def bench_arch(arch: str, args, say) -> list[dict]:
     model = build(arch, args.layers, args.width)
     n_ctx = max(args.lengths) + args.decode_steps + 64
@@ -190,7 +194,10 @@ def bench_arch(arch: str, args, say) -> list[dict]:
         model.save_pretrained(ckpt)
         ggufs = {q: to_gguf(ckpt, q, Path(d) / f"{arch}-{q}.gguf") for q in args.quants}
         say(f"{arch}: converted to {', '.join(ggufs)}")
-        engines = {q: llama(p, n_ctx, args.threads) for q, p in ggufs.items()}
+        try:
+            engines = {q: llama(p, n_ctx, args.threads) for q, p in ggufs.items()}
+        except ValueError as e:  # llama_cpp: "Failed to load model from file: ..."
+            raise NotLoaded(str(e)) from e
 
         # agreement first, on f32
         prompt = torch.randint(0, vocab_real, (args.check_prompt,), generator=g).tolist()
@@ -274,9 +281,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ensure_llama_cpp()
     rows: list[dict] = []
+    refused = []  # architectures whose GGUF llama.cpp would not load
     for arch in [a.strip() for a in args.arch.split(",") if a.strip()]:
-        rows += bench_arch(arch, args, lambda msg: print(msg, flush=True))
+        try:
+            rows += bench_arch(arch, args, lambda msg: print(msg, flush=True))
+        except NotLoaded as e:
+            print(f"{arch}: llama.cpp did not load the converted GGUF ({e}); no row for it", flush=True)
+            refused.append(arch)
+    if not rows:
+        raise SystemExit("llama.cpp loaded no converted model; nothing to compare")
     text = table(rows, args.quants)
+    if refused:
+        text += f"\n\nllama.cpp did not load the GGUF its converter wrote for: {', '.join(refused)}."
     print(text)
     if args.no_write:
         return
