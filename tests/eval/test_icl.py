@@ -7,22 +7,6 @@ from statelab.errors import ConfigError
 from statelab.eval.icl import Prompter, exact_match
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    from statelab.models.tokenizer import ByteTokenizer
-
-    d = tmp_path_factory.mktemp("hf_tiny")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        cfg = transformers.MambaConfig(
-            vocab_size=259, hidden_size=16, state_size=4, num_hidden_layers=3, expand=2, conv_kernel=4
-        )
-        transformers.MambaForCausalLM(cfg).save_pretrained(d)
-    ByteTokenizer().save(d)
-    return d
-
-
 def test_exact_match_agrees_with_greedy_generation(hf_dir):
     from statelab.models.loading import load_model
     from statelab.models.tokenizer import load_tokenizer

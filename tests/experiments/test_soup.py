@@ -9,23 +9,6 @@ from typer.testing import CliRunner
 from statelab.errors import ConfigError
 from statelab.experiments.soup import ICL_METHODS, load_soup_config
 
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    from statelab.models.tokenizer import ByteTokenizer
-
-    d = tmp_path_factory.mktemp("hf_tiny")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        cfg = transformers.MambaConfig(
-            vocab_size=259, hidden_size=16, state_size=4, num_hidden_layers=3, expand=2, conv_kernel=4
-        )
-        transformers.MambaForCausalLM(cfg).save_pretrained(d)
-    ByteTokenizer().save(d)
-    return d
-
-
 TINY = [
     "tasks=['uppercase', 'first_letter', 'reverse']",
     "library_sets=2",
