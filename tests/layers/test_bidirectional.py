@@ -172,3 +172,80 @@ def test_split_mamba2_bidirectional_prefix_is_leak_free_and_packs():
     b, st = m(x[:, 6:7], st)
     c, _ = m(x[:, 7:9], st)
     assert_close("prompt then decode", full, torch.cat([a, b, c], 1), rtol=1e-4, atol=1e-5)
+
+
+def split_mamba2(bidirectional, d_inner=32, n_groups=1, chunk_size=8):
+    from statelab.layers.bidirectional import BidirectionalMamba2Mixer
+
+    torch.manual_seed(4)
+    m = BidirectionalMamba2Mixer(16, d_inner, 4, n_groups, 8, bidirectional=bidirectional, chunk_size=chunk_size)
+    with torch.no_grad():  # spread the decays (A = 1..H at init): some heads forget within a few tokens
+        m.A_log.add_(torch.linspace(-1.0, 1.5, m.n_heads))
+        m.dt_bias.add_(1.0)
+    return m
+
+
+def run_with_grads(m, x, h0, conv0, segments, lengths):
+    """y, state and the gradients of a fixed random functional of both w.r.t. inputs, state and parameters."""
+    x, h0, conv0 = (t.detach().clone().requires_grad_(True) for t in (x, h0, conv0))
+    m.zero_grad()
+    y, (ssm, conv) = m(x, (h0, conv0), lengths=lengths, segments=segments)
+    g = torch.Generator().manual_seed(7)
+    wy, ws = torch.randn(y.shape, generator=g), torch.randn(ssm.shape, generator=g)
+    if lengths is not None:  # outputs at padded positions are not part of the contract
+        wy = wy * (torch.arange(y.shape[1])[None] < lengths[:, None])[..., None]
+    ((y * wy).sum() + (ssm * ws).sum()).backward()
+    grads = {"x": x.grad, "h0": h0.grad, "conv0": conv0.grad}
+    grads.update({n: p.grad for n, p in m.named_parameters()})
+    return y, ssm, conv, grads
+
+
+@pytest.mark.parametrize(
+    "bidirectional, d_inner, n_groups",
+    [(False, 32, 1), (True, 32, 1), (True, 32, 2), (True, 48, 3)],  # groups: shared, split whole, straddling
+)
+@pytest.mark.parametrize("ragged", [False, True])
+def test_split_mamba2_chunk_backend_equals_the_naive_scan_with_gradients(bidirectional, d_inner, n_groups, ragged):
+    m = split_mamba2(bidirectional, d_inner, n_groups)
+    assert m.backend == "chunk"
+    B, T = 3, 37  # T not a multiple of the chunk (8); several packed samples per row, random prefixes
+    seq_start, is_prefix = masks(B, T, seed=5)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(B, T, 16, generator=g)
+    h0 = torch.randn(B, m.state_heads, m.head_dim, m.d_state, generator=g)
+    conv0 = torch.randn(B, m.conv_dim, m.d_conv - 1, generator=g)
+    lengths = torch.tensor([T, 20, 9]) if ragged else None
+    segments = Segments(seq_start, is_prefix)
+    y, ssm, conv, grads = run_with_grads(m, x, h0, conv0, segments, lengths)
+    m.backend = "naive"
+    y_ref, ssm_ref, conv_ref, grads_ref = run_with_grads(m, x, h0, conv0, segments, lengths)
+    real = slice(None) if lengths is None else torch.arange(T)[None] < lengths[:, None]
+    assert_close("y", y_ref[real], y[real], rtol=1e-4, atol=1e-5)
+    assert_close("ssm state", ssm_ref, ssm, rtol=1e-4, atol=1e-5)
+    assert_close("conv state", conv_ref, conv)
+    for name, ref in grads_ref.items():
+        assert ref is not None and torch.isfinite(grads[name]).all(), name
+        assert_close(f"grad {name}", ref, grads[name], rtol=1e-4, atol=1e-4)
+
+
+def test_split_mamba2_chunk_backend_rows_equal_rows_alone_and_chunking_is_invisible():
+    m = split_mamba2(True, chunk_size=5)
+    T = 23
+    seq_start, is_prefix = masks(2, T, seed=8)
+    x = torch.randn(2, T, 16)
+    lengths = torch.tensor([T, 14])
+    with torch.no_grad():
+        y, (ssm, conv) = m(x, None, lengths=lengths, segments=Segments(seq_start, is_prefix))
+        for b in range(2):
+            n = int(lengths[b])
+            yb, (sb, cb) = m(
+                x[b : b + 1, :n], None, segments=Segments(seq_start[b : b + 1, :n], is_prefix[b : b + 1, :n])
+            )
+            assert_close(f"row {b} y", yb[0], y[b, :n], rtol=1e-4, atol=1e-5)
+            assert_close(f"row {b} state", sb[0], ssm[b], rtol=1e-4, atol=1e-5)
+        for q in (1, 7, 64):  # one token per chunk, a ragged last chunk, one chunk for the whole call
+            m.chunk_size = q
+            yq, (sq, _) = m(x, None, lengths=lengths, segments=Segments(seq_start, is_prefix))
+            real = torch.arange(T)[None] < lengths[:, None]
+            assert_close(f"Q={q} y", y[real], yq[real], rtol=1e-4, atol=1e-5)
+            assert_close(f"Q={q} state", ssm, sq, rtol=1e-4, atol=1e-5)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from statelab.layers.mamba2 import Mamba2Mixer
 from statelab.layers.protocol import Segments
 from statelab.ops.linear_scan import linear_scan
+from statelab.ops.ssd.segmented import DEFAULT_CHUNK_SIZE, ssd_scan_segmented
 
 __all__ = [
     "BidirectionalMamba2Mixer",
@@ -207,16 +208,25 @@ class BidirectionalMamba2Mixer(Mamba2Mixer):
 
     ``forward(x [B, T, M], state=None, *, lengths=None, segments=None) -> (y, (ssm [B, H', P, N], conv [B, C,
     K-1]))`` with ``H' = H / 2`` (bidirectional) or ``H`` (``bidirectional=False``: the plain causal mixer, with
-    segment resets). The per-head recurrence ``h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_tᵀ``, ``y_t = h_t C_t + D x_t``
-    runs through :func:`split_scan` on the flattened ``[H · P · N]`` state, so it is meant for small models (the
-    memory is ``T · H · P · N`` per row); the conv window is cut at sample starts. ``backend``: the linear scan,
-    ``"parallel"`` (default) or ``"naive"``. ``positions`` is refused (its state is a tuple, not a record).
+    segment resets). The per-head recurrence is ``h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_tᵀ``, ``y_t = h_t C_t + D
+    x_t``, with the decay zeroed where :func:`split_scan` zeroes it; the conv window is cut at sample starts.
+    ``positions`` is refused (its state is a tuple, not a record).
+
+    ``backend``:
+
+    * ``"chunk"`` (default): the chunked SSD scan with resets
+      (:func:`statelab.ops.ssd.segmented.ssd_scan_segmented`, chunks of ``chunk_size`` tokens, default
+      :data:`statelab.ops.ssd.segmented.DEFAULT_CHUNK_SIZE`); the reverse heads run in the same call as the
+      forward ones, time-flipped, as extra batch rows;
+    * ``"parallel"`` / ``"naive"``: :func:`split_scan` (with that linear-scan backend) on the flattened
+      ``[H · P · N]`` state, which is materialised at every step (``T · H · P · N`` per row): the references.
     """
 
-    BACKENDS = ("parallel", "naive")  # the first is the default
+    BACKENDS = ("chunk", "parallel", "naive")  # the first is the default
     SUPPORTS = frozenset({"lengths", "segments"})
 
     def __init__(self, *args, bidirectional: bool = True, **kwargs) -> None:
+        kwargs.setdefault("chunk_size", DEFAULT_CHUNK_SIZE)
         super().__init__(*args, **kwargs)
         if bidirectional and self.n_heads % 2:
             raise ValueError(f"a bidirectional Mamba-2 mixer needs an even number of heads, got {self.n_heads}")
@@ -251,6 +261,13 @@ class BidirectionalMamba2Mixer(Mamba2Mixer):
         xs = xs.reshape(Bsz, T, H, P).float()
         Bh = Bm.reshape(Bsz, T, G, N).repeat_interleave(H // G, dim=2).float()
         Ch = Cm.reshape(Bsz, T, G, N).repeat_interleave(H // G, dim=2).float()
+        if self.backend == "chunk":
+            y, h_last = self._chunk_scan(
+                xs, delta, A, Bm.reshape(Bsz, T, G, N), Cm.reshape(Bsz, T, G, N), h0, seq_start, is_prefix, lengths
+            )
+            y = y + self.D.float()[:, None] * xs
+            out = self.out_proj(self.norm(y.reshape(Bsz, T, D).to(x.dtype), z))
+            return out, (h_last, conv_new)
         log_a = (delta * A)[..., None, None].expand(Bsz, T, H, P, N).reshape(Bsz, T, H * P * N)
         u = (delta[..., None, None] * xs[..., None] * Bh[:, :, :, None, :]).reshape(Bsz, T, H * P * N)
         h, h_last = split_scan(
@@ -266,3 +283,52 @@ class BidirectionalMamba2Mixer(Mamba2Mixer):
         y = (h.reshape(Bsz, T, H, P, N) * Ch[:, :, :, None, :]).sum(-1) + self.D.float()[:, None] * xs
         out = self.out_proj(self.norm(y.reshape(Bsz, T, D).to(x.dtype), z))
         return out, (h_last.reshape(Bsz, self.state_heads, P, N), conv_new)
+
+    def _chunk_scan(
+        self,
+        xs: torch.Tensor,
+        delta: torch.Tensor,
+        A: torch.Tensor,
+        Bm: torch.Tensor,
+        Cm: torch.Tensor,
+        h0: torch.Tensor | None,
+        seq_start: torch.Tensor | None,
+        is_prefix: torch.Tensor | None,
+        lengths: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scan of the ``"chunk"`` backend: ``xs [B, T, H, P]`` fp32, ``delta [B, T, H]``, ``A [H]``, ``Bm`` and
+        ``Cm [B, T, G, N]``, ``h0 [B, H', P, N]`` or None -> ``(y [B, T, H, P]`` without ``D x``, the forward
+        state ``[B, H', P, N])``. The masks follow :func:`split_scan` position for position."""
+        Bsz, T, H, P = xs.shape
+        G = Bm.shape[2]
+        seq_start, is_prefix = _masks(xs, seq_start, is_prefix)
+        a = delta * A  # [B, T, H]
+        u = delta[..., None] * xs
+        la = a.masked_fill(seq_start[..., None], float("-inf"))
+        if lengths is not None:
+            # padding: decay 1 and input 0, so the forward state passes through; it counts as suffix
+            pad = torch.arange(T, device=xs.device) >= lengths.to(xs.device)[:, None]
+            la = la.masked_fill(pad[..., None], 0.0)
+            u = u.masked_fill(pad[..., None, None], 0.0)
+            is_prefix = is_prefix & ~pad
+        if not self.bidirectional:
+            return ssd_scan_segmented(u, la, Bm.float(), Cm.float(), h0, self.chunk_size)
+        half = H // 2
+        lr = a[..., half:].masked_fill(reverse_reset(seq_start, is_prefix)[..., None], float("-inf"))
+        if G == 1:
+            Bf, Br, Cf, Cr = Bm, Bm, Cm, Cm
+        elif half % (H // G) == 0:  # each half owns whole groups
+            Bf, Br, Cf, Cr = Bm[:, :, : G // 2], Bm[:, :, G // 2 :], Cm[:, :, : G // 2], Cm[:, :, G // 2 :]
+        else:  # a group straddles the split: one group per head
+            Bh, Ch = Bm.repeat_interleave(H // G, dim=2), Cm.repeat_interleave(H // G, dim=2)
+            Bf, Br, Cf, Cr = Bh[:, :, :half], Bh[:, :, half:], Ch[:, :, :half], Ch[:, :, half:]
+        # the reverse heads are the forward recurrence of the time-flipped row, run as extra batch rows
+        y, h = ssd_scan_segmented(
+            torch.cat([u[:, :, :half], u[:, :, half:].flip(1)]),
+            torch.cat([la[..., :half], lr.flip(1)]),
+            torch.cat([Bf, Br.flip(1)]).float(),
+            torch.cat([Cf, Cr.flip(1)]).float(),
+            None if h0 is None else torch.cat([h0.float(), torch.zeros_like(h0, dtype=torch.float32)]),
+            self.chunk_size,
+        )
+        return torch.cat([y[:Bsz], y[Bsz:].flip(1)], dim=2), h[:Bsz]
