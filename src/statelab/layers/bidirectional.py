@@ -259,8 +259,6 @@ class BidirectionalMamba2Mixer(Mamba2Mixer):
         delta = self._delta(dt)  # [B, T, H] fp32
         A = -torch.exp(self.A_log.float())
         xs = xs.reshape(Bsz, T, H, P).float()
-        Bh = Bm.reshape(Bsz, T, G, N).repeat_interleave(H // G, dim=2).float()
-        Ch = Cm.reshape(Bsz, T, G, N).repeat_interleave(H // G, dim=2).float()
         if self.backend == "chunk":
             y, h_last = self._chunk_scan(
                 xs, delta, A, Bm.reshape(Bsz, T, G, N), Cm.reshape(Bsz, T, G, N), h0, seq_start, is_prefix, lengths
@@ -268,6 +266,8 @@ class BidirectionalMamba2Mixer(Mamba2Mixer):
             y = y + self.D.float()[:, None] * xs
             out = self.out_proj(self.norm(y.reshape(Bsz, T, D).to(x.dtype), z))
             return out, (h_last, conv_new)
+        Bh = Bm.reshape(Bsz, T, G, N).repeat_interleave(H // G, dim=2).float()
+        Ch = Cm.reshape(Bsz, T, G, N).repeat_interleave(H // G, dim=2).float()
         log_a = (delta * A)[..., None, None].expand(Bsz, T, H, P, N).reshape(Bsz, T, H * P * N)
         u = (delta[..., None, None] * xs[..., None] * Bh[:, :, :, None, :]).reshape(Bsz, T, H * P * N)
         h, h_last = split_scan(
