@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import gzip
 import hashlib
 import json
@@ -87,6 +88,7 @@ from statelab.objectives.corruption import apply_objective
 from statelab.objectives.grid import birdie_grid, class_uniform_probs, ul2_configs, ul2_probs
 from statelab.objectives.packing import IGNORE, PackedBatch, pack_rows
 from statelab.objectives.sampler import ObjectiveSampler, per_config_loss, validation_batch
+from statelab.tasks.records import RecordsConfig, held_out_overlap, records_corpus
 from statelab.tasks.synthetic import MQARConfig, PhonebookConfig, TextItem, mqar_text, phonebook_text
 from statelab.train.config import DataSection, ModelSection, OptimSection, RunSection, TrainConfig, config_digest
 from statelab.train.loop import Callback, StepInfo, build_model
@@ -96,6 +98,11 @@ __all__ = [
     "ARMS",
     "BirdieExperimentConfig",
     "load_corpus",
+    "split_corpus",
+    "recall_probes",
+    "evaluation_needles",
+    "check_held_out",
+    "arm_arch",
     "phonebook_example",
     "phonebook_examples",
     "mqar_example",
@@ -118,7 +125,13 @@ ARMS: dict[str, dict[str, Any]] = {
     "birdie": {"mixture": "birdie", "bidirectional": True},
     "loss_prop": {"mixture": "loss_prop", "bidirectional": False},
     "exp_weights": {"mixture": "exp_weights", "bidirectional": False},
+    "mamba2_ntp": {"mixture": "next_token", "bidirectional": False, "arch": "mamba2"},
+    "transformer_ntp": {"mixture": "next_token", "bidirectional": False, "arch": "transformer"},
 }
+"""arm -> its mixture, whether its SSM layers alternate with bidirectional-prefix ones, and (optional) the
+architecture it trains instead of the study's ``arch`` (the state-type and Transformer reference arms)."""
+
+CORPORA = ("shakespeare", "records")
 
 CORPUS = "tinyshakespeare.txt.gz"
 
@@ -135,7 +148,11 @@ class BirdieExperimentConfig:
 
     Attributes:
         name, out_dir: results go to ``out_dir/name``.
-        arch, d_model, n_layer, d_state: the model (:class:`BirdieModelConfig`).
+        arch, d_model, n_layer, d_state: the model (:class:`BirdieModelConfig`); mamba2_state, mamba2_head_dim:
+            N and P of the Mamba-2 arms' mixers; n_heads: the Transformer arms' attention heads.
+        corpus: what every arm pretrains on: ``"shakespeare"`` (Tiny Shakespeare bytes) or ``"records"``
+            (:mod:`statelab.tasks.records`: text, directories and key-value records whose repeats make retrieval
+            learnable by next-token prediction); corpus_bytes: size of the generated records corpus.
         seq_len, batch_size: packed rows per step; token_budget: counted tokens per run.
         lr, weight_decay, warmup_frac: AdamW (statelab.train's no-decay rule) with linear warmup over the first
             ``warmup_frac`` of the estimated steps, then cosine decay to ``lr / 10`` over the token budget.
@@ -157,6 +174,11 @@ class BirdieExperimentConfig:
     d_model: int = 64
     n_layer: int = 2
     d_state: int = 80
+    mamba2_state: int = 16
+    mamba2_head_dim: int = 16
+    n_heads: int = 4
+    corpus: str = "shakespeare"
+    corpus_bytes: int = 4_000_000
     seq_len: int = 256
     batch_size: int = 8
     token_budget: int = 300_000
@@ -188,6 +210,8 @@ class BirdieExperimentConfig:
         bad = [a for a in self.arms if a not in ARMS]
         if bad:
             raise ConfigError(f"unknown arms {bad}; known: {sorted(ARMS)}")
+        if self.corpus not in CORPORA:
+            raise ConfigError(f"corpus must be one of {CORPORA}, got {self.corpus!r}")
         if self.token_budget < self.seq_len * self.batch_size:
             raise ConfigError("token_budget must cover at least one batch")
         if not self.phonebook_queries or max(self.phonebook_queries) > self.phonebook_entries:
@@ -394,16 +418,24 @@ def _make_policy(
     return BirdieController(configs, cc, log)
 
 
+def arm_arch(arm: str, cfg: BirdieExperimentConfig) -> str:
+    """The architecture ``arm`` trains: its own (``mamba2_ntp``, ``transformer_ntp``) or the study's ``arch``."""
+    return ARMS[arm].get("arch", cfg.arch)
+
+
 def _model_section(arm: str, cfg: BirdieExperimentConfig) -> ModelSection:
     return ModelSection(
         arch="birdie",
         config={
-            "arch": cfg.arch,
+            "arch": arm_arch(arm, cfg),
             "vocab_size": VOCAB.size,
             "d_model": cfg.d_model,
             "n_layer": cfg.n_layer,
             "d_state": cfg.d_state,
             "bidirectional": ARMS[arm]["bidirectional"],
+            "mamba2_state": cfg.mamba2_state,
+            "mamba2_head_dim": cfg.mamba2_head_dim,
+            "n_heads": cfg.n_heads,
         },
     )
 
@@ -665,10 +697,45 @@ def _finetune(
     return train_loop(tc, model=m, source=_FinetuneRows(cfg, seed, task), loss=TargetLoss()).model
 
 
+def recall_probes(
+    task: str, cfg: BirdieExperimentConfig, seed: int, n: int, split: str = "test"
+) -> list[tuple[Example, np.ndarray]]:
+    """Zero-shot retrieval probes made from the evaluation's own items (no task format to learn): ``phonebook``:
+    the book as a directory (``Phonebook:`` and its entries), a blank line, then one queried name and ``": "``;
+    ``mqar``: the line of pairs, then the first queried key and ``":"``. The target is the value, scored on its
+    digits. A model that learned to retrieve from its pretraining text completes them; one that did not is at
+    chance (about 0.1)."""
+    out = []
+    if task == "phonebook":
+        pcfg = PhonebookConfig(n_entries=cfg.phonebook_entries, n_queries=1, n_digits=10)
+        for item in phonebook_text(pcfg, seed, n, split):
+            lines = item.prompt.splitlines()
+            who, entries = lines[0][len("Find: ") :], lines[2:-1]
+            context = "Phonebook:\n" + "\n".join(entries) + f"\n\n{who}: "
+            out.append(_text_example(TextItem(context, item.answer)))
+    elif task == "mqar":
+        mcfg = MQARConfig(vocab_size=200, seq_len=4 * cfg.mqar_pairs, num_kv_pairs=cfg.mqar_pairs)
+        for item in mqar_text(mcfg, seed, n, 1, split):
+            pairs, query = item.prompt.splitlines()[:2]
+            out.append(_text_example(TextItem(f"{pairs}\n{query[len('query: ') :]}:", item.answer)))
+    else:
+        raise ConfigError(f"task must be 'phonebook' or 'mqar', got {task!r}")
+    return out
+
+
 @torch.no_grad()
-def generated_accuracy(model: BirdieLM, items: list[tuple[Example, np.ndarray]], seq_len: int) -> float:
-    """Greedy generation from ``input ++ [BEGIN]`` (the input as the prefix), compared position by position with
-    the target on its masked positions (examples longer than a row are left out; NaN when none fits)."""
+def generated_accuracy(
+    model: BirdieLM, items: list[tuple[Example, np.ndarray]], seq_len: int, reading: str = "prefix"
+) -> float:
+    """Greedy generation after the input, compared position by position with the target on its masked positions
+    (examples longer than a row are left out; NaN when none fits).
+
+    ``reading="prefix"``: the prompt is ``input ++ [BEGIN]``, the input read as the (bidirectional, for the
+    bidirectional arms) prefix, as the fine-tunes train. ``"causal"``: the prompt is ``[BEGIN] ++ input``, read as
+    plain next-token text, as a next-token sample starts; this is how a zero-shot probe meets every arm on equal
+    terms."""
+    if reading not in ("prefix", "causal"):
+        raise ConfigError(f"reading must be 'prefix' or 'causal', got {reading!r}")
     items = [it for it in items if it[0].packed_length <= seq_len]
     if not items:
         return float("nan")
@@ -678,8 +745,17 @@ def generated_accuracy(model: BirdieLM, items: list[tuple[Example, np.ndarray]],
         by_len[ex.input.shape[0]].append((ex, mask))
     predicted, targets, masks = [], [], []
     for group in by_len.values():
-        prompt = torch.from_numpy(np.stack([np.concatenate([ex.input, [VOCAB.begin]]) for ex, _ in group]))
-        gen = model.generate(prompt, max(ex.target.shape[0] for ex, _ in group)).tokens.numpy()
+        n_new = max(ex.target.shape[0] for ex, _ in group)
+        if reading == "prefix":
+            prompt = torch.from_numpy(np.stack([np.concatenate([ex.input, [VOCAB.begin]]) for ex, _ in group]))
+            gen = model.generate(prompt, n_new).tokens.numpy()
+        else:
+            prompt = torch.from_numpy(np.stack([np.concatenate([[VOCAB.begin], ex.input]) for ex, _ in group]))
+            B, T = prompt.shape
+            start = torch.zeros(B, T - 1, dtype=torch.bool)
+            start[:, 0] = True
+            _, state = model(prompt[:, :-1], segments=Segments(start, torch.zeros_like(start)))
+            gen = model.generate(prompt[:, -1:], n_new, state=state).tokens.numpy()
         for (ex, mask), g in zip(group, gen, strict=True):
             predicted.append(g)
             targets.append(ex.target)
@@ -693,6 +769,10 @@ def metric_names(cfg: BirdieExperimentConfig) -> list[str]:
         "phonebook",
         *(f"phonebook_q{q}" for q in cfg.phonebook_queries),
         "mqar",
+        "zs_phonebook",
+        "zs_mqar",
+        "zsp_phonebook",
+        "zsp_mqar",
         "selective_copying",
         "copying",
         "infilling",
@@ -712,8 +792,11 @@ def evaluate(
         length=(max(64, round(384 * s)), max(96, round(768 * s))), n_spans=2, span_length=(4, 8), delimiter=(1, 4)
     )
     inf_cfg = InfillingConfig(length=(max(16, round(256 * s)), max(32, round(512 * s))), rate=0.15, mean_span=3.0)
+    probes = _zero_shot_items(cfg, seed)
     out = {
         "bits_per_byte": _bits_per_byte(model, val_text, T),
+        **{f"zs_{t}": generated_accuracy(model, probes[t], T, "causal") for t in ZERO_SHOT},
+        **{f"zsp_{t}": generated_accuracy(model, probes[t], T, "prefix") for t in ZERO_SHOT},
         "copying": _accuracy(model, _objective_items(copy_cfg, val_text, n, 50_000 + seed, T), T),
         "selective_copying": _accuracy(model, _objective_items(sel_cfg, val_text, n, 60_000 + seed, T), T),
         "infilling": _accuracy(model, _objective_items(inf_cfg, val_text, n, 70_000 + seed, T), T),
@@ -728,10 +811,66 @@ def evaluate(
     return out
 
 
-def _split_corpus() -> tuple[np.ndarray, np.ndarray]:
-    text = load_corpus()
-    cut = int(0.9 * text.shape[0])
-    return text[:cut], text[cut:]
+ZERO_SHOT = ("phonebook", "mqar")
+
+#: bytes of held-out records text (seed 1, the last 10% of Tiny Shakespeare) for validation and bits per byte
+VAL_BYTES = 300_000
+
+
+@functools.cache
+def split_corpus(corpus: str = "shakespeare", n_bytes: int = 4_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, held-out)`` byte ids of a study's corpus: Tiny Shakespeare's first 90% and last 10%, or the records
+    corpus (:func:`statelab.tasks.records.records_corpus`) of ``n_bytes`` at seed 0 over the first 90% of the
+    plays, and ``VAL_BYTES`` at seed 1 over the last 10%."""
+    if corpus == "shakespeare":
+        text = load_corpus()
+        cut = int(0.9 * text.shape[0])
+        return text[:cut], text[cut:]
+    if corpus == "records":
+        train = records_corpus(RecordsConfig(n_bytes=n_bytes, seed=0, text_part="train"))
+        return train, records_corpus(RecordsConfig(n_bytes=VAL_BYTES, seed=1, text_part="test"))
+    raise ConfigError(f"corpus must be one of {CORPORA}, got {corpus!r}")
+
+
+def _zero_shot_items(cfg: BirdieExperimentConfig, seed: int) -> dict[str, list[tuple[Example, np.ndarray]]]:
+    """The zero-shot probes of one run, by task (held-out seeds of their own)."""
+    return {t: recall_probes(t, cfg, 92_000 + 1000 * i + seed, cfg.n_eval_examples) for i, t in enumerate(ZERO_SHOT)}
+
+
+def evaluation_needles(cfg: BirdieExperimentConfig) -> list[str]:
+    """What of the evaluation must never be in the pretraining corpus: every phone number and every line of
+    MQAR pairs that any seed's evaluation items (fine-tuned and zero-shot) contain."""
+    out: list[str] = []
+    n = cfg.n_eval_examples
+    for seed in cfg.seeds:
+        items = [
+            ex
+            for q in cfg.phonebook_queries
+            for ex, _ in _task_examples("phonebook", cfg, 90_000 + 100 * q + seed, n, q)
+        ]
+        probes = _zero_shot_items(cfg, seed)
+        items += [ex for ex, _ in probes["phonebook"]]
+        for ex in items:
+            text = bytes(ex.input.astype(np.uint8)).decode()
+            out += [
+                line.split(": ", 1)[1]
+                for line in text.splitlines()
+                if ": " in line and line.split(": ", 1)[1].isdigit()
+            ]
+        items = [ex for ex, _ in _task_examples("mqar", cfg, 91_000 + seed, n, cfg.mqar_queries)]
+        items += [ex for ex, _ in probes["mqar"]]
+        out += [bytes(ex.input.astype(np.uint8)).decode().splitlines()[0] for ex in items]
+    return sorted(set(out))
+
+
+def check_held_out(cfg: BirdieExperimentConfig) -> int:
+    """Raise :class:`ConfigError` if any :func:`evaluation_needles` string occurs in the training corpus; returns
+    how many were checked."""
+    needles = evaluation_needles(cfg)
+    found = held_out_overlap(split_corpus(cfg.corpus, cfg.corpus_bytes)[0], needles)
+    if found:
+        raise ConfigError(f"{len(found)} evaluation items occur in the {cfg.corpus} corpus, e.g. {found[:3]}")
+    return len(needles)
 
 
 def run_one(
@@ -742,7 +881,7 @@ def run_one(
     report: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one (arm, seed); returns its JSON-ready record (``metrics`` included)."""
-    train_text, val_text = _split_corpus()
+    train_text, val_text = split_corpus(cfg.corpus, cfg.corpus_bytes)
     model, rec = train_arm(arm, seed, cfg, train_text, val_text, run_dir, report)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     tc = train_config(arm, seed, cfg, "", world)
@@ -750,7 +889,7 @@ def run_one(
     return rec
 
 
-def _throttled_reporter(messages: Any, arm: str, seed: int, budget: int) -> Callable[[int, float], None]:
+def _throttled_reporter(messages: Any, key: int, budget: int) -> Callable[[int, float], None]:
     """A progress callback that sends at most two messages a second (and the last one)."""
     last = 0.0
 
@@ -759,46 +898,41 @@ def _throttled_reporter(messages: Any, arm: str, seed: int, budget: int) -> Call
         now = time.monotonic()
         if now - last > 0.5 or counted >= budget:
             last = now
-            messages.put(("progress", arm, seed, counted, loss))
+            messages.put(("progress", key, counted, loss))
 
     return report
 
 
-def _worker(cfg: BirdieExperimentConfig, run_dir: str, jobs: Any, messages: Any) -> None:
-    """Worker process: runs (arm, seed) jobs until it reads None; reports progress, records and failures."""
-    torch.set_num_threads(cfg.threads)
+#: one run of a pool: (key, study config, arm, seed, run dir); the key orders and names its record
+Job = tuple[int, BirdieExperimentConfig, str, int, str]
+
+
+def _worker(threads: int, jobs: Any, messages: Any) -> None:
+    """Worker process: runs jobs until it reads None; reports progress, records and failures by job key."""
+    torch.set_num_threads(threads)
     while (job := jobs.get()) is not None:
-        arm, seed = job
+        key, cfg, arm, seed, run_dir = job
         try:
-            report = _throttled_reporter(messages, arm, seed, cfg.token_budget)
-            messages.put(("done", arm, seed, run_one(arm, seed, cfg, Path(run_dir), report)))
-        except Exception as e:  # one failing run is recorded, the study continues
+            report = _throttled_reporter(messages, key, cfg.token_budget)
+            messages.put(("done", key, run_one(arm, seed, cfg, Path(run_dir), report)))
+        except Exception as e:  # one failing run is recorded, the others continue
             tb = traceback.format_exception_only(e)[-1].strip()
-            messages.put(("failed", arm, seed, tb))
+            messages.put(("failed", key, tb))
 
 
-def run_experiment(cfg: BirdieExperimentConfig, show_progress: bool = True) -> Path:
-    """Train and evaluate every (arm, seed) in ``cfg.workers`` processes; write ``results.json``, plots and
-    ``report.md``. Returns the run dir. Records are ordered by seed, then arm, whatever the workers' order."""
+def _run_pool(
+    jobs: list[Job],
+    workers: int,
+    threads: int,
+    show_progress: bool,
+    on_result: Callable[[dict[int, dict[str, Any]], dict[int, str]], None],
+) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """Run ``jobs`` in ``workers`` processes (in this one when ``workers == 1``) with a progress bar per run;
+    ``on_result(done, failures)`` after each run ends. Returns the records and failures by job key."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    run_dir = Path(cfg.out_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]
-    order = {job: i for i, job in enumerate(jobs)}
-    done: dict[tuple[str, int], dict[str, Any]] = {}
-    failures: dict[tuple[str, int], str] = {}
-    t0 = time.perf_counter()
-
-    def save(wall: float | None = None) -> tuple[list[dict[str, Any]], list[str]]:
-        results = [done[j] for j in sorted(done, key=order.get)]
-        fails = [f"{a} seed {s}: {failures[(a, s)]}" for a, s in sorted(failures, key=order.get)]
-        body = {"config": asdict(cfg), "runs": results, "failures": fails}
-        if wall is not None:
-            body["wall_s"] = wall
-        (run_dir / "results.json").write_text(json.dumps(body, indent=1))
-        return results, fails
-
+    done: dict[int, dict[str, Any]] = {}
+    failures: dict[int, str] = {}
     cols = [
         TextColumn("{task.description}"),
         BarColumn(),
@@ -806,67 +940,91 @@ def run_experiment(cfg: BirdieExperimentConfig, show_progress: bool = True) -> P
         TextColumn("{task.fields[tps]:,.0f} tok/s"),
         TimeElapsedColumn(),
     ]
+    names = {
+        key: f"{arm} seed {seed}" + (f" [{cfg.name}]" if len({j[1].name for j in jobs}) > 1 else "")
+        for key, cfg, arm, seed, _ in jobs
+    }
+    budgets = {key: cfg.token_budget for key, cfg, *_ in jobs}
     with Progress(*cols, disable=not show_progress) as progress:
-        bars = {j: progress.add_task(f"{j[0]} seed {j[1]}", total=cfg.token_budget, start=False, tps=0.0) for j in jobs}
+        bars = {key: progress.add_task(names[key], total=budgets[key], start=False, tps=0.0) for key in names}
 
-        def on_progress(arm: str, seed: int, counted: int, loss: float) -> None:
-            bar = bars[(arm, seed)]
+        def on_progress(key: int, counted: int, loss: float) -> None:
+            bar = bars[key]
             progress.start_task(bar)
-            progress.update(
-                bar, completed=min(counted, cfg.token_budget), description=f"{arm} seed {seed} loss {loss:.3f}"
-            )
+            progress.update(bar, completed=min(counted, budgets[key]), description=f"{names[key]} loss {loss:.3f}")
             speed = next(t.speed for t in progress.tasks if t.id == bar)
             progress.update(bar, tps=speed or 0.0)
 
-        if cfg.workers == 1:
-            torch.set_num_threads(cfg.threads)
-            for arm, seed in jobs:
+        if workers == 1:
+            torch.set_num_threads(threads)
+            for key, cfg, arm, seed, run_dir in jobs:
                 try:
-                    done[(arm, seed)] = run_one(
-                        arm, seed, cfg, run_dir, lambda c, l, a=arm, s=seed: on_progress(a, s, c, l)
-                    )
-                except (RuntimeError, ValueError) as e:  # one failing run is recorded, the study continues
-                    failures[(arm, seed)] = f"{type(e).__name__}: {e}"
-                save()
-        else:
-            ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch thread pools
-            job_q, msg_q = ctx.Queue(), ctx.Queue()
-            for j in jobs:
-                job_q.put(j)
-            n_proc = min(cfg.workers, len(jobs))
-            for _ in range(n_proc):
-                job_q.put(None)
-            procs = [
-                ctx.Process(target=_worker, args=(cfg, str(run_dir), job_q, msg_q), daemon=True) for _ in range(n_proc)
-            ]
+                    done[key] = run_one(arm, seed, cfg, Path(run_dir), lambda c, l, k=key: on_progress(k, c, l))
+                except (RuntimeError, ValueError) as e:  # one failing run is recorded, the others continue
+                    failures[key] = f"{type(e).__name__}: {e}"
+                on_result(done, failures)
+            return done, failures
+        ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+        job_q, msg_q = ctx.Queue(), ctx.Queue()
+        for j in jobs:
+            job_q.put(j)
+        n_proc = min(workers, len(jobs))
+        for _ in range(n_proc):
+            job_q.put(None)
+        procs = [ctx.Process(target=_worker, args=(threads, job_q, msg_q), daemon=True) for _ in range(n_proc)]
+        for p in procs:
+            p.start()
+        try:
+            while len(done) + len(failures) < len(jobs):
+                try:
+                    kind, key, *rest = msg_q.get(timeout=1.0)
+                except queue.Empty:
+                    if not any(p.is_alive() for p in procs):
+                        for key in names:
+                            if key not in done and key not in failures:
+                                failures[key] = "its worker process ended without a result"
+                    continue
+                if kind == "progress":
+                    on_progress(key, *rest)
+                    continue
+                if kind == "done":
+                    done[key] = rest[0]
+                else:
+                    failures[key] = rest[0]
+                on_result(done, failures)
+        finally:
             for p in procs:
-                p.start()
-            try:
-                while len(done) + len(failures) < len(jobs):
-                    try:
-                        kind, arm, seed, *rest = msg_q.get(timeout=1.0)
-                    except queue.Empty:
-                        if not any(p.is_alive() for p in procs):
-                            for j in jobs:
-                                if j not in done and j not in failures:
-                                    failures[j] = "its worker process ended without a result"
-                        continue
-                    if kind == "progress":
-                        on_progress(arm, seed, *rest)
-                    elif kind == "done":
-                        done[(arm, seed)] = rest[0]
-                        save()
-                    else:
-                        failures[(arm, seed)] = rest[0]
-                        save()
-            finally:
-                for p in procs:
-                    p.join(timeout=5)
-                    if p.is_alive():
-                        p.terminate()
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.terminate()
+    return done, failures
+
+
+def run_experiment(cfg: BirdieExperimentConfig, show_progress: bool = True) -> Path:
+    """Train and evaluate every (arm, seed) in ``cfg.workers`` processes; write ``results.json``, plots and
+    ``report.md``. Returns the run dir. Records are ordered by seed, then arm, whatever the workers' order.
+
+    First checks that no evaluation item occurs in the pretraining corpus (:func:`check_held_out`)."""
+    run_dir = Path(cfg.out_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checked = check_held_out(cfg)
+    pairs = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]
+    jobs: list[Job] = [(i, cfg, arm, seed, str(run_dir)) for i, (arm, seed) in enumerate(pairs)]
+    t0 = time.perf_counter()
+
+    def save(done: dict[int, dict[str, Any]], failures: dict[int, str], wall: float | None = None):
+        results = [done[k] for k in sorted(done)]
+        fails = [f"{pairs[k][0]} seed {pairs[k][1]}: {failures[k]}" for k in sorted(failures)]
+        body = {"config": asdict(cfg), "held_out_checked": checked, "runs": results, "failures": fails}
+        if wall is not None:
+            body["wall_s"] = wall
+        (run_dir / "results.json").write_text(json.dumps(body, indent=1))
+        return results, fails
+
+    done, failures = _run_pool(jobs, cfg.workers, cfg.threads, show_progress, save)
     wall = time.perf_counter() - t0
-    results, fails = save(wall)
-    write_report(cfg, results, fails, wall, run_dir)
+    results, fails = save(done, failures, wall)
+    write_report(cfg, results, fails, wall, run_dir, checked)
     return run_dir
 
 
@@ -895,7 +1053,8 @@ def _comparison_lines(
     study's acceptance test: Birdie ahead of next-token by more than 2 pooled std at the most queries)."""
     if "ntp" not in summ or len(summ) < 2:
         return []
-    keys = [f"phonebook_q{max(cfg.phonebook_queries)}", "mqar", "bits_per_byte"]
+    qs = sorted({min(cfg.phonebook_queries), max(cfg.phonebook_queries)})
+    keys = [*(f"phonebook_q{q}" for q in qs), "mqar", "zs_phonebook", "zs_mqar", "bits_per_byte"]
     lines = [
         "",
         "Against next-token (ntp): difference of means, and in units of the pooled std "
@@ -918,8 +1077,22 @@ def _comparison_lines(
     return lines
 
 
+def _corpus_line(cfg: BirdieExperimentConfig, checked: int) -> str:
+    if cfg.corpus == "shakespeare":
+        return "Tiny Shakespeare bytes."
+    return (
+        f"the records corpus ({cfg.corpus_bytes:,} bytes of plays, directories and key-value records, "
+        f"`statelab.tasks.records`; {checked:,} evaluation numbers and lines of pairs checked absent from it)."
+    )
+
+
 def write_report(
-    cfg: BirdieExperimentConfig, results: list[dict[str, Any]], failures: list[str], wall: float, run_dir: Path
+    cfg: BirdieExperimentConfig,
+    results: list[dict[str, Any]],
+    failures: list[str],
+    wall: float,
+    run_dir: Path,
+    held_out_checked: int = 0,
 ) -> None:
     """``report.md`` with the tables, and the PNG plots it links."""
     import matplotlib
@@ -965,24 +1138,28 @@ def write_report(
         "",
         f"{cfg.arch}, d_model {cfg.d_model}, {cfg.n_layer} layers, d_state {cfg.d_state} ({n_params:,} "
         f"parameters); rows of {cfg.seq_len} × {cfg.batch_size}; {cfg.token_budget:,} counted tokens per run; "
-        f"seeds {list(cfg.seeds)}; Tiny Shakespeare bytes. Wall time {wall / 60:.1f} min with {cfg.workers} "
-        f"worker process(es) of {cfg.threads} torch thread(s).",
+        f"seeds {list(cfg.seeds)}; {_corpus_line(cfg, held_out_checked)} "
+        f"Wall time {wall / 60:.1f} min with {cfg.workers} worker process(es) of {cfg.threads} torch thread(s).",
         "",
         f"Mean ± std over seeds. phonebook_qK: digit accuracy of the greedily generated answer for K names among "
         f"{cfg.phonebook_entries} entries (phonebook: their mean); mqar: digit accuracy of the generated values of "
         f"{cfg.mqar_queries} of {cfg.mqar_pairs} pairs; each after the same {cfg.finetune_steps}-step fine-tune on "
         f"its task ({cfg.finetune_batch} examples per step, lr {cfg.finetune_lr:g}) for every arm, on held-out seeds "
-        "(chance about 0.1). selective_copying, copying, infilling: teacher-forced token accuracy on held-out "
+        "(chance about 0.1). zs_phonebook, zs_mqar: zero-shot retrieval, no fine-tune (the book, then one queried "
+        "name and ': '; the pairs, then one queried key and ':'; the value generated greedily, digit accuracy), the "
+        "probe read as next-token text; zsp_*: the same probes read as the prefix before [BEGIN]. "
+        "selective_copying, copying, infilling: teacher-forced token accuracy on held-out "
         "objective samples. bits_per_byte: held-out next-token loss.",
         "",
-        "| arm | " + " | ".join(metrics) + " | counted tokens | steps |",
-        "|---|" + "---|" * (len(metrics) + 2),
+        "| arm | " + " | ".join(metrics) + " | counted tokens | steps | model |",
+        "|---|" + "---|" * (len(metrics) + 3),
     ]
     for a in arms:
         lines.append(
             f"| {a} | "
             + " | ".join(fmt(a, m) for m in metrics)
-            + f" | {summ[a]['counted_tokens'][0]:,.0f} | {summ[a]['steps'][0]:.0f} |"
+            + f" | {summ[a]['counted_tokens'][0]:,.0f} | {summ[a]['steps'][0]:.0f} | {arm_arch(a, cfg)}, "
+            + f"{next(r['n_params'] for r in results if r['arm'] == a):,} params |"
         )
     lines += _comparison_lines(cfg, summ, metrics)
     lines += ["", "![metrics](metrics.png)", "", "![training loss](train_loss.png)", ""]
