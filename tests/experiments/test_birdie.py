@@ -10,10 +10,14 @@ from statelab.cli import app
 from statelab.errors import ConfigError
 from statelab.experiments.birdie import (
     BirdieExperimentConfig,
+    arm_arch,
+    check_held_out,
+    evaluation_needles,
     generated_accuracy,
     load_corpus,
     mqar_example,
     phonebook_example,
+    recall_probes,
     run_experiment,
 )
 from statelab.objectives import VOCAB, pack_example
@@ -142,10 +146,10 @@ def test_an_arm_stopped_and_resumed_equals_one_run_bit_for_bit(tmp_path):
     log (reward model refits and decisions after the stop included)."""
     import torch
 
-    from statelab.experiments.birdie import _split_corpus, train_arm
+    from statelab.experiments.birdie import split_corpus, train_arm
 
     cfg = tiny(tmp_path, arms=("birdie",), token_budget=2600, n_evals=8, finetune_steps=0)
-    train_text, val_text = _split_corpus()
+    train_text, val_text = split_corpus()
     full, rec_full = train_arm("birdie", 0, cfg, train_text, val_text, tmp_path / "full")
     (tmp_path / "split").mkdir()
     train_arm("birdie", 0, cfg, train_text, val_text, tmp_path / "split", stop_after=5)
@@ -161,3 +165,116 @@ def test_an_arm_stopped_and_resumed_equals_one_run_bit_for_bit(tmp_path):
     strip = [[{k: v for k, v in r.items() if k != "controller_s"} for r in log] for log in logs]
     assert strip[0] == strip[1] and sum(r["mode"] == "reward_model" for r in strip[0]) >= 2
     assert any(r["step"] > 5 and "fit_mse" in r for r in strip[0])
+
+
+def test_recall_probes_ask_for_a_value_that_is_in_their_context():
+    cfg = BirdieExperimentConfig(phonebook_entries=4, phonebook_queries=(1,), mqar_pairs=6, mqar_queries=2)
+    for ex, mask in recall_probes("phonebook", cfg, seed=5, n=4):
+        prompt, number = decode(ex.input), decode(ex.target[mask])
+        name = prompt.rsplit("\n", 1)[1][: -len(": ")]
+        assert prompt.startswith("Phonebook:\n") and prompt.endswith(f"\n\n{name}: ") and "Find" not in prompt
+        assert f"\n{name}: {number}\n" in prompt and len(number) == 10
+    for ex, mask in recall_probes("mqar", cfg, seed=5, n=4):
+        prompt, value = decode(ex.input), decode(ex.target[mask])
+        pairs, key = prompt.split("\n")
+        assert key.endswith(":") and f" {key}{value}" in pairs and len(value) == 2 and "query" not in prompt
+    with pytest.raises(ConfigError, match="task"):
+        recall_probes("squad", cfg, seed=0, n=1)
+
+
+@pytest.mark.parametrize("arch", ["gated_ssm", "mamba2", "transformer"])
+def test_causal_reading_generates_what_greedy_full_passes_generate(arch):
+    """generated_accuracy(reading="causal") scores the tokens that re-running the whole sequence and taking the
+    argmax would produce: a target equal to those tokens scores 1, one digit changed scores less."""
+    from statelab.layers.protocol import Segments
+    from statelab.models.birdie_models import BirdieLM, BirdieModelConfig
+    from statelab.objectives.base import Example
+
+    torch.manual_seed(0)
+    model = BirdieLM(BirdieModelConfig(arch=arch, vocab_size=VOCAB.size, d_model=32, n_layer=2, d_state=32)).eval()
+    items = []
+    for i in range(3):
+        context = np.frombuffer(f"pairs: ab:1{i} cd:2{i}\ncd:".encode(), dtype=np.uint8).astype(np.int64)
+        seq = torch.from_numpy(np.concatenate([[VOCAB.begin], context]))[None]
+        with torch.no_grad():
+            for _ in range(4):
+                start = torch.zeros_like(seq, dtype=torch.bool)
+                start[:, 0] = True
+                logits, _ = model(seq, segments=Segments(start, torch.zeros_like(start)))
+                seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        items.append((Example(context, seq[0, -4:].numpy()), np.ones(4, dtype=bool)))
+    assert generated_accuracy(model, items, 64, reading="causal") == 1.0
+    ex, mask = items[0]
+    wrong = ex.target.copy()
+    wrong[0] += 1
+    assert generated_accuracy(model, [(Example(ex.input, wrong), mask)], 64, reading="causal") == 0.75
+    with pytest.raises(ConfigError, match="reading"):
+        generated_accuracy(model, items, 64, reading="sideways")
+
+
+def test_no_evaluation_number_or_pairs_line_is_in_the_records_corpus():
+    cfg = BirdieExperimentConfig(corpus="records", corpus_bytes=200_000, seeds=(0, 1), n_eval_examples=8)
+    needles = evaluation_needles(cfg)
+    assert sum(n.isdigit() and len(n) == 10 for n in needles) >= 8 * 4
+    assert sum(n.startswith("pairs: ") for n in needles) >= 8
+    assert check_held_out(cfg) == len(needles)
+
+
+def test_a_study_on_the_records_corpus_with_the_reference_arms(tmp_path):
+    cfg = tiny(
+        tmp_path, corpus="records", corpus_bytes=50_000, arms=("ntp", "mamba2_ntp", "transformer_ntp"), d_model=32
+    )
+    assert [arm_arch(a, cfg) for a in cfg.arms] == ["gated_ssm", "mamba2", "transformer"]
+    res = json.loads((run_experiment(cfg, show_progress=False) / "results.json").read_text())
+    assert res["failures"] == [] and res["held_out_checked"] > 0
+    assert len({r["n_params"] for r in res["runs"]}) == 3
+    for r in res["runs"]:
+        assert r["counted_tokens"] >= cfg.token_budget
+        assert all(0 <= r["metrics"][m] <= 1 for m in ("zs_phonebook", "zs_mqar", "zsp_phonebook", "zsp_mqar"))
+    report = (tmp_path / "t" / "report.md").read_text()
+    assert "records corpus" in report and "| transformer_ntp |" in report and "mamba2, " in report
+    with pytest.raises(ConfigError, match="corpus"):
+        tiny(tmp_path, corpus="wikipedia")
+
+
+def test_a_sweep_tabulates_each_setting(tmp_path):
+    toml = tmp_path / "sweep.toml"
+    toml.write_text(
+        f"""name = "sw"
+out_dir = "{tmp_path}"
+workers = 1
+[base]
+d_model = 16
+n_layer = 2
+d_state = 16
+seq_len = 160
+batch_size = 2
+token_budget = 600
+seeds = [0]
+arms = ["ntp"]
+finetune_steps = 1
+n_eval_examples = 2
+phonebook_entries = 2
+phonebook_queries = [1]
+mqar_pairs = 4
+mqar_queries = 1
+[[settings]]
+label = "small"
+[[settings]]
+label = "two layers more"
+n_layer = 4
+"""
+    )
+    result = CliRunner().invoke(app, ["birdie", "sweep", "--config", str(toml), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "sw" / "sweep.md").read_text()
+    assert "| small | ntp | gated_ssm 16 x 2 |" in table and "| two layers more | ntp | gated_ssm 16 x 4 |" in table
+    rows = json.loads((tmp_path / "sw" / "results.json").read_text())["rows"]
+    assert [r["n_params"] for r in rows][0] < [r["n_params"] for r in rows][1]
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[settings]]\nlabel = "x"\nmagic = 1\n')
+    result = CliRunner().invoke(app, ["birdie", "sweep", "--config", str(bad)])
+    assert result.exit_code == 2 and "magic" in result.output and "Traceback" not in result.output
+    bad.write_text('[base]\nworkers = 3\n[[settings]]\nlabel = "x"\n')
+    result = CliRunner().invoke(app, ["birdie", "sweep", "--config", str(bad)])
+    assert result.exit_code == 2 and "sweep field" in result.output
