@@ -62,9 +62,9 @@ def test_text_documents_come_from_the_asked_part_of_the_plays():
     plays = shakespeare_bytes().decode()
     cut = int(0.9 * len(plays))
     head, tail = plays[:cut], plays[cut:]
-    only_text = RecordsConfig(n_bytes=20_000, mix=(1, 0, 0), text_part="test", seed=2)
+    only_text = RecordsConfig(n_bytes=20_000, mix=(1, 0, 0, 0), text_part="test", seed=2)
     assert all(p.strip()[:40] in tail for p in docs(only_text)[:-1] if len(p.strip()) > 40)
-    only_text = RecordsConfig(n_bytes=20_000, mix=(1, 0, 0), text_part="train", seed=2)
+    only_text = RecordsConfig(n_bytes=20_000, mix=(1, 0, 0, 0), text_part="train", seed=2)
     assert all(p.strip()[:40] in head for p in docs(only_text)[:-1] if len(p.strip()) > 40)
 
 
@@ -89,3 +89,24 @@ def test_held_out_overlap_finds_exactly_the_strings_present():
 def test_bad_config_is_refused(field, value, message):
     with pytest.raises(ConfigError, match=message):
         RecordsConfig(**{field: value})
+
+
+def test_task_items_are_the_train_split_in_the_evaluation_layout():
+    from statelab.tasks.synthetic import MQARConfig, mqar_text
+
+    pieces = docs(RecordsConfig(n_bytes=20_000, mix=(0, 0, 0, 1), seed=0))[:-1]
+    finds = [p for p in pieces if p.startswith("Find: ")]
+    queries = [p for p in pieces if p.startswith("pairs: ")]
+    assert len(finds) > 10 and len(queries) > 10
+    for p in finds:
+        lines = p.split("\n")
+        book = dict(line.split(": ") for line in lines[2:-2])
+        asked = lines[0][len("Find: ") :].split(", ")
+        assert lines[1] == "Phonebook:" and lines[-2] == lines[0] and lines[-1] == ", ".join(book[a] for a in asked)
+    for p in queries:
+        pairs_line, query, answer = p.split("\n")
+        table = dict(kv.split(":") for kv in pairs_line[len("pairs: ") :].split())
+        assert answer.split() == [table[k] for k in query[len("query: ") :].split()]
+    # the same draws as the train split of the task generator: a test-split item of the same size differs
+    test_item = mqar_text(MQARConfig(vocab_size=200, seq_len=16, num_kv_pairs=4), 0, 1, 1, "test")[0]
+    assert test_item.prompt.split("\n")[0] not in "\n".join(queries)

@@ -1,9 +1,12 @@
 """The Birdie study at laptop scale: next-token vs a fixed mixture vs the Birdie controller, causal and bidirectional.
 
 ``statelab birdie run --config configs/birdie/quick.toml`` trains every arm for every seed at an equal budget of
-counted tokens (context plus target, paper A.11) on Tiny Shakespeare (bytes), then evaluates:
+counted tokens (context plus target, paper A.11) on the study's corpus (``corpus``: Tiny Shakespeare bytes, or the
+records corpus of :mod:`statelab.tasks.records`, in which retrieval can be learned), then evaluates:
 
 * perplexity: bits per byte of held-out text (next-token, causal);
+* zero-shot retrieval (no fine-tune): :func:`recall_probes`, a book or a line of pairs, then a key, the value
+  generated greedily, read as next-token text (``zs_*``) and as the prefix (``zsp_*``);
 * copying, selective copying and span infilling: teacher-forced token accuracy on held-out objective samples;
 * phonebook lookup (at each number of queried names) and multi-query associative recall (MQAR), drawn from
   :mod:`statelab.tasks` (the text forms of its phonebook and MQAR generators; fine-tunes read the ``train`` split,
@@ -11,7 +14,8 @@ counted tokens (context plus target, paper A.11) on Tiny Shakespeare (bytes), th
   generated greedily from the prompt (the prompt is the prefix, generation continues from the state after
   ``[BEGIN]``) and scored position by position on its digits (the paper's digit accuracy; chance is about 10%).
 
-Arms (all on the same architecture and optimiser; only the mixture and the bidirectional layers differ):
+Arms (all on the same optimiser and, but for the three reference arms, the same architecture; only the mixture and
+the bidirectional layers differ):
 
 | arm             | mixture                                            | layers                      |
 |-----------------|----------------------------------------------------|-----------------------------|
@@ -22,6 +26,8 @@ Arms (all on the same architecture and optimiser; only the mixture and the bidir
 | ``birdie``      | reward-driven controller over the 96 configs       | alternating bidirectional   |
 | ``loss_prop``   | ablation: configs in proportion to their val. loss | causal                      |
 | ``exp_weights`` | ablation: exponential weights on per-config reward | causal                      |
+| ``gated_ssm_ntp``, ``mamba2_ntp``, ``transformer_ntp`` | next-token only, on that architecture (a state-type or
+  attention reference beside the study's ``arch``) | causal |
 
 The two ablations see the same per-config validation losses as the controller but have no reward model, so
 against ``birdie_causal`` they isolate what the reward model adds.
@@ -62,6 +68,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from statelab.config import from_dict
 from statelab.errors import ConfigError
 from statelab.eval.metrics import masked_accuracy
 from statelab.layers.protocol import Segments
@@ -125,6 +132,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "birdie": {"mixture": "birdie", "bidirectional": True},
     "loss_prop": {"mixture": "loss_prop", "bidirectional": False},
     "exp_weights": {"mixture": "exp_weights", "bidirectional": False},
+    "gated_ssm_ntp": {"mixture": "next_token", "bidirectional": False, "arch": "gated_ssm"},
     "mamba2_ntp": {"mixture": "next_token", "bidirectional": False, "arch": "mamba2"},
     "transformer_ntp": {"mixture": "next_token", "bidirectional": False, "arch": "transformer"},
 }
@@ -152,7 +160,8 @@ class BirdieExperimentConfig:
             N and P of the Mamba-2 arms' mixers; n_heads: the Transformer arms' attention heads.
         corpus: what every arm pretrains on: ``"shakespeare"`` (Tiny Shakespeare bytes) or ``"records"``
             (:mod:`statelab.tasks.records`: text, directories and key-value records whose repeats make retrieval
-            learnable by next-token prediction); corpus_bytes: size of the generated records corpus.
+            learnable by next-token prediction); corpus_bytes: size of the generated records corpus; records: fields
+            of :class:`~statelab.tasks.records.RecordsConfig` that change its documents (mix, entries, pairs, ...).
         seq_len, batch_size: packed rows per step; token_budget: counted tokens per run.
         lr, weight_decay, warmup_frac: AdamW (statelab.train's no-decay rule) with linear warmup over the first
             ``warmup_frac`` of the estimated steps, then cosine decay to ``lr / 10`` over the token budget.
@@ -179,6 +188,7 @@ class BirdieExperimentConfig:
     n_heads: int = 4
     corpus: str = "shakespeare"
     corpus_bytes: int = 4_000_000
+    records: dict[str, Any] = dataclasses.field(default_factory=dict)
     seq_len: int = 256
     batch_size: int = 8
     token_budget: int = 300_000
@@ -212,6 +222,13 @@ class BirdieExperimentConfig:
             raise ConfigError(f"unknown arms {bad}; known: {sorted(ARMS)}")
         if self.corpus not in CORPORA:
             raise ConfigError(f"corpus must be one of {CORPORA}, got {self.corpus!r}")
+        bad = sorted(
+            set(self.records) - {f.name for f in dataclasses.fields(RecordsConfig)}
+            | {"n_bytes", "seed", "text_part"} & set(self.records)
+        )
+        if bad:
+            raise ConfigError(f"records: unknown or reserved RecordsConfig fields {bad}")
+        _records_config(self.records, 1, 0, "train")  # refuse bad values now, not in a worker
         if self.token_budget < self.seq_len * self.batch_size:
             raise ConfigError("token_budget must cover at least one batch")
         if not self.phonebook_queries or max(self.phonebook_queries) > self.phonebook_entries:
@@ -773,6 +790,8 @@ def metric_names(cfg: BirdieExperimentConfig) -> list[str]:
         "zs_mqar",
         "zsp_phonebook",
         "zsp_mqar",
+        "zt_phonebook",
+        "zt_mqar",
         "selective_copying",
         "copying",
         "infilling",
@@ -801,6 +820,12 @@ def evaluate(
         "selective_copying": _accuracy(model, _objective_items(sel_cfg, val_text, n, 60_000 + seed, T), T),
         "infilling": _accuracy(model, _objective_items(inf_cfg, val_text, n, 70_000 + seed, T), T),
     }
+    q1 = min(cfg.phonebook_queries)
+    task_items = {
+        "phonebook": _task_examples("phonebook", cfg, 90_000 + 100 * q1 + seed, n, q1),
+        "mqar": _task_examples("mqar", cfg, 91_000 + seed, n, cfg.mqar_queries),
+    }
+    out.update({f"zt_{t}": generated_accuracy(model, task_items[t], T, "causal") for t in ZERO_SHOT})
     ft = _finetune(model, cfg, seed, "phonebook", None if out_dir is None else out_dir / "finetune_phonebook")
     for q in cfg.phonebook_queries:
         items = _task_examples("phonebook", cfg, 90_000 + 100 * q + seed, n, q)
@@ -817,18 +842,31 @@ ZERO_SHOT = ("phonebook", "mqar")
 VAL_BYTES = 300_000
 
 
-@functools.cache
-def split_corpus(corpus: str = "shakespeare", n_bytes: int = 4_000_000) -> tuple[np.ndarray, np.ndarray]:
+def _records_config(fields: dict[str, Any], n_bytes: int, seed: int, part: str) -> RecordsConfig:
+    tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    return from_dict(RecordsConfig, {**tuples, "n_bytes": n_bytes, "seed": seed, "text_part": part}, where="records")
+
+
+def split_corpus(
+    corpus: str = "shakespeare", n_bytes: int = 4_000_000, records: dict[str, Any] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``(train, held-out)`` byte ids of a study's corpus: Tiny Shakespeare's first 90% and last 10%, or the records
-    corpus (:func:`statelab.tasks.records.records_corpus`) of ``n_bytes`` at seed 0 over the first 90% of the
-    plays, and ``VAL_BYTES`` at seed 1 over the last 10%."""
+    corpus (:func:`statelab.tasks.records.records_corpus`, ``records`` changing its fields) of ``n_bytes`` at seed 0
+    over the first 90% of the plays, and ``VAL_BYTES`` at seed 1 over the last 10%."""
+    key = json.dumps(records or {}, sort_keys=True)
+    return _split_corpus(corpus, n_bytes, key)
+
+
+@functools.cache
+def _split_corpus(corpus: str, n_bytes: int, records_json: str) -> tuple[np.ndarray, np.ndarray]:
     if corpus == "shakespeare":
         text = load_corpus()
         cut = int(0.9 * text.shape[0])
         return text[:cut], text[cut:]
     if corpus == "records":
-        train = records_corpus(RecordsConfig(n_bytes=n_bytes, seed=0, text_part="train"))
-        return train, records_corpus(RecordsConfig(n_bytes=VAL_BYTES, seed=1, text_part="test"))
+        fields = json.loads(records_json)
+        train = records_corpus(_records_config(fields, n_bytes, 0, "train"))
+        return train, records_corpus(_records_config(fields, VAL_BYTES, 1, "test"))
     raise ConfigError(f"corpus must be one of {CORPORA}, got {corpus!r}")
 
 
@@ -867,7 +905,7 @@ def check_held_out(cfg: BirdieExperimentConfig) -> int:
     """Raise :class:`ConfigError` if any :func:`evaluation_needles` string occurs in the training corpus; returns
     how many were checked."""
     needles = evaluation_needles(cfg)
-    found = held_out_overlap(split_corpus(cfg.corpus, cfg.corpus_bytes)[0], needles)
+    found = held_out_overlap(split_corpus(cfg.corpus, cfg.corpus_bytes, cfg.records)[0], needles)
     if found:
         raise ConfigError(f"{len(found)} evaluation items occur in the {cfg.corpus} corpus, e.g. {found[:3]}")
     return len(needles)
@@ -881,7 +919,7 @@ def run_one(
     report: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one (arm, seed); returns its JSON-ready record (``metrics`` included)."""
-    train_text, val_text = split_corpus(cfg.corpus, cfg.corpus_bytes)
+    train_text, val_text = split_corpus(cfg.corpus, cfg.corpus_bytes, cfg.records)
     model, rec = train_arm(arm, seed, cfg, train_text, val_text, run_dir, report)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     tc = train_config(arm, seed, cfg, "", world)

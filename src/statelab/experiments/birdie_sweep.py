@@ -83,17 +83,28 @@ def sweep_configs(cfg: BirdieSweepConfig) -> list[tuple[str, BirdieExperimentCon
 
 
 def sweep_table(cfg: BirdieSweepConfig, rows: list[dict[str, Any]]) -> list[str]:
-    """Markdown lines: one row per (setting, arm), means ± std over its seeds, and whether the setting meets the
-    choice rule (phonebook with 1 name and MQAR, fine-tuned, both at least twice chance)."""
-    head = ["setting", "arm", "model", "params", "counted tokens", *(c for _, c in _COLUMNS), ">= 2x chance", "train s"]
+    """Markdown lines: one row per (setting, arm), means ± std over its seeds, and whether it retrieves at least
+    twice chance on both phonebook (1 name) and MQAR, zero-shot and after the fine-tune."""
+    head = [
+        "setting",
+        "arm",
+        "model",
+        "params",
+        "counted tokens",
+        *(c for _, c in _COLUMNS),
+        "zero-shot >= 2x chance",
+        "fine-tuned >= 2x chance",
+        "train s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["label"], r["arm"], r["model"], f"{r['n_params']:,}", f"{r['counted_tokens']:,.0f}"]
         for key, _ in _COLUMNS:
             mu, sd = r[key]
             cells.append(f"{mu:.3f}" + (f" ± {sd:.3f}" if r["n_seeds"] > 1 else ""))
-        ok = r["phonebook_q1"][0] >= 2 * CHANCE and r["mqar"][0] >= 2 * CHANCE
-        cells += ["yes" if ok else "no", f"{r['train_s']:.0f}"]
+        zs = r["zs_phonebook"][0] >= 2 * CHANCE and r["zs_mqar"][0] >= 2 * CHANCE
+        ft = r["phonebook_q1"][0] >= 2 * CHANCE and r["mqar"][0] >= 2 * CHANCE
+        cells += ["yes" if zs else "no", "yes" if ft else "no", f"{r['train_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -155,8 +166,8 @@ def run_sweep(cfg: BirdieSweepConfig, show_progress: bool = True) -> Path:
         "",
         "What next-token training reaches at each setting (mean ± std over seeds), with the study's own corpus, "
         "fine-tunes and probes. phonebook, 1 name and MQAR: digit accuracy after the fine-tune; zero-shot: the "
-        f"recall probes without any fine-tune; chance is about {CHANCE}. The study's setting must reach at least "
-        f"twice chance ({2 * CHANCE:.1f}) on both fine-tuned retrieval tasks and leave headroom.",
+        f"recall probes without any fine-tune, read as next-token text; chance is about {CHANCE}. The study's setting "
+        f"must retrieve at least twice chance ({2 * CHANCE:.1f}) on both tasks and leave headroom.",
         "",
         *sweep_table(cfg, rows),
         "",
