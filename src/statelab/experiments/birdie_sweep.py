@@ -44,6 +44,8 @@ _COLUMNS = (
     ("mqar", "MQAR"),
     ("zs_phonebook", "zero-shot phonebook"),
     ("zs_mqar", "zero-shot MQAR"),
+    ("zt_phonebook", "zero-shot task phonebook"),
+    ("zt_mqar", "zero-shot task MQAR"),
     ("bits_per_byte", "bits per byte"),
 )
 
@@ -84,7 +86,7 @@ def sweep_configs(cfg: BirdieSweepConfig) -> list[tuple[str, BirdieExperimentCon
 
 def sweep_table(cfg: BirdieSweepConfig, rows: list[dict[str, Any]]) -> list[str]:
     """Markdown lines: one row per (setting, arm), means ± std over its seeds, and whether it retrieves at least
-    twice chance on both phonebook (1 name) and MQAR, zero-shot and after the fine-tune."""
+    twice chance on both phonebook (1 name) and MQAR, zero-shot (probes or task items) and after the fine-tune."""
     head = [
         "setting",
         "arm",
@@ -100,9 +102,12 @@ def sweep_table(cfg: BirdieSweepConfig, rows: list[dict[str, Any]]) -> list[str]
     for r in rows:
         cells = [r["label"], r["arm"], r["model"], f"{r['n_params']:,}", f"{r['counted_tokens']:,.0f}"]
         for key, _ in _COLUMNS:
+            if key not in r:  # a metric the run's version of statelab did not measure
+                cells.append("–")
+                continue
             mu, sd = r[key]
             cells.append(f"{mu:.3f}" + (f" ± {sd:.3f}" if r["n_seeds"] > 1 else ""))
-        zs = r["zs_phonebook"][0] >= 2 * CHANCE and r["zs_mqar"][0] >= 2 * CHANCE
+        zs = any(all(k in r and r[k][0] >= 2 * CHANCE for k in (f"{p}_phonebook", f"{p}_mqar")) for p in ("zs", "zt"))
         ft = r["phonebook_q1"][0] >= 2 * CHANCE and r["mqar"][0] >= 2 * CHANCE
         cells += ["yes" if zs else "no", "yes" if ft else "no", f"{r['train_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -127,8 +132,9 @@ def _rows(settings: list[tuple[str, BirdieExperimentConfig]], records: dict[int,
             "n_seeds": len(recs),
         }
         for key, _ in _COLUMNS:
-            v = np.array([r["metrics"][key] for r in recs])
-            row[key] = (float(v.mean()), float(v.std()))
+            if all(key in r["metrics"] for r in recs):
+                v = np.array([r["metrics"][key] for r in recs])
+                row[key] = (float(v.mean()), float(v.std()))
         rows.append(row)
     return rows
 
@@ -166,7 +172,8 @@ def run_sweep(cfg: BirdieSweepConfig, show_progress: bool = True) -> Path:
         "",
         "What next-token training reaches at each setting (mean ± std over seeds), with the study's own corpus, "
         "fine-tunes and probes. phonebook, 1 name and MQAR: digit accuracy after the fine-tune; zero-shot: the "
-        f"recall probes without any fine-tune, read as next-token text; chance is about {CHANCE}. The study's setting "
+        "recall probes without any fine-tune, read as next-token text; zero-shot task: the evaluation's own items "
+        f"read as next-token text, no fine-tune; chance is about {CHANCE}. The study's setting "
         f"must retrieve at least twice chance ({2 * CHANCE:.1f}) on both tasks and leave headroom.",
         "",
         *sweep_table(cfg, rows),
