@@ -72,3 +72,19 @@ def test_settings_override_the_base_and_unknown_fields_are_refused():
     )
     (la, a), (lb, b) = sweep_configs(cfg)
     assert (la, a.d_model, a.name) == ("a", 32, "birdie-sweep/0") and (lb, b.d_model) == ("b", 48)
+
+
+def test_every_shipped_birdie_config_builds():
+    from pathlib import Path
+
+    from statelab.config import from_dict, read_config_file
+    from statelab.experiments.birdie import BirdieExperimentConfig
+
+    files = sorted((Path(__file__).parents[2] / "configs" / "birdie").glob("*.toml"))
+    assert {f.stem for f in files} >= {"quick", "full", "study", "sweep", "sweep2"}
+    for f in files:
+        data = read_config_file(f)
+        if f.stem.startswith("sweep"):
+            assert len(sweep_configs(from_dict(BirdieSweepConfig, data))) >= 2
+        else:
+            assert from_dict(BirdieExperimentConfig, data).seeds == (0, 1, 2)
