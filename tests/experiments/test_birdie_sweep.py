@@ -81,7 +81,7 @@ def test_every_shipped_birdie_config_builds():
     from statelab.experiments.birdie import BirdieExperimentConfig
 
     files = sorted((Path(__file__).parents[2] / "configs" / "birdie").glob("*.toml"))
-    assert {f.stem for f in files} >= {"quick", "full", "study", "sweep", "sweep2"}
+    assert {f.stem for f in files} >= {"quick", "full", "study", "sweep", "sweep2", "sweep3"}
     for f in files:
         data = read_config_file(f)
         if f.stem.startswith("sweep"):
