@@ -6,7 +6,8 @@ records corpus of :mod:`statelab.tasks.records`, in which retrieval can be learn
 
 * perplexity: bits per byte of held-out text (next-token, causal);
 * zero-shot retrieval (no fine-tune): :func:`recall_probes`, a book or a line of pairs, then a key, the value
-  generated greedily, read as next-token text (``zs_*``) and as the prefix (``zsp_*``);
+  generated greedily, read as next-token text (``zs_*``) and as the prefix (``zsp_*``); and the phonebook (fewest
+  names) and MQAR evaluation items themselves read as next-token text (``zt_*``);
 * copying, selective copying and span infilling: teacher-forced token accuracy on held-out objective samples;
 * phonebook lookup (at each number of queried names) and multi-query associative recall (MQAR), drawn from
   :mod:`statelab.tasks` (the text forms of its phonebook and MQAR generators; fine-tunes read the ``train`` split,
@@ -436,7 +437,7 @@ def _make_policy(
 
 
 def arm_arch(arm: str, cfg: BirdieExperimentConfig) -> str:
-    """The architecture ``arm`` trains: its own (``mamba2_ntp``, ``transformer_ntp``) or the study's ``arch``."""
+    """The architecture ``arm`` trains: its own (the ``*_ntp`` reference arms) or the study's ``arch``."""
     return ARMS[arm].get("arch", cfg.arch)
 
 
@@ -1185,7 +1186,8 @@ def write_report(
         f"its task ({cfg.finetune_batch} examples per step, lr {cfg.finetune_lr:g}) for every arm, on held-out seeds "
         "(chance about 0.1). zs_phonebook, zs_mqar: zero-shot retrieval, no fine-tune (the book, then one queried "
         "name and ': '; the pairs, then one queried key and ':'; the value generated greedily, digit accuracy), the "
-        "probe read as next-token text; zsp_*: the same probes read as the prefix before [BEGIN]. "
+        "probe read as next-token text; zsp_*: the same probes read as the prefix before [BEGIN]; zt_*: the "
+        "phonebook (fewest names) and MQAR evaluation items read as next-token text, no fine-tune. "
         "selective_copying, copying, infilling: teacher-forced token accuracy on held-out "
         "objective samples. bits_per_byte: held-out next-token loss.",
         "",
