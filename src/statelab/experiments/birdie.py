@@ -821,19 +821,27 @@ def evaluate(
         "selective_copying": _accuracy(model, _objective_items(sel_cfg, val_text, n, 60_000 + seed, T), T),
         "infilling": _accuracy(model, _objective_items(inf_cfg, val_text, n, 70_000 + seed, T), T),
     }
-    q1 = min(cfg.phonebook_queries)
-    task_items = {
-        "phonebook": _task_examples("phonebook", cfg, 90_000 + 100 * q1 + seed, n, q1),
-        "mqar": _task_examples("mqar", cfg, 91_000 + seed, n, cfg.mqar_queries),
-    }
-    out.update({f"zt_{t}": generated_accuracy(model, task_items[t], T, "causal") for t in ZERO_SHOT})
+    items = _evaluation_items(cfg, seed)
+    zero_shot_task = {"phonebook": items[f"phonebook_q{min(cfg.phonebook_queries)}"], "mqar": items["mqar"]}
+    out.update({f"zt_{t}": generated_accuracy(model, zero_shot_task[t], T, "causal") for t in ZERO_SHOT})
     ft = _finetune(model, cfg, seed, "phonebook", None if out_dir is None else out_dir / "finetune_phonebook")
     for q in cfg.phonebook_queries:
-        items = _task_examples("phonebook", cfg, 90_000 + 100 * q + seed, n, q)
-        out[f"phonebook_q{q}"] = generated_accuracy(ft, items, T)
+        out[f"phonebook_q{q}"] = generated_accuracy(ft, items[f"phonebook_q{q}"], T)
     out["phonebook"] = float(np.mean([out[f"phonebook_q{q}"] for q in cfg.phonebook_queries]))
     ft = _finetune(model, cfg, seed, "mqar", None if out_dir is None else out_dir / "finetune_mqar")
-    out["mqar"] = generated_accuracy(ft, _task_examples("mqar", cfg, 91_000 + seed, n, cfg.mqar_queries), T)
+    out["mqar"] = generated_accuracy(ft, items["mqar"], T)
+    return out
+
+
+def _evaluation_items(cfg: BirdieExperimentConfig, seed: int) -> dict[str, list[tuple[Example, np.ndarray]]]:
+    """The held-out task items one run is scored on: ``phonebook_q<K>`` for each number of queried names and
+    ``mqar`` (each on a seed of its own)."""
+    n = cfg.n_eval_examples
+    out = {
+        f"phonebook_q{q}": _task_examples("phonebook", cfg, 90_000 + 100 * q + seed, n, q)
+        for q in cfg.phonebook_queries
+    }
+    out["mqar"] = _task_examples("mqar", cfg, 91_000 + seed, n, cfg.mqar_queries)
     return out
 
 
@@ -880,14 +888,10 @@ def evaluation_needles(cfg: BirdieExperimentConfig) -> list[str]:
     """What of the evaluation must never be in the pretraining corpus: every phone number and every line of
     MQAR pairs that any seed's evaluation items (fine-tuned and zero-shot) contain."""
     out: list[str] = []
-    n = cfg.n_eval_examples
     for seed in cfg.seeds:
-        items = [
-            ex
-            for q in cfg.phonebook_queries
-            for ex, _ in _task_examples("phonebook", cfg, 90_000 + 100 * q + seed, n, q)
-        ]
+        tasks = _evaluation_items(cfg, seed)
         probes = _zero_shot_items(cfg, seed)
+        items = [ex for q in cfg.phonebook_queries for ex, _ in tasks[f"phonebook_q{q}"]]
         items += [ex for ex, _ in probes["phonebook"]]
         for ex in items:
             text = bytes(ex.input.astype(np.uint8)).decode()
@@ -896,8 +900,7 @@ def evaluation_needles(cfg: BirdieExperimentConfig) -> list[str]:
                 for line in text.splitlines()
                 if ": " in line and line.split(": ", 1)[1].isdigit()
             ]
-        items = [ex for ex, _ in _task_examples("mqar", cfg, 91_000 + seed, n, cfg.mqar_queries)]
-        items += [ex for ex, _ in probes["mqar"]]
+        items = [ex for ex, _ in tasks["mqar"]] + [ex for ex, _ in probes["mqar"]]
         out += [bytes(ex.input.astype(np.uint8)).decode().splitlines()[0] for ex in items]
     return sorted(set(out))
 
